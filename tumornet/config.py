@@ -47,7 +47,7 @@ SECTIONS = {"data": DataConfig, "phantom": PhantomConfig}
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:
     """Light type check against a dataclass field annotation; lists become tuples."""
-    hint = str(annotation)
+    hint = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
     if isinstance(value, list):
         if "tuple" not in hint:
             raise InputError(f"{where}: expected {hint}, got a list")

@@ -11,7 +11,8 @@ Per patient (deterministic for (seed, patient index), whatever the number of wor
 - scan appearance: bias field, intensity scale, Rician-like noise; stored as int16 with
   scl_slope in a clinical orientation (LAS, RAS, LPS or LPI), at the configured spacing;
 - some patients get a follow-up scan (same anatomy, tumors grown or shrunk, new pose and noise).
-Labels come from the tumors' template-space voxels through Anatomy.describe(); about
+Tumors are at least 2.5 voxels across (smaller ones are enlarged) so that none vanishes at a coarse
+spacing. Labels come from the tumors' template-space voxels through Anatomy.describe(); about
 `missing_fraction` of label cells are blanked at random.
 """
 
@@ -128,14 +129,14 @@ def _wobble(rng: np.random.Generator, amp: float, k: int = 4):
     return tuple((*d, rng.uniform(0, 2 * np.pi), amp * rng.uniform(0.3, 1.0) / (j + 1)) for j, d in enumerate(dirs))
 
 
-def _metastases(rng: np.random.Generator, sites: Sites, max_n: int) -> list[Lesion]:
+def _metastases(rng: np.random.Generator, sites: Sites, max_n: int, min_d: float) -> list[Lesion]:
     n = min(1 + rng.geometric(0.45) - 1, max_n)
     out: list[Lesion] = []
     while len(out) < n:
         pool = rng.choice(3, p=[0.8, 0.15, 0.05])
         cands = (sites.gw_cerebrum, sites.gw_cerebellum, sites.deep_grey)[pool]
         c = cands[rng.integers(len(cands))] + rng.normal(0, 1.0, 3)
-        d = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0))))
+        d = max(float(np.exp(rng.uniform(np.log(3.0), np.log(30.0)))), min_d)
         r = d / 2 * np.clip(1 + rng.normal(0, 0.1, 3), 0.75, 1.25)
         if any(np.linalg.norm(c - o.center) < r.max() + o.radius + 3 for o in out):
             continue
@@ -168,13 +169,13 @@ def _meningioma(rng: np.random.Generator, sites: Sites) -> Lesion:
                   wobble=_wobble(rng, rng.uniform(0.02, 0.06)), texture_seed=int(rng.integers(2**31)))
 
 
-def _schwannoma(rng: np.random.Generator, sites: Sites) -> Lesion:
+def _schwannoma(rng: np.random.Generator, sites: Sites, min_d: float) -> Lesion:
     side = int(rng.choice([-1, 1]))
     u = np.array([side, 0.25, 0.05])
     u /= np.linalg.norm(u)  # along the internal auditory canal, pointing laterally
     porus = sites.cpa[side] + rng.normal(0, 1.0, 3) + u * 2.0
-    d = float(np.exp(rng.uniform(np.log(5.0), np.log(35.0))))
-    rc = rng.uniform(1.8, 2.8)
+    d = max(float(np.exp(rng.uniform(np.log(5.0), np.log(35.0)))), min_d)
+    rc = max(rng.uniform(1.8, 2.8), min_d / 2)
     cone = Part(center=porus + u * 4.0, radii=np.array([5.0, rc, rc]), rotation=frame_from_axis(u))
     rb = max(d / 2 - 2.0, rc) if d > 10 else d / 4
     ball_c = porus - u * rb * (0.8 if d > 10 else 0.3)
@@ -233,22 +234,38 @@ def render_scan(lesions, *, pose_rng, anatomy_seed, spacing, cache_dir=None):
     return image.astype(np.float32), mask, affine, q
 
 
-def make_patient(index: int, cfg: PhantomConfig, out: Path, cache_dir: str | None = None) -> list[dict]:
-    """Write one patient's scans; return its manifest rows (labels as class names, blanks = missing)."""
+@dataclass(frozen=True)
+class PatientPlan:
+    patient_id: str
+    kind: str
+    lesions: tuple[Lesion, ...]
+    anatomy_seed: int
+    n_scans: int
+
+
+def plan_patient(index: int, cfg: PhantomConfig, cache_dir: str | None = None) -> PatientPlan:
+    """Draw one patient's tumor type, lesions and scans (cheap: nothing is rendered)."""
     rng = np.random.default_rng([cfg.seed, index])
     sites = find_sites(cache_dir)
-    anat = load_anatomy(cache_dir)
     w = np.asarray(cfg.type_weights, float)
     kind = TUMOR_TYPES[rng.choice(3, p=w / w.sum())]
-    lesions = {"metastasis": lambda: _metastases(rng, sites, cfg.max_metastases),
+    min_d = 2.5 * max(as_spacing(cfg.spacing_mm))  # a tumor covers at least one voxel centre
+    lesions = {"metastasis": lambda: _metastases(rng, sites, cfg.max_metastases, min_d),
                "meningioma": lambda: [_meningioma(rng, sites)],
-               "schwannoma": lambda: [_schwannoma(rng, sites)]}[kind]()
+               "schwannoma": lambda: [_schwannoma(rng, sites, min_d)]}[kind]()
     anatomy_seed = int(rng.integers(2**31))
     n_scans = 2 if rng.random() < cfg.followup_fraction else 1
-    patient_id = f"SYN{cfg.seed:03d}-{index:05d}"
+    return PatientPlan(f"SYN{cfg.seed:03d}-{index:05d}", kind, tuple(lesions), anatomy_seed, n_scans)
+
+
+def make_patient(index: int, cfg: PhantomConfig, out: Path, cache_dir: str | None = None) -> list[dict]:
+    """Write one patient's scans; return its manifest rows (labels as class names, blanks = missing)."""
+    plan = plan_patient(index, cfg, cache_dir)
+    anat = load_anatomy(cache_dir)
+    kind, lesions, anatomy_seed, patient_id = plan.kind, plan.lesions, plan.anatomy_seed, plan.patient_id
     spacing = as_spacing(cfg.spacing_mm)
     rows = []
-    for s in range(n_scans):
+    for s in range(plan.n_scans):
         scan_rng = np.random.default_rng([cfg.seed, index, s + 1])
         les = lesions if s == 0 else [x.scaled(scan_rng.uniform(0.8, 1.25)) for x in lesions]
         image, mask, affine, q = render_scan(les, pose_rng=scan_rng, anatomy_seed=anatomy_seed, spacing=spacing,

@@ -157,11 +157,16 @@ def read_label_map(path: str | Path, *, like: tuple[np.ndarray, np.ndarray, str 
 def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, axcodes: str = "RAS", dtype=None) -> Path:
     """Write a canonical-RAS array as NIfTI stored in the orientation `axcodes` (e.g. "LPS").
 
-    With an integer `dtype` and a float array, nibabel stores scl_slope / scl_inter.
+    With an integer `dtype`, integer-valued data is stored as is; other float data is scaled by
+    nibabel, which stores scl_slope / scl_inter.
     """
     ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
                                            nib.orientations.axcodes2ornt(tuple(axcodes)))
     data = nib.orientations.apply_orientation(array, ornt)
+    if dtype is not None and np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if np.array_equal(data, np.rint(data)) and data.min() >= info.min and data.max() <= info.max:
+            data = data.astype(dtype)  # integer labels stay exact: no scl_slope
     new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
     img = nib.Nifti1Image(data, new_affine)
     img.set_qform(new_affine, code=1)

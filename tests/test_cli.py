@@ -1,0 +1,38 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ray_job import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_summary_of_a_phantom_cohort(small_cohort, capsys):
+    assert main(["summary", str(small_cohort), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["tumors"] == sum(1 for _ in open(small_cohort)) - 1
+    assert s["split"]["train_patients"] + s["split"]["test_patients"] == s["patients"] == 24
+    assert set(s["size_mm"]) <= {"metastasis", "meningioma", "schwannoma", "unlabelled"}
+
+
+def test_summary_never_prints_patient_ids(small_cohort, capsys):
+    assert main(["summary", str(small_cohort)]) == 0
+    assert "SYN003-" not in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("patient_id,scan_id\nP,S\n")
+    assert main(["summary", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "m.csv: missing column(s)" in err
+
+
+def test_phantom_subcommand_as_a_process(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "phantom", "--out", str(tmp_path / "c"),
+                        "--patients", "2", "--spacing", "4", "--workers", "1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c" / "manifest.csv").is_file() and (tmp_path / "c" / "cohort.json").is_file()
+    meta = json.loads((tmp_path / "c" / "cohort.json").read_text())
+    assert meta["config"]["patients"] == 2 and meta["config"]["spacing_mm"] == 4.0

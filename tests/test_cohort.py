@@ -1,0 +1,160 @@
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_manifest, write_nifti
+from tumornet.cohort import load_scan, patient_groups, patient_key, read_manifest, split_patients
+from tumornet.errors import InputError
+from tumornet.labels import MISSING, LabelSchema
+
+
+def test_valid_manifest_reads_labels_and_paths(subject):
+    root, rows = subject
+    cohort = read_manifest(write_manifest(root / "m.csv", rows))
+    assert len(cohort.rows) == 2 and list(cohort.scans()) == ["S1"] and cohort.patients() == {"P1": ("S1",)}
+    r1, r2 = cohort.rows
+    assert r1.labels == {"tumor_type": 0, "area": 0, "left_right": 0, "front_rear": 0, "upper_lower": 0}
+    assert r2.labels["area"] == MISSING and r2.labels["front_rear"] == MISSING and r2.labels["left_right"] == 1
+    assert r1.image == (root / "img" / "s1.nii.gz").resolve()
+
+
+def test_parquet_manifest_is_read_the_same(subject):
+    root, rows = subject
+    table = pa.Table.from_pylist([{k: (None if v == "" else str(v)) for k, v in r.items()} for r in rows])
+    pq.write_table(table, root / "m.parquet")
+    a = read_manifest(root / "m.parquet")
+    b = read_manifest(write_manifest(root / "m.csv", rows))
+    assert [r.labels for r in a.rows] == [r.labels for r in b.rows]
+
+
+def test_load_scan_gives_tumors_with_labels_on_the_working_grid(subject):
+    root, rows = subject
+    cohort = read_manifest(write_manifest(root / "m.csv", rows))
+    scan = load_scan(cohort.scans()["S1"], spacing_mm=2.0)
+    assert scan.volume.spacing_mm == (2.0, 2.0, 2.0) and scan.instances.shape == scan.volume.shape
+    assert [t.tumor_id for t in scan.tumors] == [1, 2]
+    assert scan.tumors[1].labels["area"] == MISSING
+    for t in scan.tumors:  # each box on the 2 mm grid holds its tumor's voxels
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(t.bbox[:3], t.bbox[3:], strict=True))
+        assert (scan.instances[sl] == t.tumor_id).sum() == (scan.instances == t.tumor_id).sum() > 0
+
+
+def test_tumor_values_column_turns_a_label_map_into_instances(tmp_path):
+    seg = np.zeros((20, 20, 20), np.int16)
+    seg[2:6, 2:6, 2:6] = 3  # 64 voxels: tumor 1
+    seg[12:14, 12:14, 12:14] = 1  # 8 voxels: tumor 2
+    seg[15:19, 0:20, 0:20] = 2  # oedema, ignored
+    write_nifti(tmp_path / "s.nii.gz", seg)
+    write_nifti(tmp_path / "i.nii.gz", np.random.default_rng(0).normal(100, 5, (20, 20, 20)).astype(np.float32))
+    base = {"patient_id": "P", "scan_id": "S", "image": "i.nii.gz", "mask": "s.nii.gz", "tumor_values": "1 3"}
+    cols = ["patient_id", "scan_id", "image", "mask", "tumor_id", "tumor_type", "area", "left_right",
+            "front_rear", "upper_lower", "tumor_values"]
+    m = write_manifest(tmp_path / "m.csv", [{**base, "tumor_id": 1}, {**base, "tumor_id": 2}], cols)
+    scan = load_scan(read_manifest(m).rows)
+    assert [round(t.volume_ml * 1000) for t in scan.tumors] == [64, 8]
+
+
+def _expect(root, rows, match, columns=None):
+    with pytest.raises(InputError, match=match):
+        read_manifest(write_manifest(root / "m.csv", rows, columns))
+
+
+def test_missing_and_unknown_columns(subject):
+    root, rows = subject
+    _expect(root, rows, r"m\.csv: missing column\(s\) \['tumor_id'\]",
+            ["patient_id", "scan_id", "image", "mask", "tumor_type", "area", "left_right", "front_rear", "upper_lower"])
+    cols = ["patient_id", "scan_id", "image", "mask", "tumor_id", "tumor_type", "area", "left_right",
+            "front_rear", "upper_lower", "grade"]
+    _expect(root, rows, r"unknown column\(s\) \['grade'\]", cols)
+
+
+def test_bad_cells_name_row_and_column(subject):
+    root, rows = subject
+    _expect(root, [rows[0], {**rows[1], "area": "kidney"}], r"m\.csv row 2 column area: unknown class 'kidney'")
+    _expect(root, [{**rows[0], "tumor_id": "x"}], r"row 1 column 'tumor_id': expected a positive integer, got 'x'")
+    _expect(root, [{**rows[0], "tumor_id": "0"}], r"row 1 column 'tumor_id'")
+    _expect(root, [{**rows[0], "patient_id": ""}], r"row 1 column 'patient_id': empty")
+
+
+def test_paths_must_exist_and_stay_inside_the_root(subject, tmp_path):
+    root, rows = subject
+    _expect(root, [{**rows[0], "image": "img/none.nii.gz"}], r"row 1 column 'image': file 'img/none.nii.gz' not found")
+    _expect(root, [{**rows[0], "image": "../outside.nii.gz"}], r"row 1 column 'image': path .* escapes")
+    _expect(root, [{**rows[0], "mask": str(root / "seg" / "s1.nii.gz")}], r"row 1 column 'mask': .*absolute")
+    _expect(root, [{**rows[0], "mask": "seg/s1.txt"}], r"not a NIfTI file name")
+    os.symlink("/etc/hostname", root / "img" / "link.nii.gz")
+    _expect(root, [{**rows[0], "image": "img/link.nii.gz"}], r"escapes the manifest's folder")
+
+
+def test_duplicates_and_inconsistent_scans(subject):
+    root, rows = subject
+    _expect(root, [rows[0], rows[0]], r"row 2: tumor_id 1 of this scan already on row 1")
+    _expect(root, [rows[0], {**rows[1], "patient_id": "P2"}], r"row 2 column 'patient_id': differs from row 1")
+
+
+def test_all_problems_are_reported_together(subject):
+    root, rows = subject
+    bad = [{**rows[0], "area": "kidney"}, {**rows[1], "tumor_id": "-3"}]
+    with pytest.raises(InputError, match=r"2 problem\(s\)") as e:
+        read_manifest(write_manifest(root / "m.csv", bad))
+    assert "row 1" in str(e.value) and "row 2" in str(e.value) and "P1" not in str(e.value)
+
+
+def test_empty_manifest_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match="manifest not found"):
+        read_manifest(tmp_path / "none.csv")
+    with pytest.raises(InputError, match="no rows"):
+        read_manifest(write_manifest(tmp_path / "e.csv", []))
+
+
+def test_empty_mask_and_missing_tumor_id_name_the_file(subject):
+    root, rows = subject
+    write_nifti(root / "seg" / "empty.nii.gz", np.zeros((24, 28, 20), np.int16), np.diag([1.2, 1.0, 2.0, 1.0]))
+    cohort = read_manifest(write_manifest(root / "m.csv", [{**rows[0], "mask": "seg/empty.nii.gz"}]))
+    with pytest.raises(InputError, match=r"empty\.nii\.gz: empty mask"):
+        load_scan(cohort.rows)
+    cohort = read_manifest(write_manifest(root / "m.csv", [{**rows[0], "tumor_id": 5}]))
+    with pytest.raises(InputError, match=r"s1\.nii\.gz \(manifest rows \[1\]\): tumor_id \[5\] not found"):
+        load_scan(cohort.rows)
+
+
+def test_custom_schema_adds_a_task(subject):
+    root, rows = subject
+    schema = LabelSchema.from_dict({"tumor_type": ["metastasis", "other"], "grade": ["low", "high"]})
+    cols = ["patient_id", "scan_id", "image", "mask", "tumor_id", "tumor_type", "grade"]
+    m = write_manifest(root / "m.csv", [{**rows[0], "grade": "high"}, {**rows[1], "grade": ""}], cols)
+    cohort = read_manifest(m, schema)
+    assert [r.labels for r in cohort.rows] == [{"tumor_type": 0, "grade": 1}, {"tumor_type": 0, "grade": MISSING}]
+
+
+def test_split_is_by_patient_stratified_and_deterministic():
+    groups = {f"p{i:03d}": ("a", "b", "c")[i % 3] for i in range(100)}
+    train, test = split_patients(groups, test_fraction=0.2, seed=7)
+    assert not set(train) & set(test) and len(train) + len(test) == 100
+    assert 18 <= len(test) <= 22
+    for g in "abc":
+        n_g = sum(1 for p in test if groups[p] == g)
+        assert abs(n_g - 0.2 * sum(1 for v in groups.values() if v == g)) <= 1
+    shuffled = dict(reversed(list(groups.items())))
+    assert split_patients(shuffled, test_fraction=0.2, seed=7) == (train, test)
+    assert split_patients(groups, test_fraction=0.2, seed=8)[1] != test
+
+
+def test_split_keeps_all_scans_of_a_patient_together(small_cohort):
+    cohort = read_manifest(small_cohort)
+    train, test = split_patients(patient_groups(cohort), seed=0)
+    scans_train = {s for p in train for s in cohort.patients()[p]}
+    scans_test = {s for p in test for s in cohort.patients()[p]}
+    assert not scans_train & scans_test
+    assert scans_train | scans_test == set(cohort.scans())
+
+
+def test_patient_key_is_keyed_and_stable():
+    k = patient_key("BraTS-MET-00001", b"site-secret")
+    assert k == patient_key("BraTS-MET-00001", b"site-secret") and len(k) == 16
+    assert k != patient_key("BraTS-MET-00001", b"other") and "00001" not in k
+    with pytest.raises(InputError):
+        patient_key("x", b"")
