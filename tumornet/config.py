@@ -17,6 +17,8 @@ import yaml
 
 from .errors import InputError
 from .labels import DEFAULT_SCHEMA, LabelSchema
+from .loss import LossWeights
+from .network import NetConfig
 from .phantom import PhantomConfig
 from .volumes import as_spacing
 
@@ -40,9 +42,11 @@ class Config:
     tasks: LabelSchema = DEFAULT_SCHEMA
     data: DataConfig = field(default_factory=DataConfig)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    model: NetConfig = field(default_factory=NetConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
 
 
-SECTIONS = {"data": DataConfig, "phantom": PhantomConfig}
+SECTIONS = {"data": DataConfig, "phantom": PhantomConfig, "model": NetConfig, "loss": LossWeights}
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:
@@ -64,6 +68,8 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         return value
     if value is None and "None" in hint:
         return None
+    if isinstance(value, dict) and "Mapping" in hint:
+        return dict(value)
     raise InputError(f"{where}: expected {hint}, got {type(value).__name__} {value!r}")
 
 

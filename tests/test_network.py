@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from tumornet.errors import InputError
+from tumornet.labels import DEFAULT_SCHEMA, LabelSchema
+from tumornet.network import Backbone, MultitaskNet, NetConfig, ResBlock, roi_pool
+
+torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("channels", [16, 32])
+@pytest.mark.parametrize("size", [(16, 16, 16), (17, 23, 30), (9, 5, 13), (4, 4, 4)])
+def test_output_shapes_match_any_input_size(channels, size):
+    net = MultitaskNet(NetConfig(channels=channels, blocks=2), DEFAULT_SCHEMA)
+    x = torch.randn(2, 1, *size)
+    boxes = torch.tensor([[0, 0, 0, 0, 2, 2, 2], [1, 1, 1, 1, size[0], size[1], size[2]], [1, 0, 0, 0, 1, 1, 1]])
+    out = net(x, boxes)
+    assert out["seg"].shape == (2, 2, *size)
+    assert out["embedding"].shape == (3, channels)
+    assert {k: tuple(v.shape) for k, v in out["tasks"].items()} == {
+        "tumor_type": (3, 3), "area": (3, 11), "left_right": (3, 2), "front_rear": (3, 2), "upper_lower": (3, 2)}
+
+
+def test_backbone_width_options():
+    f = Backbone(NetConfig(channels=24, stem_channels=8, deep_channels=40, blocks=1, skip=False))(
+        torch.randn(1, 1, 10, 11, 12))
+    assert f.shape == (1, 24, 10, 11, 12) and (f >= 0).all()  # ends in ReLU
+
+
+def test_resblock_projection_and_identity():
+    assert isinstance(ResBlock(8, 8).skip, torch.nn.Identity)
+    assert ResBlock(4, 8)(torch.randn(1, 4, 5, 5, 5)).shape == (1, 8, 5, 5, 5)
+    head = ResBlock(8, 2, head=True)
+    y = head(torch.randn(1, 8, 5, 5, 5))
+    assert (y < 0).any()  # logits: no final ReLU
+
+
+def test_roi_pool_equals_hand_computed_max():
+    f = torch.randn(2, 3, 6, 7, 8)
+    boxes = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [1, 2, 0, 1, 3, 1, 2], [1, -5, -5, -5, 100, 100, 100]])
+    out = roi_pool(f, boxes)
+    assert torch.equal(out[0], f[0, :, 1:4, 2:5, 3:6].amax(dim=(1, 2, 3)))
+    assert torch.equal(out[1], f[1, :, 2, 0, 1])  # a single voxel
+    assert torch.equal(out[2], f[1].amax(dim=(1, 2, 3)))  # clipped to the whole map
+    for c in range(3):  # the same max by brute force
+        assert out[0, c] == max(float(v) for v in f[0, c, 1:4, 2:5, 3:6].flatten())
+
+
+def test_roi_pool_rejects_boxes_outside_and_bad_shapes():
+    f = torch.randn(1, 2, 4, 4, 4)
+    with pytest.raises(ValueError, match="outside the feature map"):
+        roi_pool(f, torch.tensor([[0, 5, 5, 5, 8, 8, 8]]))
+    with pytest.raises(ValueError, match=r"boxes must be \(N, 7\)"):
+        roi_pool(f, torch.tensor([[0, 0, 0, 1, 1, 1]]))
+    assert roi_pool(f, torch.zeros((0, 7), dtype=torch.long)).shape == (0, 2)
+
+
+def test_embedding_size_is_independent_of_box_size():
+    net = MultitaskNet(NetConfig(channels=16, blocks=1), DEFAULT_SCHEMA)
+    vol = torch.randn(20, 22, 24)
+    emb = net.embed(vol, [[0, 0, 0, 1, 1, 1], [2, 3, 4, 10, 12, 14], [0, 0, 0, 20, 22, 24]])
+    assert emb.shape == (3, 16) and net.training  # embed() restores the training mode
+    # a bigger box never has a smaller max
+    assert (emb[2] >= emb[1]).all() and (emb[1] >= 0).all()
+
+
+def test_embed_is_deterministic_in_eval_mode():
+    net = MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA)
+    vol = torch.randn(1, 12, 12, 12)
+    assert torch.equal(net.embed(vol, [[1, 1, 1, 5, 5, 5]]), net.embed(vol, [[1, 1, 1, 5, 5, 5]]))
+
+
+def test_task_heads_follow_the_schema():
+    schema = LabelSchema.from_dict({"tumor_type": ["a", "b"], "grade": ["1", "2", "3", "4"]})
+    net = MultitaskNet(NetConfig(channels=8, blocks=1), schema)
+    out = net(torch.randn(1, 1, 8, 8, 8), torch.tensor([[0, 0, 0, 0, 4, 4, 4]]))
+    assert set(out["tasks"]) == {"tumor_type", "grade"} and out["tasks"]["grade"].shape == (1, 4)
+
+
+def test_config_errors():
+    with pytest.raises(InputError, match=r"model\.norm"):
+        NetConfig(norm="layer")
+    with pytest.raises(InputError, match="channels and blocks"):
+        NetConfig(channels=0)
+
+
+def test_roi_pool_gradient_matches_autograd_of_slicing():
+    f = torch.randn(2, 4, 6, 7, 8, dtype=torch.float64, requires_grad=True)
+    boxes = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [1, 0, 0, 0, 6, 7, 8], [0, 2, 2, 2, 5, 6, 7]])
+    g = torch.randn(3, 4, dtype=torch.float64)
+    (roi_pool(f, boxes) * g).sum().backward()
+    ours = f.grad.clone()
+    f.grad = None
+    ref = torch.stack([f[b, :, x0:x1, y0:y1, z0:z1].amax(dim=(1, 2, 3))
+                       for b, x0, y0, z0, x1, y1, z1 in boxes.tolist()])
+    (ref * g).sum().backward()
+    assert torch.allclose(ours, f.grad)
+    assert torch.autograd.gradcheck(lambda t: roi_pool(t, boxes), (f.detach().requires_grad_(),))
+
+
+def test_channels_last_and_contiguous_nets_agree():
+    torch.manual_seed(3)
+    a = MultitaskNet(NetConfig(channels=8, blocks=1, channels_last=True), DEFAULT_SCHEMA).eval()
+    b = MultitaskNet(NetConfig(channels=8, blocks=1, channels_last=False), DEFAULT_SCHEMA).eval()
+    b.load_state_dict(a.state_dict())
+    x, boxes = torch.randn(1, 1, 10, 12, 14), torch.tensor([[0, 1, 2, 3, 6, 7, 8]])
+    oa, ob = a(x, boxes), b(x, boxes)
+    assert torch.allclose(oa["seg"], ob["seg"], atol=1e-5)
+    assert torch.allclose(oa["embedding"], ob["embedding"], atol=1e-5)

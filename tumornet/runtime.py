@@ -1,0 +1,30 @@
+"""Process-level settings for fast CPU training and inference.
+
+glibc's malloc serves every large tensor (> 32 MiB) with a fresh mmap and gives it back to the
+OS on free, so each training step page-faults its activations in again: measured here, 35 % of a
+step (benchmarks/network_speed.py). `tune_cpu_allocator()` keeps freed memory in the heap instead
+(mallopt: M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GiB), the effect that jemalloc / tcmalloc give
+PyTorch, without preloading a library. The price: the process keeps its high-water mark of memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Apply once per process; True if glibc accepted the settings (a no-op elsewhere)."""
+    global _tuned
+    if _tuned:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _tuned = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return _tuned
