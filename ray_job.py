@@ -45,6 +45,34 @@ def cmd_summary(args) -> None:
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
 
 
+def _manifest(cfg, given: str | None) -> str:
+    manifest = given or cfg.data.manifest
+    if not manifest:
+        raise InputError("no manifest: pass --manifest or set data.manifest in the config")
+    return manifest
+
+
+def cmd_train(args) -> None:
+    from trainer.launch import run_training
+    from tumornet.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    summary = run_training(cfg, manifest=_manifest(cfg, args.manifest), run_name=args.name)
+    print(json.dumps({k: summary[k] for k in ("run", "run_dir", "checkpoint", "model")}, indent=2, default=str))
+
+
+def cmd_sweep(args) -> None:
+    from trainer.launch import format_sweep, run_sweep
+    from tumornet.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    try:
+        channels = [int(c) for c in args.channels.split(",")]
+    except ValueError:
+        raise InputError(f"--channels: expected comma-separated integers, got {args.channels!r}") from None
+    print(format_sweep(run_sweep(cfg, manifest=_manifest(cfg, args.manifest), channels=channels)))
+
+
 def cmd_demo(args) -> None:
     from tumornet.cohort import read_manifest
     from tumornet.config import load_config
@@ -93,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--fast", action="store_true", help="skip measuring tumor sizes from the masks")
     sp.set_defaults(func=cmd_summary)
+
+    sp = with_config(sub.add_parser("train", help="Ray Train + DeepSpeed training (local or on the job's cluster)"))
+    sp.add_argument("--manifest", help="cohort manifest (default: data.manifest of the config)")
+    sp.add_argument("--name", help="run name (default: the config's name); the same name resumes")
+    sp.set_defaults(func=cmd_train)
+
+    sp = with_config(sub.add_parser("sweep", help="one training per channel width (paper Tab. 2)"))
+    sp.add_argument("--channels", default="16,32,64,96")
+    sp.add_argument("--manifest")
+    sp.set_defaults(func=cmd_sweep)
 
     sp = with_config(sub.add_parser("demo", help="end to end on the synthetic cohort"))
     sp.add_argument("--out", default="outputs/demo")

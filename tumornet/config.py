@@ -7,6 +7,7 @@ parsed as YAML scalars / lists.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,69 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimisation (paper: SGD + Nesterov, lr 0.1, /10 at epochs 90 and 105, 120 x 200 x 2)."""
+
+    epochs: int = 120
+    batches_per_epoch: int = 200  # per worker
+    batch_size: int = 2  # per worker
+    patch_size: int = 120  # voxels of the working grid (data.spacing_mm)
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = (90, 105)
+    gamma: float = 0.1
+    val_every: int = 1  # epochs
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    seed: int = 0
+    flip_lr: bool = True
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    box_jitter: bool = False
+    prefetch: int = 4  # batches prepared ahead by a background thread
+    cache_dir: str | None = None  # preprocessed scans; None = ~/.cache/tumornet/scans
+    fail_at_step: int | None = None  # inject one worker failure at this step (fault-tolerance tests)
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batches_per_epoch", "batch_size", "val_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise InputError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.patch_size < 8:
+            raise InputError(f"train.patch_size: must be >= 8 voxels, got {self.patch_size}")
+        if self.lr <= 0:
+            raise InputError(f"train.lr: must be > 0, got {self.lr}")
+
+    def lr_at(self, epoch: int) -> float:
+        """Step schedule: lr x gamma^(number of milestones <= epoch)."""
+        return self.lr * self.gamma ** sum(1 for m in self.milestones if epoch >= m)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """Ray Train scaling + DeepSpeed engine settings."""
+
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 1  # used when use_gpu
+    zero_stage: int = 0  # DeepSpeed ZeRO 0, 1 or 2
+    grad_accum: int = 1
+    bf16: bool = False  # GPU only: CPU runs stay fp32
+    storage_path: str = "runs"  # relative paths are made absolute; multi-node: shared storage or s3://
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.cpus_per_worker < 1 or self.grad_accum < 1:
+            raise InputError("distributed: workers, cpus_per_worker and grad_accum must be >= 1")
+        if self.zero_stage not in (0, 1, 2):
+            raise InputError(f"distributed.zero_stage: expected 0, 1 or 2, got {self.zero_stage}")
+        if self.bf16 and not self.use_gpu:
+            raise InputError("distributed.bf16: bf16 is for GPU runs only (CPU bf16 is hundreds of times slower)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     name: str = "run"
     tasks: LabelSchema = DEFAULT_SCHEMA
@@ -44,9 +108,13 @@ class Config:
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     model: NetConfig = field(default_factory=NetConfig)
     loss: LossWeights = field(default_factory=LossWeights)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # the validated YAML, for workers
 
 
-SECTIONS = {"data": DataConfig, "phantom": PhantomConfig, "model": NetConfig, "loss": LossWeights}
+SECTIONS = {"data": DataConfig, "phantom": PhantomConfig, "model": NetConfig, "loss": LossWeights,
+            "train": TrainConfig, "distributed": DistributedConfig}
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:
@@ -122,7 +190,7 @@ def config_from_dict(raw: dict, *, source: str = "config") -> Config:
             kwargs["name"] = _check_value(raw["name"], "str", "name")
     except InputError as e:
         raise InputError(f"{source}: {e}") from None
-    return Config(**kwargs)
+    return Config(**kwargs, raw=copy.deepcopy(raw))
 
 
 def load_config(path: str | Path, overrides=()) -> Config:

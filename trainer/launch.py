@@ -1,0 +1,79 @@
+"""Driver side: config -> Ray `TorchTrainer` running `loop.train_func` on every worker.
+
+Works as a plain local run (starts Ray itself) and inside `ray job submit ... -- python ray_job.py
+train ...` (connects to the job's cluster). Re-running with the same run name and storage path
+resumes from the run's latest checkpoint (Ray Train restores it), so a finished run returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tumornet.config import Config, apply_overrides, config_from_dict
+from tumornet.errors import InputError
+
+
+def storage_root(cfg: Config) -> str:
+    p = cfg.distributed.storage_path
+    return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
+def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = None) -> dict:
+    """Train; -> summary dict (final metrics, checkpoint path, model path), also in <run>/result.json."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import train_func
+
+    manifest = Path(manifest).resolve()
+    if not manifest.is_file():
+        raise InputError(f"{manifest}: manifest not found")
+    d = cfg.distributed
+    name = run_name or cfg.name
+    root = storage_root(cfg)
+    if "://" in root:
+        raise InputError("distributed.storage_path: metrics and the exported model need a (shared) filesystem path")
+    run_dir = Path(root) / name
+    if not ray.is_initialized():
+        ray.init()  # inside `ray job submit` this joins the job's cluster; else starts a local Ray
+    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"raw": cfg.raw, "manifest": str(manifest), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=root, failure_config=FailureConfig(max_failures=d.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    summary = {"run": name, "run_dir": str(run_dir), "metrics": result.metrics,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "model": str(run_dir / "model.pt")}
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run_sweep(cfg: Config, *, manifest: str | Path, channels: list[int]) -> list[dict]:
+    """The paper's Tab. 2: one training per feature-map width, sequentially on the cluster."""
+    rows = []
+    for c in channels:
+        raw = apply_overrides(cfg.raw, [f"model.channels={c}"])
+        sub_cfg = config_from_dict(raw, source=f"sweep channels={c}")
+        summary = run_training(sub_cfg, manifest=manifest, run_name=f"{cfg.name}-c{c}")
+        m = summary["metrics"] or {}
+        rows.append({"channels": c, "run": summary["run"], **{k: m.get(k) for k in sorted(m) if k.startswith("val/")}})
+    root = Path(storage_root(cfg))
+    (root / f"{cfg.name}-sweep.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    keys = [k for k in rows[0] if k.startswith("val/")] if rows else []
+    head = "| channels | " + " | ".join(k[4:] for k in keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1)]
+    for r in rows:
+        lines.append(f"| {r['channels']} | " + " | ".join(
+            "" if r.get(k) is None else f"{r[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)

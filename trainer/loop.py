@@ -1,0 +1,213 @@
+"""The per-worker training function: one `train_func(config)` per Ray Train worker.
+
+Each worker builds the model, wraps it with `deepspeed.initialize` (ZeRO stage, gradient
+accumulation, bf16 on GPU / fp32 on CPU), resumes from `ray.train.get_checkpoint()` when there is
+one, trains on its shard of the training scans, validates on its shard of the held-out scans, and
+at every checkpoint every rank saves its DeepSpeed state and calls `ray.train.report` (never rank 0
+alone: that hangs). Rank 0 writes metrics (JSONL + TensorBoard) and, at the end, the exported model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tumornet.cache import prepare_scan
+from tumornet.cohort import patient_groups, read_manifest, split_patients
+from tumornet.config import Config, config_from_dict
+from tumornet.export import export_model, model_id
+from tumornet.loss import multitask_loss
+from tumornet.network import MultitaskNet
+from tumornet.runtime import tune_cpu_allocator
+
+from .data import PatchStream, validation_batches
+from .metrics import MetricsWriter
+
+STATE_FILE = "trainer_state.json"
+CKPT_TAG = "state"
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    d = cfg.distributed
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": d.grad_accum,
+        "zero_optimization": {"stage": d.zero_stage},
+        "zero_allow_untested_optimizer": True,  # SGD with ZeRO 1/2
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if d.bf16:
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def split_scans(cfg: Config, manifest: str) -> tuple[dict, list[str], list[str]]:
+    """-> (scan rows by id, training scan ids, held-out scan ids), by the patient-level split."""
+    cohort = read_manifest(manifest, cfg.tasks)
+    train_p, test_p = split_patients(patient_groups(cohort), test_fraction=cfg.data.test_fraction,
+                                     seed=cfg.data.split_seed)
+    by_patient = cohort.patients()
+    return (cohort.scans(), sorted(s for p in train_p for s in by_patient[p]),
+            sorted(s for p in test_p for s in by_patient[p]))
+
+
+def _to(batch: dict, device, dtype=torch.float32):
+    return (torch.from_numpy(batch["image"]).to(device=device, dtype=dtype), torch.from_numpy(batch["seg"]).to(device),
+            torch.from_numpy(batch["boxes"]), {k: torch.from_numpy(v).to(device) for k, v in batch["labels"].items()})
+
+
+def _float_out(out: dict) -> dict:
+    return {"seg": out["seg"].float(), "embedding": out["embedding"].float(),
+            "tasks": {k: v.float() for k, v in out["tasks"].items()}}
+
+
+def _metric_name(term: str) -> str:
+    """Loss term -> metric name: total -> loss, seg -> loss_seg, task/<name> -> loss_<name>."""
+    return {"total": "loss", "seg": "loss_seg"}.get(term, term.replace("task/", "loss_"))
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
+    """Held-out losses, segmentation Dice and per-task accuracy (summed over all ranks)."""
+    tasks = list(cfg.tasks.names)
+    sums = np.zeros(4 + 2 + 2 * len(tasks))  # seg, tasks-total, total, batches | inter, pred+gt | correct, n
+    engine.eval()
+    with torch.no_grad():
+        for batch in validation_batches(scans, cfg.train, tasks):
+            x, seg, boxes, labels = _to(batch, device, dtype)
+            out = _float_out(engine(x, boxes))
+            terms = multitask_loss(out, seg, labels, cfg.loss)
+            task_sum = sum(float(terms[f"task/{t}"]) for t in tasks)
+            pred = out["seg"].argmax(1)
+            sums[:4] += [float(terms["seg"]), task_sum, float(terms["total"]), 1]
+            sums[4:6] += [float(((pred == 1) & (seg == 1)).sum()), float((pred == 1).sum() + (seg == 1).sum())]
+            for j, t in enumerate(tasks):
+                known = labels[t] >= 0
+                sums[6 + 2 * j] += float((out["tasks"][t].argmax(1)[known] == labels[t][known]).sum())
+                sums[7 + 2 * j] += float(known.sum())
+    engine.train()
+    s = _all_reduce(sums.tolist(), device)
+    n = max(s[3], 1.0)
+    res = {"val/loss_seg": s[0] / n, "val/loss_tasks": s[1] / n, "val/loss": s[2] / n,
+           "val/dice": 2 * s[4] / s[5] if s[5] else float("nan")}
+    for j, t in enumerate(tasks):
+        res[f"val/acc_{t}"] = s[6 + 2 * j] / s[7 + 2 * j] if s[7 + 2 * j] else float("nan")
+    return res
+
+
+def train_func(loop_config: dict) -> None:
+    import ray.train
+
+    cfg = config_from_dict(loop_config["raw"], source="train_loop_config")
+    run_dir = Path(loop_config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    gpu = cfg.distributed.use_gpu
+    if not gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        tune_cpu_allocator()
+    import deepspeed
+
+    if not gpu:  # training all-reduces go through gloo; skip the shm inference op (a 30 s g++ build)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    device = torch.device(f"cuda:{ctx.get_local_rank()}") if gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if cfg.distributed.bf16 else torch.float32
+
+    scans, train_ids, val_ids = split_scans(cfg, loop_config["manifest"])
+    cache_dir = cfg.train.cache_dir or str(Path.home() / ".cache" / "tumornet" / "scans")
+    mine = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=cache_dir) for s in train_ids[rank::world]]
+    val_mine = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=cache_dir)
+                for s in val_ids[rank::world]]
+
+    torch.manual_seed(cfg.train.seed)
+    model = MultitaskNet(cfg.model, cfg.tasks)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                          nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
+    # DeepSpeed broadcasts and flattens parameters as contiguous tensors: initialize with contiguous
+    # weights; without ZeRO the parameters stay ours, so they go back to channels_last_3d after
+    model.to(memory_format=torch.contiguous_format)
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg))
+    if cfg.distributed.zero_stage == 0:
+        engine.module.to(memory_format=model.memory_format)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=CKPT_TAG)
+            start = json.loads((Path(d) / STATE_FILE).read_text())["step"]
+    t = cfg.train
+    total = t.epochs * t.batches_per_epoch
+    writer = MetricsWriter(run_dir, resume_step=start) if rank == 0 else None
+    stream = PatchStream(mine, t, cfg.tasks.names, rank=rank, start_step=start, end_step=total)
+    sums: dict[str, float] = {}
+    try:
+        for _ in range(start, total):
+            t0 = time.perf_counter()
+            step, batch, waited = stream.next()
+            epoch = step // t.batches_per_epoch
+            for g in opt.param_groups:
+                g["lr"] = t.lr_at(epoch)
+            x, seg, boxes, labels = _to(batch, device, dtype)
+            terms = multitask_loss(_float_out(engine(x, boxes)), seg, labels, cfg.loss)
+            engine.backward(terms["total"])
+            engine.step()
+            if t.fail_at_step is not None and step + 1 == t.fail_at_step and rank == world - 1:
+                marker = run_dir / ".injected_failure"
+                if not marker.exists():
+                    marker.write_text(f"worker {rank} killed after step {step + 1}\n")
+                    os._exit(1)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["wait_s"] = sums.get("wait_s", 0.0) + waited
+            sums["step_s"] = sums.get("step_s", 0.0) + time.perf_counter() - t0
+            sums["steps"] = sums.get("steps", 0.0) + 1
+            if (step + 1) % t.batches_per_epoch:
+                continue
+            keys = sorted(sums)
+            red = dict(zip(keys, _all_reduce([sums[k] for k in keys], device), strict=True))
+            n = red["steps"]
+            metrics = {"step": step + 1, "epoch": epoch + 1, "lr": t.lr_at(epoch),
+                       "data_wait_share": red["wait_s"] / red["step_s"],
+                       "samples_per_s": n * t.batch_size / (red["step_s"] / world)}
+            metrics.update({f"train/{_metric_name(k)}": red[k] / n for k in keys
+                            if k not in ("wait_s", "step_s", "steps")})
+            if (epoch + 1) % t.val_every == 0 or step + 1 == total:
+                metrics.update(evaluate(engine, val_mine, cfg, device, dtype))
+            sums = {}
+            if (epoch + 1) % t.checkpoint_every == 0 or step + 1 == total:
+                with tempfile.TemporaryDirectory() as d:
+                    engine.save_checkpoint(d, tag=CKPT_TAG)
+                    if rank == 0:
+                        state = {"step": step + 1, "epoch": epoch + 1, "model_id": model_id(engine.module.state_dict()),
+                                 "tasks": cfg.tasks.to_dict()}
+                        (Path(d) / STATE_FILE).write_text(json.dumps(state))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+            if writer:
+                writer.write(metrics)
+    finally:
+        stream.close()
+        if writer:
+            writer.close()
+    if rank == 0:
+        final = MultitaskNet(cfg.model, cfg.tasks)
+        final.load_state_dict({k: (v.float() if v.is_floating_point() else v).cpu()
+                               for k, v in engine.module.state_dict().items()})
+        export_model(final, run_dir / "model.pt", extra={"spacing_mm": list(np.broadcast_to(cfg.data.spacing_mm, 3)),
+                                                         "steps": total, "run": run_dir.name})

@@ -1,0 +1,79 @@
+"""Preprocessed scans on disk: each scan is decoded, resampled and normalized once, then memory-mapped.
+
+Files are named by a content key (sha256 of the cache version, image and mask paths, their sizes
+and modification times, the spacing and the manifest rows' tumor ids), never by scan or patient
+id. Arrays are .npy (read with allow_pickle=False, mmap), tumors a small JSON. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .boxes import make_box
+from .cohort import ManifestRow, load_scan
+from .patches import TumorBox
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachedScan:
+    key: str
+    image_path: Path
+    instances_path: Path
+    tumors: tuple[TumorBox, ...]
+    spacing_mm: tuple[float, float, float]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image float32, instances int32), memory-mapped read-only."""
+        return (np.load(self.image_path, mmap_mode="r", allow_pickle=False),
+                np.load(self.instances_path, mmap_mode="r", allow_pickle=False))
+
+
+def scan_key(rows: Sequence[ManifestRow], spacing_mm) -> str:
+    first = rows[0]
+    parts = [str(CACHE_VERSION), repr(spacing_mm), repr(first.tumor_values), repr([r.tumor_id for r in rows])]
+    for p in (first.image, first.mask):
+        st = os.stat(p)
+        parts += [str(p), str(st.st_size), str(st.st_mtime_ns)]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
+
+
+def _atomic_save(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def prepare_scan(rows: Sequence[ManifestRow], *, spacing_mm, cache_dir: str | Path) -> CachedScan:
+    """Load one scan through the cache (decode + resample + normalize only on a miss)."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    key = scan_key(rows, spacing_mm)
+    image_path, inst_path, meta_path = (cache / f"{key}{s}" for s in ("-image.npy", "-instances.npy", ".json"))
+    if not meta_path.is_file():
+        scan = load_scan(rows, spacing_mm=spacing_mm)
+        _atomic_save(image_path, lambda p: np.save(open(p, "wb"), scan.volume.array.astype(np.float32)))
+        _atomic_save(inst_path, lambda p: np.save(open(p, "wb"), scan.instances.astype(np.int32)))
+        meta = {"spacing_mm": list(scan.volume.spacing_mm),
+                "tumors": [{"tumor_id": t.tumor_id, "bbox": t.bbox.tolist(), "labels": dict(t.labels),
+                            "size_mm": t.size_mm} for t in scan.tumors]}
+        _atomic_save(meta_path, lambda p: Path(p).write_text(json.dumps(meta)))
+    meta = json.loads(meta_path.read_text())
+    tumors = tuple(TumorBox(tumor_id=t["tumor_id"], bbox=make_box(t["bbox"][:3], t["bbox"][3:]), labels=t["labels"])
+                   for t in meta["tumors"])
+    return CachedScan(key=key, image_path=image_path, instances_path=inst_path, tumors=tumors,
+                      spacing_mm=tuple(meta["spacing_mm"]))

@@ -1,0 +1,63 @@
+"""The exported model: one plain-torch file (state_dict + config + label schema + model id).
+
+Loaded with `torch.load(..., weights_only=True)`: the file holds only tensors and plain
+dicts / lists / strings / numbers, never pickled objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .labels import LabelSchema
+from .network import MultitaskNet, NetConfig
+
+FORMAT = "tumornet-model-v1"
+
+
+def model_id(state_dict: dict) -> str:
+    """Content hash of the weights (sha256 over sorted names and raw bytes), 16 hex chars."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def export_model(model: MultitaskNet, path: str | Path, *, extra: dict | None = None) -> str:
+    """Write the model file; returns its model id."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    mid = model_id(sd)
+    cfg = {f: getattr(model.cfg, f) for f in model.cfg.__dataclass_fields__}
+    payload = {"format": FORMAT, "state_dict": sd, "model_config": cfg, "tasks": model.schema.to_dict(),
+               "model_id": mid, "extra": extra or {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return mid
+
+
+def load_model(path: str | Path, map_location="cpu") -> tuple[MultitaskNet, dict]:
+    """-> (model in eval mode, metadata: model_id, tasks, model_config, extra)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: not a loadable model file ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{path}: not a {FORMAT} file")
+    model = MultitaskNet(NetConfig(**payload["model_config"]), LabelSchema.from_dict(payload["tasks"]))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    if model_id(model.state_dict()) != payload["model_id"]:
+        raise InputError(f"{path}: weights do not match the recorded model id (corrupt file?)")
+    return model, {k: payload[k] for k in ("model_id", "tasks", "model_config", "extra")}
