@@ -7,6 +7,7 @@ dicts / lists / strings / numbers, never pickled objects.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def export_model(model: MultitaskNet, path: str | Path, *, extra: dict | None = 
     mid = model_id(sd)
     cfg = {f: getattr(model.cfg, f) for f in model.cfg.__dataclass_fields__}
     payload = {"format": FORMAT, "state_dict": sd, "model_config": cfg, "tasks": model.schema.to_dict(),
-               "model_id": mid, "extra": extra or {}}
+               "model_id": mid, "extra": json.loads(json.dumps(extra or {}, default=float))}  # plain types only
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Start / stop a local Ray head for the demo and the tests (dashboard + job server on 127.0.0.1).
+#   cluster/local.sh start [TEMP_DIR]   # default TEMP_DIR: ./outputs/ray (absolute path is used)
+#   cluster/local.sh stop
+#   cluster/local.sh status
+# Environment: RAY (ray executable, default .venv/bin/ray), NUM_CPUS (default: all cores),
+# RAY_PORT (GCS, default 6379), DASHBOARD_PORT (default 8265).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAY=${RAY:-.venv/bin/ray}
+# Jobs run `python` from the head's PATH: put the ray executable's environment first.
+export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
+NUM_CPUS=${NUM_CPUS:-$(nproc)}
+RAY_PORT=${RAY_PORT:-6379}
+DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+# One auth mode for every process (Ray 2.60 writes ~/.ray/auth_token at the first ray.init()).
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+case "${1:-}" in
+  start)
+    TEMP_DIR=$(realpath -m "${2:-outputs/ray}")
+    mkdir -p "$TEMP_DIR"
+    "$RAY" start --head --port="$RAY_PORT" --num-cpus="$NUM_CPUS" --include-dashboard=true \
+      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --temp-dir="$TEMP_DIR" \
+      --disable-usage-stats
+    echo "Ray head up: jobs at http://127.0.0.1:$DASHBOARD_PORT (ray job submit --address http://127.0.0.1:$DASHBOARD_PORT ...)"
+    ;;
+  stop) "$RAY" stop --force ;;
+  status) "$RAY" status --address "127.0.0.1:$RAY_PORT" ;;
+  *) echo "usage: $0 start [TEMP_DIR] | stop | status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,107 @@
+"""Ray Train + DeepSpeed on CPU, against a real local Ray head (marked ray + slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tumornet.config import load_config
+from tumornet.export import load_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+RAY_PORT, DASHBOARD_PORT = "6391", "8271"
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    import ray
+
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, "RAY": str(Path(sys.executable).parent / "ray"), "NUM_CPUS": "2", "RAY_PORT": RAY_PORT,
+           "DASHBOARD_PORT": DASHBOARD_PORT}
+    subprocess.run([str(ROOT / "cluster" / "local.sh"), "start", str(temp)], env=env, check=True,
+                   capture_output=True, timeout=180)
+    ray.init(address=f"127.0.0.1:{RAY_PORT}")
+    yield env
+    ray.shutdown()
+    subprocess.run([str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)
+
+
+def _config(tmp_path, small_cohort, name, **train):
+    raw = {
+        "name": name,
+        "data": {"manifest": str(small_cohort), "spacing_mm": 4.0},
+        "model": {"channels": 8, "blocks": 1},
+        "train": {"epochs": 3, "batches_per_epoch": 3, "batch_size": 2, "patch_size": 16, "lr": 0.05,
+                  "milestones": [100], "cache_dir": str(tmp_path / "cache"), **train},
+        "distributed": {"workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp_path / "runs"),
+                        "max_failures": 2},
+    }
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _train(path, *overrides):
+    from trainer.launch import run_training
+
+    cfg = load_config(path, list(overrides))
+    return run_training(cfg, manifest=cfg.data.manifest)
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, small_cohort):
+    s = _train(_config(tmp_path, small_cohort, "a"))
+    recs = _records(s["run_dir"])
+    assert [r["step"] for r in recs] == [3, 6, 9]
+    assert recs[-1]["train/loss"] < recs[0]["train/loss"]
+    assert 0 <= recs[-1]["data_wait_share"] < 1 and recs[-1]["samples_per_s"] > 0
+    assert {"val/dice", "val/loss", "val/acc_tumor_type"} <= set(recs[-1])
+    assert any((Path(s["run_dir"]) / "tensorboard").iterdir())
+    model, meta = load_model(s["model"])  # weights_only=True inside
+    state = json.loads((Path(s["checkpoint"]) / "trainer_state.json").read_text())
+    assert state["step"] == 9 and meta["model_id"] == state["model_id"]
+    assert model.embed(torch.randn(16, 16, 16), [[2, 2, 2, 8, 8, 8]]).shape == (1, 8)
+
+
+def test_resume_gives_identical_weights(ray_head, tmp_path, small_cohort):
+    cont = _train(_config(tmp_path, small_cohort, "cont"))
+    cfg = _config(tmp_path, small_cohort, "part")
+    first = _train(cfg, "train.epochs=2")
+    assert [r["step"] for r in _records(first["run_dir"])] == [3, 6]
+    resumed = _train(cfg)  # same run name: resumes from step 6 instead of starting over
+    assert [r["step"] for r in _records(resumed["run_dir"])] == [3, 6, 9]
+    a, _ = load_model(cont["model"])
+    b, _ = load_model(resumed["model"])
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-6), k
+
+
+def test_zero2_with_a_killed_worker_finishes_all_steps(ray_head, tmp_path, small_cohort):
+    s = _train(_config(tmp_path, small_cohort, "ft", fail_at_step=5), "distributed.zero_stage=2")
+    run = Path(s["run_dir"])
+    assert (run / ".injected_failure").read_text().startswith("worker 1 killed after step 5")
+    assert [r["step"] for r in _records(run)] == [3, 6, 9]  # resumed from step 3, no step lost or repeated
+    assert json.loads((Path(s["checkpoint"]) / "trainer_state.json").read_text())["step"] == 9
+
+
+def test_ray_job_submit(ray_head, tmp_path, small_cohort):
+    cfg = _config(tmp_path, small_cohort, "job", epochs=1, batches_per_epoch=2)
+    runtime_env = json.dumps({"excludes": [".venv", ".git", "outputs", "runs", "__pycache__", ".pytest_cache"]})
+    r = subprocess.run(
+        [ray_head["RAY"], "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}",
+         "--working-dir", str(ROOT), "--runtime-env-json", runtime_env,
+         "--", "python", "ray_job.py", "train", "--config", str(cfg)],
+        env=ray_head, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout + r.stderr
+    assert (tmp_path / "runs" / "job" / "model.pt").is_file()
