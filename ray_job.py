@@ -74,21 +74,35 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    import shutil
+
+    from trainer.launch import run_training
     from tumornet.cohort import read_manifest
-    from tumornet.config import load_config
+    from tumornet.config import apply_overrides, config_from_dict, load_config
     from tumornet.phantom import generate_cohort
     from tumornet.summary import format_summary, summarize
 
     cfg = load_config(args.config, args.set)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     t0 = time.perf_counter()
-    print(f"[1/2] synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.spacing_mm} mm -> {out / 'cohort'}")
+    print(f"[1/3] synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.spacing_mm} mm -> {out / 'cohort'}")
     manifest = generate_cohort(cfg.phantom, out / "cohort")
     cohort = read_manifest(manifest, cfg.tasks)
-    print("[2/2] cohort summary")
+    print("[2/3] cohort summary")
     s = summarize(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     print(format_summary(s))
+    runs = out / "runs"
+    shutil.rmtree(runs / cfg.name, ignore_errors=True)  # the demo always trains from scratch
+    cfg = config_from_dict(apply_overrides(cfg.raw, [f"distributed.storage_path={runs}"]), source=args.config)
+    d, t = cfg.distributed, cfg.train
+    print(f"[3/3] training: Ray Train + DeepSpeed, {d.workers} CPU workers, {t.epochs} epochs x "
+          f"{t.batches_per_epoch} batches x {t.batch_size}, {t.patch_size}^3 patches, C = {cfg.model.channels}")
+    summary = run_training(cfg, manifest=manifest)
+    last = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+    print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith(("val/", "train/loss"))
+                                 and isinstance(v, float)))
+    print(f"model: {summary['model']}")
     print(f"demo done in {time.perf_counter() - t0:.0f} s; outputs under {out}")
 
 

@@ -105,3 +105,17 @@ def test_ray_job_submit(ray_head, tmp_path, small_cohort):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr
     assert (tmp_path / "runs" / "job" / "model.pt").is_file()
+
+
+def test_channel_sweep_trains_one_run_per_width(ray_head, tmp_path, small_cohort):
+    from trainer.launch import format_sweep, run_sweep
+
+    cfg = load_config(_config(tmp_path, small_cohort, "sw", epochs=1, batches_per_epoch=2))
+    rows = run_sweep(cfg, manifest=cfg.data.manifest, channels=[4, 8])
+    assert [r["channels"] for r in rows] == [4, 8] and all("val/dice" in r for r in rows)
+    for c in (4, 8):
+        _, meta = load_model(tmp_path / "runs" / f"sw-c{c}" / "model.pt")
+        assert meta["model_config"]["channels"] == c
+    assert json.loads((tmp_path / "runs" / "sw-sweep.json").read_text()) == rows
+    table = format_sweep(rows)
+    assert table.splitlines()[0].startswith("| channels | ") and "| 4 |" in table and "| 8 |" in table

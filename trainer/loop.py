@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -183,7 +184,8 @@ def train_func(loop_config: dict) -> None:
             n = red["steps"]
             metrics = {"step": step + 1, "epoch": epoch + 1, "lr": t.lr_at(epoch),
                        "data_wait_share": red["wait_s"] / red["step_s"],
-                       "samples_per_s": n * t.batch_size / (red["step_s"] / world)}
+                       "samples_per_s": n * t.batch_size / (red["step_s"] / world),
+                       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
             metrics.update({f"train/{_metric_name(k)}": red[k] / n for k in keys
                             if k not in ("wait_s", "step_s", "steps")})
             if (epoch + 1) % t.val_every == 0 or step + 1 == total:

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from tumornet.boxes import make_box
+from tumornet.labels import MISSING
+from tumornet.patches import Augment, TumorBox, collate, crop, make_sample, patch_origin
+
+TASKS = ("tumor_type", "left_right")
+
+
+def _scan():
+    image = np.random.default_rng(0).normal(0, 1, (40, 36, 30)).astype(np.float32)
+    inst = np.zeros(image.shape, np.int32)
+    inst[5:11, 6:10, 4:9] = 1
+    inst[30:34, 28:33, 20:26] = 2
+    tumors = [TumorBox(tumor_id=1, bbox=make_box([5, 6, 4], [11, 10, 9]), labels={"tumor_type": 0, "left_right": 1}),
+              TumorBox(tumor_id=2, bbox=make_box([30, 28, 20], [34, 33, 26]), labels={"tumor_type": 2})]
+    return image, inst, tumors
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_patch_contains_the_whole_chosen_tumor(seed):
+    image, inst, tumors = _scan()
+    rng = np.random.default_rng(seed)
+    s = make_sample(image, inst, tumors, 1, 16, rng, TASKS)
+    assert s.image.shape == (1, 16, 16, 16) and s.seg.shape == (16, 16, 16)
+    assert s.seg.sum() == (inst == 2).sum()  # every voxel of tumor 2 is in the patch
+    (i,) = np.flatnonzero(s.labels["tumor_type"] == 2)
+    assert (s.boxes[i][3:] - s.boxes[i][:3]).tolist() == [4, 5, 6]
+    assert s.labels["left_right"][i] == MISSING
+
+
+def test_tumor_larger_than_patch_is_centred_and_clipped():
+    image, inst, tumors = _scan()
+    s = make_sample(image, inst, tumors, 0, 4, None, TASKS)
+    assert s.boxes.tolist() == [[0, 0, 0, 4, 4, 4]]
+
+
+def test_lr_flip_swaps_left_right_label_and_mirrors_image_seg_and_boxes():
+    image, inst, tumors = _scan()
+    flips = 0
+    for seed in range(12):
+        kw = {"intensity_scale": 0.0, "intensity_shift": 0.0}
+        same = make_sample(image, inst, tumors, 0, 20, np.random.default_rng(seed), TASKS, Augment(flip_lr=False, **kw))
+        s = make_sample(image, inst, tumors, 0, 20, np.random.default_rng(seed), TASKS, Augment(flip_lr=True, **kw))
+        if s.labels["left_right"][0] == 0:  # flipped: right (1) became left (0)
+            flips += 1
+            assert np.array_equal(s.seg, same.seg[::-1]) and np.array_equal(s.image, same.image[:, ::-1])
+            lo, hi = same.boxes[0][0], same.boxes[0][3]
+            assert s.boxes[0].tolist() == [20 - hi, *same.boxes[0][1:3], 20 - lo, *same.boxes[0][4:6]]
+        else:
+            assert np.array_equal(s.seg, same.seg) and np.array_equal(s.boxes, same.boxes)
+        assert s.labels["tumor_type"][0] == 0
+        mask_x = np.argwhere(s.seg > 0)[:, 0]
+        assert s.boxes[0][0] == mask_x.min() and s.boxes[0][3] == mask_x.max() + 1
+    assert 0 < flips < 12
+
+
+def test_crop_pads_outside_with_fill():
+    a = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    c = crop(a, (-1, -1, -1), 3, -5.0)
+    assert c[0, 0, 0] == -5.0 and c[1, 1, 1] == a[0, 0, 0] and c[2, 2, 2] == a[1, 1, 1]
+
+
+def test_patch_origin_prefers_inside_the_volume():
+    o = patch_origin(make_box([0, 0, 0], [2, 2, 2]), (50, 50, 50), 10, np.random.default_rng(0))
+    assert (o >= 0).all() and (o <= 0).all()  # the only origin keeping box and patch inside is 0
+
+
+def test_collate_adds_batch_index():
+    image, inst, tumors = _scan()
+    a = make_sample(image, inst, tumors, 0, 16, None, TASKS)
+    b = make_sample(image, inst, tumors, 1, 16, None, TASKS)
+    batch = collate([a, b])
+    assert batch["image"].shape == (2, 1, 16, 16, 16)
+    assert batch["boxes"][:, 0].tolist() == [0] * len(a.boxes) + [1] * len(b.boxes)
+    assert len(batch["labels"]["tumor_type"]) == len(batch["boxes"])
