@@ -55,7 +55,7 @@ def bare_loop(cfg, manifest: str, warmup: int, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--steps", type=int, default=40, help="timed steps (after one warm-up epoch)")
+    p.add_argument("--steps", type=int, default=80, help="timed steps (after one warm-up epoch)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--patients", type=int, default=16)
     args = p.parse_args()
@@ -70,21 +70,29 @@ def main() -> None:
             f"distributed.storage_path={tmp}/runs", "distributed.zero_stage=0"])
         cfg = config_from_dict(raw, source=args.config)
         manifest = str(generate_cohort(cfg.phantom, Path(tmp) / "cohort", log=lambda *_: None))
-        bare = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps)
+        before = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps)
         from trainer.launch import run_training
 
         summary = run_training(cfg, manifest=manifest, run_name="bench")
         recs = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         timed = recs[-1]  # the second epoch: warm
+        import ray
+
+        ray.shutdown()
+        after = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps)
+    # the bare loop runs before and after the trainer; their mean cancels slow drifts of the machine
+    bare = {k: (before[k] + after[k]) / 2 for k in before}
     ours = {"samples_per_s": timed["samples_per_s"], "steps_per_s": timed["samples_per_s"] / cfg.train.batch_size}
     slower = bare["samples_per_s"] / ours["samples_per_s"]
     print(f"config {args.config}: C = {cfg.model.channels}, {cfg.train.patch_size}^3 patches, batch "
           f"{cfg.train.batch_size}, {args.threads} threads, {args.steps} timed steps each")
-    print(f"bare PyTorch loop      : {bare['steps_per_s']:.2f} steps/s, {bare['samples_per_s']:.2f} samples/s")
+    print(f"bare PyTorch loop      : {bare['steps_per_s']:.2f} steps/s, {bare['samples_per_s']:.2f} samples/s "
+          f"(before {before['samples_per_s']:.2f}, after {after['samples_per_s']:.2f})")
     print(f"Ray Train + DeepSpeed  : {ours['steps_per_s']:.2f} steps/s, {ours['samples_per_s']:.2f} samples/s")
     print(f"trainer / bare time    : {slower:.3f}x (goal <= 1.10)")
     print(f"data-wait share        : {100 * timed['data_wait_share']:.1f} % of step time (goal <= 10 %)")
-    print(f"peak RSS of the worker : {timed['peak_rss_gib']:.2f} GiB")
+    print(f"peak RSS of the worker : {timed['peak_rss_gib']:.2f} GiB; torch threads in the worker: "
+          f"{timed['torch_threads']}")
 
 
 if __name__ == "__main__":

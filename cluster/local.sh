@@ -15,6 +15,8 @@ RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 # One auth mode for every process (Ray 2.60 writes ~/.ray/auth_token at the first ray.init()).
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# Training workers at niceness 0 (Ray's default 15 lets Ray's daemons preempt them on small nodes).
+export RAY_worker_niceness=${RAY_worker_niceness:-0}
 case "${1:-}" in
   start)
     TEMP_DIR=$(realpath -m "${2:-outputs/ray}")
