@@ -4,7 +4,8 @@
 
 Both train the config's model on the same synthetic cohort, the same patch stream (trainer.data,
 same seeds) and the same number of threads, with the tuned allocator. Printed, measured in this run:
-steps/s and samples/s of each, their ratio (goal: the trainer at most 1.10x slower), the trainer's
+steps/s and samples/s of each (median and best of several blocks: Ray workers on a 2-vCPU machine
+vary by +-20 % from run to run), their ratio (goal: the trainer at most 1.10x slower), the trainer's
 data-wait share of step time (goal <= 10 %) and its peak RSS. Timing excludes the first epoch
 (warm-up, cache build) for both.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +26,8 @@ from tumornet.phantom import generate_cohort
 from tumornet.runtime import tune_cpu_allocator
 
 
-def bare_loop(cfg, manifest: str, warmup: int, steps: int) -> dict:
+def bare_loop(cfg, manifest: str, warmup: int, steps: int, blocks: int) -> list[float]:
+    """samples/s of `blocks` consecutive timed blocks of `steps` steps, after `warmup` steps."""
     from trainer.data import PatchStream
     from trainer.loop import split_scans
     from tumornet.cache import prepare_scan
@@ -36,10 +39,12 @@ def bare_loop(cfg, manifest: str, warmup: int, steps: int) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = MultitaskNet(cfg.model, cfg.tasks)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9, nesterov=True)
-    stream = PatchStream(cached, cfg.train, cfg.tasks.names, rank=0, start_step=0, end_step=warmup + steps)
-    t_start = None
-    for i in range(warmup + steps):
-        if i == warmup:
+    stream = PatchStream(cached, cfg.train, cfg.tasks.names, rank=0, start_step=0, end_step=warmup + steps * blocks)
+    rates, t_start = [], None
+    for i in range(warmup + steps * blocks):
+        if i >= warmup and (i - warmup) % steps == 0:
+            if t_start is not None:
+                rates.append(steps * cfg.train.batch_size / (time.perf_counter() - t_start))
             t_start = time.perf_counter()
         _, b, _ = stream.next()
         x, seg, boxes = torch.from_numpy(b["image"]), torch.from_numpy(b["seg"]), torch.from_numpy(b["boxes"])
@@ -47,15 +52,16 @@ def bare_loop(cfg, manifest: str, warmup: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         multitask_loss(model(x, boxes), seg, labels, cfg.loss)["total"].backward()
         opt.step()
-    dt = time.perf_counter() - t_start
+    rates.append(steps * cfg.train.batch_size / (time.perf_counter() - t_start))
     stream.close()
-    return {"steps_per_s": steps / dt, "samples_per_s": steps * cfg.train.batch_size / dt}
+    return rates
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--steps", type=int, default=80, help="timed steps (after one warm-up epoch)")
+    p.add_argument("--steps", type=int, default=60, help="steps per timed block (and per trainer epoch)")
+    p.add_argument("--blocks", type=int, default=3, help="timed blocks per side (bare: before and after)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--patients", type=int, default=16)
     args = p.parse_args()
@@ -64,35 +70,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config(args.config)
         raw = apply_overrides(base.raw, [
-            f"phantom.patients={args.patients}", f"train.epochs={1 + 1}", f"train.batches_per_epoch={args.steps}",
+            f"phantom.patients={args.patients}", f"train.epochs={1 + args.blocks}",
+            f"train.batches_per_epoch={args.steps}",
             "train.val_every=1000", "train.checkpoint_every=1000", f"train.cache_dir={tmp}/cache",
             "distributed.workers=1", f"distributed.cpus_per_worker={args.threads}",
             f"distributed.storage_path={tmp}/runs", "distributed.zero_stage=0"])
         cfg = config_from_dict(raw, source=args.config)
         manifest = str(generate_cohort(cfg.phantom, Path(tmp) / "cohort", log=lambda *_: None))
-        before = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps)
+        before = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps, blocks=args.blocks)
         from trainer.launch import run_training
 
         summary = run_training(cfg, manifest=manifest, run_name="bench")
         recs = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-        timed = recs[-1]  # the second epoch: warm
+        timed = recs[1:]  # epochs after the first (warm-up, cache build)
         import ray
 
         ray.shutdown()
-        after = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps)
-    # the bare loop runs before and after the trainer; their mean cancels slow drifts of the machine
-    bare = {k: (before[k] + after[k]) / 2 for k in before}
-    ours = {"samples_per_s": timed["samples_per_s"], "steps_per_s": timed["samples_per_s"] / cfg.train.batch_size}
-    slower = bare["samples_per_s"] / ours["samples_per_s"]
+        after = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps, blocks=args.blocks)
+    # the bare loop runs before and after the trainer (slow drifts of the machine cancel); each side
+    # is summarized by its median and its best block (blocks of `steps` steps)
+    bare_rates = before + after
+    ours_rates = [r["samples_per_s"] for r in timed]
+    bare = {"median": statistics.median(bare_rates), "best": max(bare_rates)}
+    ours = {"median": statistics.median(ours_rates), "best": max(ours_rates)}
+    b = cfg.train.batch_size
     print(f"config {args.config}: C = {cfg.model.channels}, {cfg.train.patch_size}^3 patches, batch "
-          f"{cfg.train.batch_size}, {args.threads} threads, {args.steps} timed steps each")
-    print(f"bare PyTorch loop      : {bare['steps_per_s']:.2f} steps/s, {bare['samples_per_s']:.2f} samples/s "
-          f"(before {before['samples_per_s']:.2f}, after {after['samples_per_s']:.2f})")
-    print(f"Ray Train + DeepSpeed  : {ours['steps_per_s']:.2f} steps/s, {ours['samples_per_s']:.2f} samples/s")
-    print(f"trainer / bare time    : {slower:.3f}x (goal <= 1.10)")
-    print(f"data-wait share        : {100 * timed['data_wait_share']:.1f} % of step time (goal <= 10 %)")
-    print(f"peak RSS of the worker : {timed['peak_rss_gib']:.2f} GiB; torch threads in the worker: "
-          f"{timed['torch_threads']}")
+          f"{cfg.train.batch_size}, {args.threads} threads, blocks of {args.steps} steps")
+    for name, r in (("bare PyTorch loop", bare), ("Ray Train + DeepSpeed", ours)):
+        print(f"{name:22s} : median {r['median'] / b:.2f} steps/s = {r['median']:.2f} samples/s; "
+              f"best block {r['best'] / b:.2f} steps/s = {r['best']:.2f} samples/s")
+    print(f"blocks (samples/s)     : bare {[round(x, 2) for x in bare_rates]}, "
+          f"trainer {[round(x, 2) for x in ours_rates]}")
+    print(f"trainer / bare time    : median {bare['median'] / ours['median']:.3f}x, "
+          f"best {bare['best'] / ours['best']:.3f}x (goal <= 1.10)")
+    print(f"data-wait share        : {100 * max(r['data_wait_share'] for r in timed):.1f} % of step time at most "
+          f"(goal <= 10 %)")
+    print(f"peak RSS of the worker : {timed[-1]['peak_rss_gib']:.2f} GiB; torch threads in the worker: "
+          f"{timed[-1]['torch_threads']}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,18 @@ def write_manifest(path: Path, rows: list[dict], columns=None) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped (not failed) on CPU machines."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def subject(tmp_path):
     """One scan with two tumors and a valid two-row manifest."""

@@ -107,3 +107,28 @@ def test_channels_last_and_contiguous_nets_agree():
     oa, ob = a(x, boxes), b(x, boxes)
     assert torch.allclose(oa["seg"], ob["seg"], atol=1e-5)
     assert torch.allclose(oa["embedding"], ob["embedding"], atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_bf16_training_step_on_gpu():
+    from tumornet.loss import LossWeights, as_float32, multitask_loss
+
+    torch.manual_seed(0)
+    net = MultitaskNet(NetConfig(channels=16, blocks=1), DEFAULT_SCHEMA).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    x = torch.randn(2, 1, 32, 32, 32, device="cuda")
+    seg = torch.zeros(2, 32, 32, 32, dtype=torch.long, device="cuda")
+    seg[:, 10:16, 10:16, 10:16] = 1
+    x[seg[:, None] == 1] += 3
+    boxes = torch.tensor([[0, 10, 10, 10, 16, 16, 16], [1, 10, 10, 10, 16, 16, 16]])
+    labels = {t: torch.tensor([0, 1], device="cuda") for t in DEFAULT_SCHEMA.names}
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(x, boxes)
+        t = multitask_loss(as_float32(out), seg, labels, LossWeights(task=0.1))
+        t["total"].backward()
+        opt.step()
+        losses.append(float(t["total"]))
+    assert out["seg"].dtype == torch.bfloat16 and losses[-1] < losses[0] / 2

@@ -23,6 +23,7 @@ def ray_head(tmp_path_factory):
     import ray
 
     temp = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # one auth mode for the head, this client and job submit
     env = {**os.environ, "RAY": str(Path(sys.executable).parent / "ray"), "NUM_CPUS": "2", "RAY_PORT": RAY_PORT,
            "DASHBOARD_PORT": DASHBOARD_PORT}
     subprocess.run([str(ROOT / "cluster" / "local.sh"), "start", str(temp)], env=env, check=True,

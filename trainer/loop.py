@@ -24,7 +24,7 @@ from tumornet.cache import prepare_scan
 from tumornet.cohort import patient_groups, read_manifest, split_patients
 from tumornet.config import Config, config_from_dict
 from tumornet.export import export_model, model_id
-from tumornet.loss import multitask_loss
+from tumornet.loss import as_float32, multitask_loss
 from tumornet.network import MultitaskNet
 from tumornet.runtime import tune_cpu_allocator
 
@@ -65,11 +65,6 @@ def _to(batch: dict, device, dtype=torch.float32):
             torch.from_numpy(batch["boxes"]), {k: torch.from_numpy(v).to(device) for k, v in batch["labels"].items()})
 
 
-def _float_out(out: dict) -> dict:
-    return {"seg": out["seg"].float(), "embedding": out["embedding"].float(),
-            "tasks": {k: v.float() for k, v in out["tasks"].items()}}
-
-
 def _metric_name(term: str) -> str:
     """Loss term -> metric name: total -> loss, seg -> loss_seg, task/<name> -> loss_<name>."""
     return {"total": "loss", "seg": "loss_seg"}.get(term, term.replace("task/", "loss_"))
@@ -90,7 +85,7 @@ def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
     with torch.no_grad():
         for batch in validation_batches(scans, cfg.train, tasks):
             x, seg, boxes, labels = _to(batch, device, dtype)
-            out = _float_out(engine(x, boxes))
+            out = as_float32(engine(x, boxes))
             terms = multitask_loss(out, seg, labels, cfg.loss)
             task_sum = sum(float(terms[f"task/{t}"]) for t in tasks)
             pred = out["seg"].argmax(1)
@@ -164,7 +159,7 @@ def train_func(loop_config: dict) -> None:
             for g in opt.param_groups:
                 g["lr"] = t.lr_at(epoch)
             x, seg, boxes, labels = _to(batch, device, dtype)
-            terms = multitask_loss(_float_out(engine(x, boxes)), seg, labels, cfg.loss)
+            terms = multitask_loss(as_float32(engine(x, boxes)), seg, labels, cfg.loss)
             engine.backward(terms["total"])
             engine.step()
             if t.fail_at_step is not None and step + 1 == t.fail_at_step and rank == world - 1:

@@ -232,6 +232,14 @@ class Scan:
     tumors: tuple[Tumor, ...]
 
 
+def read_instances(first: ManifestRow, like=None) -> tuple[np.ndarray, np.ndarray]:
+    """A scan's mask as an instance mask (applying `tumor_values`) on its native grid -> (mask, affine)."""
+    mask, affine = read_label_map(first.mask, like=like)
+    if first.tumor_values is not None:
+        mask = instances_from_binary(np.isin(mask, first.tumor_values))
+    return mask, affine
+
+
 def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool = True) -> Scan:
     """Load one scan's image and mask (rows of one scan_id) -> Scan with labelled Tumor records.
 
@@ -240,9 +248,7 @@ def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool =
     """
     first = rows[0]
     data, affine = read_nifti(first.image)
-    mask, _ = read_label_map(first.mask, like=(data, affine, first.image))
-    if first.tumor_values is not None:
-        mask = instances_from_binary(np.isin(mask, first.tumor_values))
+    mask, _ = read_instances(first, like=(data, affine, first.image))
     if not (mask > 0).any():
         raise InputError(f"{first.mask}: empty mask (no tumor voxel)")
     spacing = as_spacing(spacing_mm)

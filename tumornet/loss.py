@@ -28,6 +28,12 @@ class LossWeights:
         return float(self.per_task.get(task, self.task))
 
 
+def as_float32(out: dict) -> dict:
+    """Network outputs in fp32 (bf16 / fp16 runs compute the loss in fp32)."""
+    return {"seg": out["seg"].float(), "embedding": out["embedding"].float(),
+            "tasks": {k: v.float() for k, v in out["tasks"].items()}}
+
+
 def multitask_loss(out: dict, seg_target: torch.Tensor, labels: Mapping[str, torch.Tensor],
                    weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
     """-> {"seg": ..., "task/<name>": ... (unweighted), "total": weighted sum}.

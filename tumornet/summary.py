@@ -9,10 +9,9 @@ from collections import Counter
 
 import numpy as np
 
-from .cohort import Cohort, patient_groups, split_patients
+from .cohort import Cohort, patient_groups, read_instances, split_patients
 from .labels import MISSING
-from .tumors import instances_from_binary, measure_tumors
-from .volumes import read_label_map
+from .tumors import measure_tumors
 
 
 def tumor_sizes(cohort: Cohort) -> dict[str, list[float]]:
@@ -20,9 +19,7 @@ def tumor_sizes(cohort: Cohort) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     task = cohort.schema["tumor_type"] if "tumor_type" in cohort.schema else None
     for rows in cohort.scans().values():
-        mask, affine = read_label_map(rows[0].mask)
-        if rows[0].tumor_values is not None:
-            mask = instances_from_binary(np.isin(mask, rows[0].tumor_values))
+        mask, affine = read_instances(rows[0])
         tumors = measure_tumors(mask, affine, scan_id=rows[0].scan_id, tumor_ids=[r.tumor_id for r in rows],
                                 where=str(rows[0].mask))
         for r, t in zip(rows, tumors, strict=True):
