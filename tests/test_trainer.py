@@ -71,6 +71,7 @@ def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, smal
     model, meta = load_model(s["model"])  # weights_only=True inside
     state = json.loads((Path(s["checkpoint"]) / "trainer_state.json").read_text())
     assert state["step"] == 9 and meta["model_id"] == state["model_id"]
+    assert state["config"]["model"]["channels"] == 8 and state["tasks"]["tumor_type"][0] == "metastasis"
     assert model.embed(torch.randn(16, 16, 16), [[2, 2, 2, 8, 8, 8]]).shape == (1, 8)
 
 

@@ -192,7 +192,7 @@ def train_func(loop_config: dict) -> None:
                     engine.save_checkpoint(d, tag=CKPT_TAG)
                     if rank == 0:
                         state = {"step": step + 1, "epoch": epoch + 1, "model_id": model_id(engine.module.state_dict()),
-                                 "tasks": cfg.tasks.to_dict()}
+                                 "tasks": cfg.tasks.to_dict(), "config": cfg.raw}
                         (Path(d) / STATE_FILE).write_text(json.dumps(state))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
