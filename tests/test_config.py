@@ -49,3 +49,27 @@ def test_sites_define_their_own_tasks(tmp_path):
     p.write_text("tasks:\n  tumor_type: [metastasis, meningioma, schwannoma, glioma]\n  grade: [low, high]\n")
     cfg = load_config(p)
     assert cfg.tasks.names == ("tumor_type", "grade") and cfg.tasks["tumor_type"].n_classes == 4
+
+
+def test_paper_schedule_and_distributed_checks(tmp_path):
+    cfg = load_config(CONFIGS / "paper.yaml")
+    assert [round(cfg.train.lr_at(e), 6) for e in (0, 89, 90, 104, 105, 119)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    t = cfg.train
+    assert (t.epochs, t.batches_per_epoch, t.batch_size, t.patch_size) == (120, 200, 2, 120)
+    assert cfg.train.nesterov and cfg.loss.seg == 1.0 and cfg.loss.task == 1e-3 and cfg.data.test_fraction == 0.2
+    with pytest.raises(InputError, match=r"distributed\.zero_stage: expected 0, 1 or 2"):
+        load_config(CONFIGS / "demo.yaml", ["distributed.zero_stage=3"])
+    with pytest.raises(InputError, match=r"distributed\.bf16: bf16 is for GPU runs only"):
+        load_config(CONFIGS / "demo.yaml", ["distributed.bf16=true"])
+    with pytest.raises(InputError, match=r"train\.patch_size"):
+        load_config(CONFIGS / "demo.yaml", ["train.patch_size=4"])
+
+
+def test_train_refuses_more_workers_than_training_scans(small_cohort):
+    from trainer.launch import run_training
+
+    cfg = load_config(CONFIGS / "demo.yaml", ["distributed.workers=500", "data.spacing_mm=4.0"])
+    with pytest.raises(InputError, match=r"training scan\(s\) for 500 workers"):
+        run_training(cfg, manifest=small_cohort)
+    with pytest.raises(InputError, match="manifest not found"):
+        run_training(cfg, manifest=small_cohort.parent / "none.csv")

@@ -26,7 +26,7 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .loop import train_func
+    from .loop import split_scans, train_func
 
     manifest = Path(manifest).resolve()
     if not manifest.is_file():
@@ -37,6 +37,11 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
     if "://" in root:
         raise InputError("distributed.storage_path: metrics and the exported model need a (shared) filesystem path")
     run_dir = Path(root) / name
+    # validate the cohort here, before any worker starts: every problem is reported at once
+    _, train_ids, _ = split_scans(cfg, str(manifest))
+    if len(train_ids) < d.workers:
+        raise InputError(f"{manifest}: {len(train_ids)} training scan(s) for {d.workers} workers; "
+                         "each worker needs at least one (lower distributed.workers)")
     if not ray.is_initialized():
         # A local Ray started here runs its workers at niceness 0 (Ray's default is 15, which lets
         # Ray's own daemons preempt training on a small machine: 5 % of a step measured on 2 cores).
