@@ -158,3 +158,9 @@ def test_patient_key_is_keyed_and_stable():
     assert k != patient_key("BraTS-MET-00001", b"other") and "00001" not in k
     with pytest.raises(InputError):
         patient_key("x", b"")
+
+
+def test_tumor_id_overflow_is_a_clear_error(subject):
+    root, rows = subject
+    _expect(root, [{**rows[0], "tumor_id": "inf"}], r"row 1 column 'tumor_id': expected a positive integer, got 'inf'")
+    _expect(root, [{**rows[0], "tumor_id": "1.5"}], r"got '1.5'")

@@ -57,7 +57,9 @@ def test_brats_met_tree(tmp_path, template_3mm):
     assert (small["area"], small["left_right"], small["front_rear"], small["upper_lower"]) == (
         "cerebellum", "left", "rear", "lower")
     errors = (tmp_path / "manifest.csv.errors.txt").read_text()
-    assert "BraTS-MET-00002-000-seg.nii.gz: unknown label value(s) [4]" in errors
+    assert errors.startswith("case 3 of 3 (sorted folder names): "
+                             "<root>/<case>/<case>-seg.nii.gz: unknown label value(s) [4]")
+    assert "BraTS-MET" not in errors
     cohort = read_manifest(manifest)
     scan = load_scan(cohort.scans()["BraTS-MET-00001-000"])
     # necrosis + enhancing, oedema excluded: the big tumor is the 7 mm sphere

@@ -125,7 +125,7 @@ def _parse_row(i: int, raw: dict[str, str], root: Path, schema: LabelSchema, nam
     tid = raw.get("tumor_id", "").strip()
     try:
         tumor_id = int(float(tid)) if tid and float(tid) == int(float(tid)) else None
-    except ValueError:
+    except (ValueError, OverflowError):
         tumor_id = None
     if tumor_id is None or tumor_id < 1:
         raise InputError(f"{where} column 'tumor_id': expected a positive integer, got {tid!r}")

@@ -8,7 +8,8 @@
   `vs_gk_seg_refT1.nii.gz` (1 = tumor). Patient = scan = `vs_gk_<n>`; type schwannoma.
 Location labels (area, halves) come from anatomy.py through a proportional alignment of the scan
 onto the template (BraTS images are skull-stripped, VS images are not). A case that cannot be read
-is recorded in `<manifest>.errors.txt` and skipped; the others are kept.
+is recorded in `<manifest>.errors.txt` (by its rank among the sorted case folders, with the folder
+name, which holds the patient id, replaced by `<case>`) and skipped; the others are kept.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def import_layout(root: str | Path, layout_name: str, *, manifest_name: str = "m
     for i, case in enumerate(cases, start=1):
         try:
             rows += case_rows(root, case, layout, cache_dir=cache_dir)
-        except InputError as e:
-            errors.append(f"case {i}: {e}")
+        except InputError as e:  # the errors file names cases by rank: folder names hold patient ids
+            errors.append(f"case {i} of {len(cases)} (sorted folder names): "
+                          + str(e).replace(str(root), "<root>").replace(case, "<case>"))
     manifest = root / manifest_name
     error_file = manifest.with_name(manifest.name + ".errors.txt")
     columns = ["patient_id", "scan_id", "image", "mask", "tumor_id", *DEFAULT_SCHEMA.names, "tumor_values"]

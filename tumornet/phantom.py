@@ -59,9 +59,7 @@ class PhantomConfig:
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise InputError(f"phantom.{key}: must be in [0, 1], got {getattr(self, key)}")
         for o in self.orientations:
-            if sorted(o) != sorted(set(o)) or len(o) != 3 or {"LR", "AP", "SI"} != {
-                next(p for p in ("LR", "AP", "SI") if c in p) for c in o
-            }:
+            if len(o) != 3 or {axis for c in o for axis in ("LR", "AP", "SI") if c in axis} != {"LR", "AP", "SI"}:
                 raise InputError(f"phantom.orientations: {o!r} is not an orientation like 'LPS'")
         as_spacing(self.spacing_mm)
 
