@@ -1,7 +1,11 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import yaml
 
 from ray_job import main
 
@@ -36,3 +40,21 @@ def test_phantom_subcommand_as_a_process(tmp_path):
     assert (tmp_path / "c" / "manifest.csv").is_file() and (tmp_path / "c" / "cohort.json").is_file()
     meta = json.loads((tmp_path / "c" / "cohort.json").read_text())
     assert meta["config"]["patients"] == 2 and meta["config"]["spacing_mm"] == 4.0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_as_a_plain_local_run_starts_ray_itself(tmp_path, small_cohort):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "local", "data": {"manifest": str(small_cohort), "spacing_mm": 4.0},
+        "model": {"channels": 4, "blocks": 1},
+        "train": {"epochs": 1, "batches_per_epoch": 2, "patch_size": 16, "cache_dir": str(tmp_path / "cache")},
+        "distributed": {"workers": 1, "storage_path": str(tmp_path / "runs")}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--config", str(cfg)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = json.loads((tmp_path / "runs" / "local" / "result.json").read_text())
+    assert out["run"] == "local" and Path(out["model"]).is_file() and out["metrics"]["step"] == 2
+    assert "Started a local Ray instance" in r.stderr + r.stdout
