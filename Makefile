@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ lint: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not gpu" -q
+
+# While developing: everything but the Ray and slow tests (about 20 s).
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not gpu and not ray and not slow" -q
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
