@@ -20,26 +20,25 @@ def test_overrides_apply_and_are_typed():
     assert cfg.phantom.patients == 7 and cfg.data.spacing_mm == (1.0, 1.0, 2.0)
 
 
-def test_errors_name_file_and_key(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("phantom:\n  patinets: 3\n", r"c\.yaml: phantom\.patinets: unknown key"),
+        ("phantom:\n  patients: many\n", r"phantom\.patients: expected int, got str 'many'"),
+        ("trainer: {}\n", r"trainer: unknown key"),
+        ("data:\n  test_fraction: 1.5\n", r"data\.test_fraction"),
+        ("tasks:\n  tumor_type: [a]\n", r"task 'tumor_type': needs at least 2 classes"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, text, match):
     p = tmp_path / "c.yaml"
-    p.write_text("phantom:\n  patinets: 3\n")
-    with pytest.raises(InputError, match=r"c\.yaml: phantom\.patinets: unknown key"):
+    p.write_text(text)
+    with pytest.raises(InputError, match=match):
         load_config(p)
-    p.write_text("phantom:\n  patients: many\n")
-    with pytest.raises(InputError, match=r"phantom\.patients: expected int, got str 'many'"):
-        load_config(p)
-    p.write_text("trainer: {}\n")
-    with pytest.raises(InputError, match=r"trainer: unknown key"):
-        load_config(p)
-    p.write_text("data:\n  test_fraction: 1.5\n")
-    with pytest.raises(InputError, match=r"data\.test_fraction"):
-        load_config(p)
-    p.write_text("tasks:\n  tumor_type: [a]\n")
-    with pytest.raises(InputError, match=r"task 'tumor_type': needs at least 2 classes"):
-        load_config(p)
-    p.write_text("a: [\n")
-    with pytest.raises(InputError, match="not valid YAML"):
-        load_config(p)
+
+
+def test_bad_override_is_named():
     with pytest.raises(InputError, match=r"override 'phantom\.patients': expected key=value"):
         load_config(CONFIGS / "demo.yaml", ["phantom.patients"])
 
