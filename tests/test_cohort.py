@@ -6,7 +6,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_manifest, write_nifti
-from tumornet.cohort import load_scan, patient_groups, patient_key, read_manifest, split_patients
+from tumornet.cohort import (
+    load_scan,
+    patient_groups,
+    patient_key,
+    read_manifest,
+    split_patients,
+    split_scan_ids,
+)
 from tumornet.errors import InputError
 from tumornet.labels import MISSING, LabelSchema
 
@@ -146,10 +153,11 @@ def test_split_is_by_patient_stratified_and_deterministic():
 def test_split_keeps_all_scans_of_a_patient_together(small_cohort):
     cohort = read_manifest(small_cohort)
     train, test = split_patients(patient_groups(cohort), seed=0)
-    scans_train = {s for p in train for s in cohort.patients()[p]}
-    scans_test = {s for p in test for s in cohort.patients()[p]}
-    assert not scans_train & scans_test
-    assert scans_train | scans_test == set(cohort.scans())
+    scans_train, scans_test = split_scan_ids(cohort, seed=0)
+    assert scans_train == sorted(s for p in train for s in cohort.patients()[p])
+    assert scans_test == sorted(s for p in test for s in cohort.patients()[p])
+    assert not set(scans_train) & set(scans_test)
+    assert set(scans_train) | set(scans_test) == set(cohort.scans())
 
 
 def test_patient_key_is_keyed_and_stable():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tumornet.cache import prepare_scan
-from tumornet.cohort import patient_groups, read_manifest, split_patients
+from tumornet.cohort import read_manifest, split_scan_ids
 from tumornet.config import Config, config_from_dict
 from tumornet.export import export_model, model_id
 from tumornet.loss import as_float32, multitask_loss
@@ -51,13 +51,9 @@ def deepspeed_config(cfg: Config) -> dict:
 
 
 def split_scans(cfg: Config, manifest: str) -> tuple[dict, list[str], list[str]]:
-    """-> (scan rows by id, training scan ids, held-out scan ids), by the patient-level split."""
+    """The run's cohort -> (scan rows by id, training scan ids, held-out scan ids)."""
     cohort = read_manifest(manifest, cfg.tasks)
-    train_p, test_p = split_patients(patient_groups(cohort), test_fraction=cfg.data.test_fraction,
-                                     seed=cfg.data.split_seed)
-    by_patient = cohort.patients()
-    return (cohort.scans(), sorted(s for p in train_p for s in by_patient[p]),
-            sorted(s for p in test_p for s in by_patient[p]))
+    return (cohort.scans(), *split_scan_ids(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed))
 
 
 def _to(batch: dict, device, dtype=torch.float32):

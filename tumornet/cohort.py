@@ -74,10 +74,6 @@ class Cohort:
             out[rows[0].patient_id].append(scan_id)
         return {k: tuple(v) for k, v in out.items()}
 
-    def subset(self, patient_ids) -> Cohort:
-        keep = set(patient_ids)
-        return Cohort(self.path, tuple(r for r in self.rows if r.patient_id in keep), self.schema)
-
 
 def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
@@ -214,6 +210,13 @@ def split_patients(groups: dict[str, str], *, test_fraction: float = 0.2, seed: 
         test += [ids[j] for j in order[: round(len(ids) * test_fraction)]]
     test_set = set(test)
     return sorted(p for p in groups if p not in test_set), sorted(test_set)
+
+
+def split_scan_ids(cohort: Cohort, *, test_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+    """The patient-level split as scan ids -> (training scans, held-out scans), sorted."""
+    train_p, test_p = split_patients(patient_groups(cohort), test_fraction=test_fraction, seed=seed)
+    by_patient = cohort.patients()
+    return (sorted(s for p in train_p for s in by_patient[p]), sorted(s for p in test_p for s in by_patient[p]))
 
 
 def patient_key(patient_id: str, secret: bytes) -> str:

@@ -97,8 +97,8 @@ def measure_tumors(
         return []
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     slices = ndimage.find_objects(instances, max_label=int(max(ids)))
-    counts = ndimage.sum_labels(np.ones_like(instances, dtype=np.float64), instances, index=ids)
-    centers = ndimage.center_of_mass(np.ones_like(instances, dtype=np.float32), instances, index=ids)
+    counts = np.bincount(instances.ravel(), minlength=max(ids) + 1)[ids]
+    centers = ndimage.center_of_mass(np.ones(instances.shape, dtype=np.float32), instances, index=ids)
     g_affine = affine if grid_affine is None else grid_affine
     g_shape = instances.shape if grid_shape is None else grid_shape
     out = []
