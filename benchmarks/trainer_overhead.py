@@ -1,6 +1,6 @@
 """Ray Train + DeepSpeed (1 worker) versus a bare single-process PyTorch loop, same model, batch and data.
 
-    .venv/bin/python benchmarks/trainer_overhead.py [--config configs/demo.yaml] [--steps 40] [--threads 2]
+    .venv/bin/python benchmarks/trainer_overhead.py [--config configs/demo.yaml] [--steps 60] [--threads all,1]
 
 Both train the config's model on the same synthetic cohort, the same patch stream (trainer.data,
 same seeds) and the same number of threads, with the tuned allocator. Printed, measured in this run:
@@ -8,12 +8,17 @@ steps/s and samples/s of each (median and best of several blocks: Ray workers on
 vary by +-20 % from run to run), their ratio (goal: the trainer at most 1.10x slower), the trainer's
 data-wait share of step time (goal <= 10 %) and its peak RSS. Timing excludes the first epoch
 (warm-up, cache build) for both.
+
+Two settings by default: every CPU of the machine used by the training threads (on a 2-vCPU machine
+Ray's own dozen processes and service threads then preempt training), and 1 thread, which leaves
+the rest of the machine to Ray, as a Ray node is normally sized.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -57,36 +62,29 @@ def bare_loop(cfg, manifest: str, warmup: int, steps: int, blocks: int) -> list[
     return rates
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--steps", type=int, default=60, help="steps per timed block (and per trainer epoch)")
-    p.add_argument("--blocks", type=int, default=3, help="timed blocks per side (bare: before and after)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--patients", type=int, default=16)
-    args = p.parse_args()
-    tune_cpu_allocator()
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        base = load_config(args.config)
-        raw = apply_overrides(base.raw, [
-            f"phantom.patients={args.patients}", f"train.epochs={1 + args.blocks}",
-            f"train.batches_per_epoch={args.steps}",
-            "train.val_every=1000", "train.checkpoint_every=1000", f"train.cache_dir={tmp}/cache",
-            "distributed.workers=1", f"distributed.cpus_per_worker={args.threads}",
-            f"distributed.storage_path={tmp}/runs", "distributed.zero_stage=0"])
-        cfg = config_from_dict(raw, source=args.config)
+def compare(args, threads: int, tmp: str, manifest: str | None) -> tuple[dict, str]:
+    """One bare-vs-trainer comparison with `threads` threads on each side; returns its figures."""
+    torch.set_num_threads(threads)
+    base = load_config(args.config)
+    raw = apply_overrides(base.raw, [
+        f"name=bench{threads}", f"phantom.patients={args.patients}", f"train.epochs={1 + args.blocks}",
+        f"train.batches_per_epoch={args.steps}",
+        "train.val_every=1000", "train.checkpoint_every=1000", f"train.cache_dir={tmp}/cache",
+        "distributed.workers=1", f"distributed.cpus_per_worker={threads}",
+        f"distributed.storage_path={tmp}/runs", "distributed.zero_stage=0"])
+    cfg = config_from_dict(raw, source=args.config)
+    if manifest is None:
         manifest = str(generate_cohort(cfg.phantom, Path(tmp) / "cohort", log=lambda *_: None))
-        before = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps, blocks=args.blocks)
-        from trainer.launch import run_training
+    before = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps, blocks=args.blocks)
+    import ray
 
-        summary = run_training(cfg, manifest=manifest, run_name="bench")
-        recs = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-        timed = recs[1:]  # epochs after the first (warm-up, cache build)
-        import ray
+    from trainer.launch import run_training
 
-        ray.shutdown()
-        after = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps, blocks=args.blocks)
+    summary = run_training(cfg, manifest=manifest)
+    recs = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    timed = recs[1:]  # epochs after the first (warm-up, cache build)
+    ray.shutdown()
+    after = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps, blocks=args.blocks)
     # the bare loop runs before and after the trainer (slow drifts of the machine cancel); each side
     # is summarized by its median and its best block (blocks of `steps` steps)
     bare_rates = before + after
@@ -94,8 +92,8 @@ def main() -> None:
     bare = {"median": statistics.median(bare_rates), "best": max(bare_rates)}
     ours = {"median": statistics.median(ours_rates), "best": max(ours_rates)}
     b = cfg.train.batch_size
-    print(f"config {args.config}: C = {cfg.model.channels}, {cfg.train.patch_size}^3 patches, batch "
-          f"{cfg.train.batch_size}, {args.threads} threads, blocks of {args.steps} steps")
+    print(f"\n{threads} thread(s) on each side, {os.cpu_count()} CPUs in the machine; config {args.config}: "
+          f"C = {cfg.model.channels}, {cfg.train.patch_size}^3 patches, batch {b}, blocks of {args.steps} steps")
     for name, r in (("bare PyTorch loop", bare), ("Ray Train + DeepSpeed", ours)):
         print(f"{name:22s} : median {r['median'] / b:.2f} steps/s = {r['median']:.2f} samples/s; "
               f"best block {r['best'] / b:.2f} steps/s = {r['best']:.2f} samples/s")
@@ -106,7 +104,27 @@ def main() -> None:
     print(f"data-wait share        : {100 * max(r['data_wait_share'] for r in timed):.1f} % of step time at most "
           f"(goal <= 10 %)")
     print(f"peak RSS of the worker : {timed[-1]['peak_rss_gib']:.2f} GiB; torch threads in the worker: "
-          f"{timed[-1]['torch_threads']}")
+          f"{timed[-1]['torch_threads']}; MALLOC_ARENA_MAX in the worker: {timed[-1]['malloc_arena_max']}")
+    return {"threads": threads, "ratio_median": bare["median"] / ours["median"]}, manifest
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--steps", type=int, default=60, help="steps per timed block (and per trainer epoch)")
+    p.add_argument("--blocks", type=int, default=3, help="timed blocks per side (bare: before and after)")
+    p.add_argument("--threads", default="all,1",
+                   help="comma-separated thread counts to compare at ('all' = every CPU of the machine)")
+    p.add_argument("--patients", type=int, default=16)
+    args = p.parse_args()
+    tune_cpu_allocator()
+    counts = [os.cpu_count() if t.strip() == "all" else int(t) for t in args.threads.split(",")]
+    rows, manifest = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            row, manifest = compare(args, n, tmp, manifest)
+            rows.append(row)
+    print("\nsummary: " + "; ".join(f"{r['threads']} thread(s): {r['ratio_median']:.3f}x" for r in rows))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def test_overrides_apply_and_are_typed():
         ("data:\n  test_fraction: 1.5\n", r"data\.test_fraction"),
         ("tasks:\n  tumor_type: [a]\n", r"task 'tumor_type': needs at least 2 classes"),
         ("a: [\n", "not valid YAML"),
+        ("distributed:\n  worker_env: {NCCL_DEBUG: [INFO]}\n", r"worker_env\.NCCL_DEBUG: expected a string"),
+        ("distributed:\n  worker_env: [NCCL_DEBUG]\n", r"worker_env: expected Mapping\[str, str\], got a list"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path, text, match):
@@ -72,3 +74,30 @@ def test_train_refuses_more_workers_than_training_scans(small_cohort):
         run_training(cfg, manifest=small_cohort)
     with pytest.raises(InputError, match="manifest not found"):
         run_training(cfg, manifest=small_cohort.parent / "none.csv")
+
+
+def test_worker_env_reaches_the_trainer_after_the_allocator_settings(monkeypatch, small_cohort):
+    import ray
+    import ray.train.torch
+
+    from trainer.launch import run_training
+    from tumornet.runtime import ALLOCATOR_ENV
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(*args, run_config, **kwargs):
+        seen.update(run_config.worker_runtime_env)
+        raise Stop
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", fake_trainer)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray is started
+    cfg = load_config(CONFIGS / "demo.yaml", ["distributed.workers=1", "data.spacing_mm=4.0",
+                                               "distributed.worker_env={NCCL_DEBUG: INFO, MALLOC_ARENA_MAX: 4}"])
+    assert cfg.distributed.worker_env == {"NCCL_DEBUG": "INFO", "MALLOC_ARENA_MAX": "4"}
+    with pytest.raises(Stop):
+        run_training(cfg, manifest=small_cohort)
+    assert seen["env_vars"] == {**ALLOCATOR_ENV, "NCCL_DEBUG": "INFO", "MALLOC_ARENA_MAX": "4"}
+    assert ALLOCATOR_ENV["MALLOC_ARENA_MAX"] == "1" and ALLOCATOR_ENV["MALLOC_MMAP_MAX_"] == "0"

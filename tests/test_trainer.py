@@ -66,6 +66,7 @@ def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, smal
     assert [r["step"] for r in recs] == [3, 6, 9]
     assert recs[-1]["train/loss"] < recs[0]["train/loss"]
     assert 0 <= recs[-1]["data_wait_share"] < 1 and recs[-1]["samples_per_s"] > 0
+    assert recs[-1]["malloc_arena_max"] == 1  # the allocator settings reached the worker processes
     assert {"val/dice", "val/loss", "val/acc_tumor_type"} <= set(recs[-1])
     assert any((Path(s["run_dir"]) / "tensorboard").iterdir())
     model, meta = load_model(s["model"])  # weights_only=True inside

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tumornet.config import Config, apply_overrides, config_from_dict
 from tumornet.errors import InputError
+from tumornet.runtime import ALLOCATOR_ENV
 
 
 def storage_root(cfg: Config) -> str:
@@ -54,7 +55,8 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=root, failure_config=FailureConfig(max_failures=d.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
     result = trainer.fit()
     summary = {"run": name, "run_dir": str(run_dir), "metrics": result.metrics,
@@ -62,6 +64,12 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
                "model": str(run_dir / "model.pt")}
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """Environment of the training worker processes: the CPU allocator settings (they only work
+    from process start), then the config's `distributed.worker_env`."""
+    return {**ALLOCATOR_ENV, **cfg.distributed.worker_env}
 
 
 def run_sweep(cfg: Config, *, manifest: str | Path, channels: list[int]) -> list[dict]:

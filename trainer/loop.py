@@ -177,7 +177,8 @@ def train_func(loop_config: dict) -> None:
                        "data_wait_share": red["wait_s"] / red["step_s"],
                        "samples_per_s": n * t.batch_size / (red["step_s"] / world),
                        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                       "torch_threads": torch.get_num_threads()}
+                       "torch_threads": torch.get_num_threads(),
+                       "malloc_arena_max": int(os.environ.get("MALLOC_ARENA_MAX", 0))}
             metrics.update({f"train/{_metric_name(k)}": red[k] / n for k in keys
                             if k not in ("wait_s", "step_s", "steps")})
             if (epoch + 1) % t.val_every == 0 or step + 1 == total:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,15 @@ class DistributedConfig:
     bf16: bool = False  # GPU only: CPU runs stay fp32
     storage_path: str = "runs"  # relative paths are made absolute; multi-node: shared storage or s3://
     max_failures: int = 2
+    # environment of every training worker process, on top of tumornet.runtime.ALLOCATOR_ENV
+    # (e.g. NCCL_DEBUG: INFO); values are strings
+    worker_env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key, value in self.worker_env.items():
+            if not key or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise InputError(f"distributed.worker_env.{key}: expected a string value, got {value!r}")
+        object.__setattr__(self, "worker_env", {k: str(v) for k, v in self.worker_env.items()})
         if self.workers < 1 or self.cpus_per_worker < 1 or self.grad_accum < 1:
             raise InputError("distributed: workers, cpus_per_worker and grad_accum must be >= 1")
         if self.zero_stage not in (0, 1, 2):
@@ -119,7 +127,8 @@ SECTIONS = {"data": DataConfig, "phantom": PhantomConfig, "model": NetConfig, "l
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:
     """Light type check against a dataclass field annotation; lists become tuples."""
-    hint = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    hint = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    hint = hint.replace("typing.", "").replace("collections.abc.", "")
     if isinstance(value, list):
         if "tuple" not in hint:
             raise InputError(f"{where}: expected {hint}, got a list")
