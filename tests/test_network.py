@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -82,6 +84,8 @@ def test_config_errors():
         NetConfig(norm="layer")
     with pytest.raises(InputError, match="channels and blocks"):
         NetConfig(channels=0)
+    with pytest.raises(InputError, match=r"model\.seg_prior: expected a probability in \[0, 1\), got 1\.5"):
+        NetConfig(seg_prior=1.5)
 
 
 def test_roi_pool_gradient_matches_autograd_of_slicing():
@@ -132,3 +136,19 @@ def test_bf16_training_step_on_gpu():
         opt.step()
         losses.append(float(t["total"]))
     assert out["seg"].dtype == torch.bfloat16 and losses[-1] < losses[0] / 2
+
+
+@pytest.mark.parametrize("seg_classes", [2, 4])
+def test_segmentation_starts_at_the_tumor_prior(seg_classes):
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16, 16)
+    p = {}
+    for prior in (0.0, 0.01):
+        net = MultitaskNet(NetConfig(channels=8, blocks=1, seg_classes=seg_classes, seg_prior=prior), DEFAULT_SCHEMA)
+        with torch.no_grad():
+            p[prior] = 1 - float(net(x, torch.tensor([[0, 2, 2, 2, 9, 9, 9]]))["seg"].softmax(1)[:, 0].mean())
+    bias = net.seg_head.conv2.bias
+    expected = math.log(0.01 / (seg_classes - 1) / 0.99)
+    assert float(bias[0]) == 0 and torch.allclose(bias[1:], torch.full((seg_classes - 1,), expected))
+    assert float(net.seg_head.skip.bias.abs().max()) == 0
+    assert p[0.01] < 0.05 < 0.3 < p[0.0]  # tumor probability at the start: about the prior vs about uniform

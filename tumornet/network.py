@@ -18,6 +18,7 @@ shows the encoder-decoder only); `skip: false` in the config removes it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,11 @@ class NetConfig:
     blocks: int = 3  # ResBlocks at 1/4 resolution
     norm: str = "batch"  # batch | instance | group
     seg_classes: int = 2  # background, tumor
+    # initial tumor probability of every voxel (the segmentation logits' biases start at this prior):
+    # tumors are 0.1-1 % of a patch, and from an even start short runs can settle on "no tumor
+    # anywhere" and stay there (measured: 64^3 demo patches, Dice 0.00 after 280 steps; 0.61 after
+    # 160 with the prior). 0 = PyTorch's default initialization.
+    seg_prior: float = 0.01
     in_channels: int = 1
     skip: bool = True
     channels_last: bool = True  # channels_last_3d memory format: 1.5-2x faster convolutions on CPU
@@ -45,6 +51,8 @@ class NetConfig:
             raise InputError(f"model: channels and blocks must be >= 1, got {self.channels}, {self.blocks}")
         if self.norm not in ("batch", "instance", "group"):
             raise InputError(f"model.norm: expected batch, instance or group, got {self.norm!r}")
+        if not 0 <= self.seg_prior < 1:
+            raise InputError(f"model.seg_prior: expected a probability in [0, 1), got {self.seg_prior}")
 
     @property
     def c_stem(self) -> int:
@@ -167,6 +175,17 @@ def roi_pool(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return _RoiMaxPool.apply(features, boxes)
 
 
+@torch.no_grad()
+def init_prior(head: ResBlock, prior: float) -> None:
+    """Start a head's softmax at P(background) = 1 - prior, the rest shared by the tumor classes
+    (the prior-probability initialization of Lin et al., "Focal Loss for Dense Object Detection")."""
+    n = head.conv2.bias.numel()
+    head.conv2.bias.zero_()
+    head.conv2.bias[1:] = math.log(prior / (n - 1)) - math.log(1 - prior)
+    if isinstance(head.skip, nn.Conv3d) and head.skip.bias is not None:
+        head.skip.bias.zero_()
+
+
 class MultitaskNet(nn.Module):
     def __init__(self, cfg: NetConfig, schema: LabelSchema):
         super().__init__()
@@ -175,6 +194,8 @@ class MultitaskNet(nn.Module):
         self.backbone = Backbone(cfg)
         self.seg_head = ResBlock(cfg.channels, cfg.seg_classes, cfg.norm, head=True)
         self.task_heads = nn.ModuleDict({t.name: nn.Linear(cfg.channels, t.n_classes) for t in schema.tasks})
+        if cfg.seg_prior > 0:
+            init_prior(self.seg_head, cfg.seg_prior)
         self.memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)  # weights too: contiguous weights cost 1.4x a step
 
