@@ -73,6 +73,15 @@ def cmd_sweep(args) -> None:
     print(format_sweep(run_sweep(cfg, manifest=_manifest(cfg, args.manifest), channels=channels)))
 
 
+def cmd_embed(args) -> None:
+    from embedder.job import run_embedding
+
+    report = run_embedding(manifest=args.manifest, model_path=args.model, out_dir=args.out,
+                           secret_file=args.secret_file, workers=args.workers, threads_per_worker=args.threads,
+                           scans_per_shard=args.scans_per_shard, spacing_mm=args.spacing, patch_size=args.patch)
+    print(json.dumps(report, indent=2))
+
+
 def cmd_demo(args) -> None:
     import shutil
 
@@ -145,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--channels", default="16,32,64,96")
     sp.add_argument("--manifest")
     sp.set_defaults(func=cmd_sweep)
+
+    sp = sub.add_parser("embed", help="Ray Data: embed every tumor of an archive into Parquet shards (incremental)")
+    sp.add_argument("--model", required=True, help="model.pt exported by training")
+    sp.add_argument("--manifest", required=True, help="the archive's manifest (CSV / Parquet)")
+    sp.add_argument("--out", required=True, help="folder of the embedding shards (re-runs add to it)")
+    sp.add_argument("--secret-file", required=True, help="the site's key for patient_key hashes (>= 16 bytes)")
+    sp.add_argument("--workers", type=int, default=2, help="Ray Data actors (each loads the model once)")
+    sp.add_argument("--threads", type=int, default=1, help="CPUs (torch threads) per actor")
+    sp.add_argument("--scans-per-shard", type=int, default=8)
+    sp.add_argument("--spacing", type=float, help="working voxel size in mm (default: the model's training spacing)")
+    sp.add_argument("--patch", type=int, help="patch size in voxels (default: the model's training patch size)")
+    sp.set_defaults(func=cmd_embed)
 
     sp = with_config(sub.add_parser("demo", help="end to end on the synthetic cohort"))
     sp.add_argument("--out", default="outputs/demo")

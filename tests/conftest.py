@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -79,3 +82,24 @@ def small_cohort(tmp_path_factory) -> Path:
     """A 4 mm synthetic cohort shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("cohort")
     return generate_cohort(PhantomConfig(patients=24, seed=3, spacing_mm=4.0, workers=2), out, log=lambda *_: None)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY_PORT, DASHBOARD_PORT = "6391", "8271"
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """One local Ray head (cluster/local.sh) for every Ray test of the run; its own temp dir and ports."""
+    import ray
+
+    temp = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # one auth mode for the head, this client and job submit
+    env = {**os.environ, "RAY": str(Path(sys.executable).parent / "ray"), "NUM_CPUS": "2", "RAY_PORT": RAY_PORT,
+           "DASHBOARD_PORT": DASHBOARD_PORT}
+    subprocess.run([str(ROOT / "cluster" / "local.sh"), "start", str(temp)], env=env, check=True,
+                   capture_output=True, timeout=180)
+    ray.init(address=f"127.0.0.1:{RAY_PORT}")
+    yield env
+    ray.shutdown()
+    subprocess.run([str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)

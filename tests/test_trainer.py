@@ -1,39 +1,19 @@
 """Ray Train + DeepSpeed on CPU, against a real local Ray head (marked ray + slow)."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import DASHBOARD_PORT
 from tumornet.config import load_config
 from tumornet.export import load_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
-RAY_PORT, DASHBOARD_PORT = "6391", "8271"
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    import ray
-
-    temp = tmp_path_factory.mktemp("ray")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # one auth mode for the head, this client and job submit
-    env = {**os.environ, "RAY": str(Path(sys.executable).parent / "ray"), "NUM_CPUS": "2", "RAY_PORT": RAY_PORT,
-           "DASHBOARD_PORT": DASHBOARD_PORT}
-    subprocess.run([str(ROOT / "cluster" / "local.sh"), "start", str(temp)], env=env, check=True,
-                   capture_output=True, timeout=180)
-    ray.init(address=f"127.0.0.1:{RAY_PORT}")
-    yield env
-    ray.shutdown()
-    subprocess.run([str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)
-
-
 def _config(tmp_path, small_cohort, name, **train):
     raw = {
         "name": name,

@@ -205,4 +205,5 @@ def train_func(loop_config: dict) -> None:
         final.load_state_dict({k: (v.float() if v.is_floating_point() else v).cpu()
                                for k, v in engine.module.state_dict().items()})
         spacing = [float(v) for v in np.broadcast_to(cfg.data.spacing_mm, 3)]
-        export_model(final, run_dir / "model.pt", extra={"spacing_mm": spacing, "steps": total, "run": run_dir.name})
+        extra = {"spacing_mm": spacing, "patch_size": t.patch_size, "steps": total, "run": run_dir.name}
+        export_model(final, run_dir / "model.pt", extra=extra)

@@ -219,11 +219,16 @@ def split_scan_ids(cohort: Cohort, *, test_fraction: float = 0.2, seed: int = 0)
     return (sorted(s for p in train_p for s in by_patient[p]), sorted(s for p in test_p for s in by_patient[p]))
 
 
-def patient_key(patient_id: str, secret: bytes) -> str:
-    """Keyed hash of a patient id (HMAC-SHA256, 16 hex chars): what outputs carry instead of the id."""
+def keyed_id(identifier: str, secret: bytes) -> str:
+    """Keyed hash of an identifier (HMAC-SHA256, 16 hex chars): what outputs carry instead of a patient
+    or scan id (scan ids usually contain the patient's). The site, holding the secret, maps back."""
     if not secret:
-        raise InputError("patient_key: the site secret is empty")
-    return hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+        raise InputError("keyed_id: the site secret is empty")
+    return hmac.new(secret, identifier.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+def patient_key(patient_id: str, secret: bytes) -> str:
+    return keyed_id(patient_id, secret)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -87,6 +87,14 @@ def _inside_patch(box, size: int) -> np.ndarray:
     return make_box(lo, np.clip(box_hi(box), lo + 1, size))
 
 
+def centred_patch(image: np.ndarray, bbox, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The deterministic patch around one box (as for validation) -> (image (1, P, P, P) float32,
+    the box in patch coordinates)."""
+    origin = patch_origin(bbox, image.shape, size, None)
+    img = crop(image, origin, size, float(image.min()))
+    return img[None].astype(np.float32), _inside_patch(shift_box(bbox, -origin), size)
+
+
 def make_sample(image: np.ndarray, instances: np.ndarray, tumors: Sequence[TumorBox], index: int, size: int,
                 rng: np.random.Generator | None, tasks: Sequence[str], augment: Augment | None = None) -> Sample:
     """The patch around tumor `index` of a scan (rng None: centred, deterministic, no augmentation)."""

@@ -1,0 +1,1 @@
+"""Archive embedding: manifest -> tumors -> RoiPool embeddings -> Parquet shards (Ray Data)."""

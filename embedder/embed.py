@@ -1,0 +1,64 @@
+"""One scan -> one embedding row per tumor. Pure torch / numpy (the Ray job calls it per scan).
+
+The scan is resampled to the model's training spacing; each tumor gets the patch the network was
+trained on (centred on the tumor, the training patch size, enlarged to hold a bigger tumor whole),
+and its embedding is the RoiPool vector over the tumor's box in that patch (the paper's retrieval
+vector); the task heads give the predicted labels from the same vector.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from tumornet.boxes import box_hi, box_lo
+from tumornet.cohort import ManifestRow, keyed_id, load_scan, patient_key
+from tumornet.network import MultitaskNet
+from tumornet.patches import centred_patch
+
+
+def source_hash(rows: Sequence[ManifestRow]) -> str:
+    """sha256 over the scan's image and mask file contents (what decides a re-embedding)."""
+    h = hashlib.sha256()
+    for path in (rows[0].image, rows[0].mask):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def patch_size_for(bbox: np.ndarray, trained: int) -> int:
+    """The training patch size, or the tumor's largest extent + 8 voxels of context, rounded up to x4."""
+    need = int(np.max(box_hi(bbox) - box_lo(bbox))) + 8
+    return max(trained, -(-need // 4) * 4)
+
+
+@torch.no_grad()
+def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], *, spacing_mm, patch_size: int,
+               secret: bytes, file_hash: str | None = None) -> list[dict]:
+    """Rows (one scan_id) of a manifest -> shard rows (see embedder.shards.shard_schema)."""
+    scan = load_scan(rows, spacing_mm=spacing_mm)
+    image = scan.volume.array
+    tasks = list(model.schema.names)
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    common = {"scan_key": keyed_id(rows[0].scan_id, secret), "patient_key": patient_key(rows[0].patient_id, secret),
+              "model_id": model_id, "source_hash": file_hash or source_hash(rows), "embedded_at": now}
+    model.eval()
+    out = []
+    for t in scan.tumors:
+        patch, box = centred_patch(image, t.bbox, patch_size_for(t.bbox, patch_size))
+        boxes = torch.from_numpy(np.concatenate([[0], box])[None].astype(np.int64))
+        res = model(torch.from_numpy(patch[None]).to(model.device), boxes.to(model.device))
+        row = dict(common, tumor_id=t.tumor_id, source="mask", bbox=t.bbox.astype(int).tolist(),
+                   bbox_mm=t.bbox_mm.astype(float).tolist(), centroid_mm=t.centroid_mm.astype(float).tolist(),
+                   volume_ml=float(t.volume_ml), size_mm=float(t.size_mm),
+                   embedding=res["embedding"][0].float().cpu().tolist())
+        for k in tasks:
+            row[f"label_{k}"] = int(t.labels.get(k, -1))
+            row[f"pred_{k}"] = int(res["tasks"][k][0].argmax())
+        out.append(row)
+    return out

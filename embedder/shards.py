@@ -1,0 +1,83 @@
+"""Embedding shards: plain Parquet that DuckDB, pyarrow or pandas read without Ray.
+
+One row per tumor. The embedding is `fixed_size_list<float32>[C]` (not Ray's tensor extension);
+boxes and centroids are fixed-size lists too. No raw patient id: `patient_key` and `scan_key` are
+keyed hashes (tumornet.cohort.keyed_id; scan ids usually contain the patient id).
+Shards are written whole (temp file + rename), so a crash never leaves a partial shard, and a
+re-run finds exactly what was done.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tumornet.errors import InputError
+
+
+def shard_schema(channels: int, tasks: Sequence[str]) -> pa.Schema:
+    return pa.schema(
+        [("scan_key", pa.string()), ("patient_key", pa.string()), ("tumor_id", pa.int32()),
+         ("source", pa.string()),  # mask | predicted
+         ("bbox", pa.list_(pa.int32(), 6)),  # voxel box on the model's working grid, half-open
+         ("bbox_mm", pa.list_(pa.float32(), 6)), ("centroid_mm", pa.list_(pa.float32(), 3)),
+         ("volume_ml", pa.float32()), ("size_mm", pa.float32())]  # size: equivalent-sphere diameter
+        + [(f"label_{t}", pa.int16()) for t in tasks]  # the manifest's label, -1 missing
+        + [(f"pred_{t}", pa.int16()) for t in tasks]  # the model's prediction
+        + [("embedding", pa.list_(pa.float32(), channels)), ("model_id", pa.string()),
+           ("source_hash", pa.string()),  # sha256 of the image and mask files
+           ("embedded_at", pa.timestamp("s", tz="UTC"))]
+    )
+
+
+def write_shard(rows: list[dict], path: Path, schema: pa.Schema) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def shard_files(out_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(out_dir).glob("*.parquet") if not p.name.startswith(".tmp-"))
+
+
+def read_embeddings(out_dir: str | Path, *, model_id: str | None = None, latest: bool = True) -> pa.Table:
+    """All shards of `out_dir` as one table (optionally one model's rows only). latest: a scan
+    re-embedded after its files changed keeps only its newest rows."""
+    files = shard_files(Path(out_dir))
+    if not files:
+        raise InputError(f"{out_dir}: no embedding shards (*.parquet)")
+    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    if model_id is not None:
+        table = table.filter(pa.compute.equal(table["model_id"], model_id))
+    if latest and table.num_rows:
+        newest: dict[tuple[str, str], object] = {}
+        for scan, mid, at in zip(*(table[c].to_pylist() for c in ("scan_key", "model_id", "embedded_at")), strict=True):
+            if newest.get((scan, mid)) is None or at > newest[(scan, mid)]:
+                newest[(scan, mid)] = at
+        keep = [newest[(s, m)] == a for s, m, a in
+                zip(*(table[c].to_pylist() for c in ("scan_key", "model_id", "embedded_at")), strict=True)]
+        table = table.filter(pa.array(keep))
+    return table
+
+
+def done_scans(out_dir: str | Path, model_id: str) -> set[tuple[str, str]]:
+    """(scan_key, source_hash) pairs that `model_id` has already embedded into `out_dir`."""
+    done: set[tuple[str, str]] = set()
+    for f in shard_files(Path(out_dir)):
+        t = pq.read_table(f, columns=["scan_key", "model_id", "source_hash"])
+        for scan, mid, h in zip(*(t[c].to_pylist() for c in ("scan_key", "model_id", "source_hash")), strict=True):
+            if mid == model_id:
+                done.add((scan, h))
+    return done

@@ -1,0 +1,155 @@
+"""Archive embedding: per-scan rows, the shard format, and the Ray Data job (marked ray + slow)."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embedder.embed import embed_scan, patch_size_for
+from embedder.job import read_secret, run_embedding
+from embedder.shards import read_embeddings, shard_files, shard_schema, write_shard
+from tumornet.cohort import keyed_id, load_scan, patient_key, read_manifest
+from tumornet.errors import InputError
+from tumornet.export import export_model
+from tumornet.labels import DEFAULT_SCHEMA
+from tumornet.network import MultitaskNet, NetConfig
+from tumornet.patches import centred_patch
+
+SECRET = b"0123456789abcdef-site-key"
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA).eval()
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.pt"
+    mid = export_model(_model(), path, extra={"spacing_mm": [4.0, 4.0, 4.0], "patch_size": 16})
+    return path, mid
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    p = tmp_path / "site.key"
+    p.write_bytes(SECRET)
+    return p
+
+
+def test_embed_scan_gives_the_roipool_vector_of_each_tumor(small_cohort):
+    cohort = read_manifest(small_cohort)
+    rows = next(r for r in cohort.scans().values() if len(r) > 1)  # a scan with several tumors
+    model = _model()
+    out = embed_scan(model, "m1", rows, spacing_mm=4.0, patch_size=16, secret=SECRET)
+    scan = load_scan(rows, spacing_mm=4.0)
+    assert [r["tumor_id"] for r in out] == [t.tumor_id for t in scan.tumors] and len(out) == len(rows)
+    for r, t in zip(out, scan.tumors, strict=True):
+        patch, box = centred_patch(scan.volume.array, t.bbox, patch_size_for(t.bbox, 16))
+        expected = model.embed(patch, box)[0]
+        assert np.allclose(r["embedding"], expected.numpy(), atol=1e-5) and len(r["embedding"]) == 8
+        assert r["bbox"] == t.bbox.tolist() and r["size_mm"] == pytest.approx(t.size_mm)
+        assert all(0 <= r[f"pred_{k}"] < DEFAULT_SCHEMA[k].n_classes for k in DEFAULT_SCHEMA.names)
+        assert r["label_tumor_type"] == t.labels.get("tumor_type", -1)
+    assert out[0]["patient_key"] == patient_key(rows[0].patient_id, SECRET) != rows[0].patient_id
+    assert out[0]["scan_key"] == keyed_id(rows[0].scan_id, SECRET) != out[0]["patient_key"]
+    assert len(out[0]["source_hash"]) == 64 and out[0]["model_id"] == "m1" and out[0]["source"] == "mask"
+
+
+def test_patch_grows_to_hold_a_large_tumor():
+    assert patch_size_for(np.array([0, 0, 0, 10, 5, 5]), 16) == 20
+    assert patch_size_for(np.array([0, 0, 0, 4, 4, 4]), 16) == 16
+
+
+def _row(scan, at, value, c=4):
+    tasks = DEFAULT_SCHEMA.names
+    return {"scan_key": scan, "patient_key": "k", "tumor_id": 1, "source": "mask", "bbox": [0, 0, 0, 1, 1, 1],
+            "bbox_mm": [0.0] * 6, "centroid_mm": [0.0] * 3, "volume_ml": 1.0, "size_mm": 12.4,
+            **{f"label_{t}": -1 for t in tasks}, **{f"pred_{t}": 0 for t in tasks},
+            "embedding": [value] * c, "model_id": "m", "source_hash": "h", "embedded_at": at}
+
+
+def test_shards_are_plain_arrow_and_keep_the_newest_rows_of_a_scan(tmp_path):
+    import datetime
+
+    t0 = datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC)
+    t1 = t0 + datetime.timedelta(days=1)
+    schema = shard_schema(4, DEFAULT_SCHEMA.names)
+    write_shard([_row("a", t0, 1.0), _row("b", t0, 2.0)], tmp_path / "s1.parquet", schema)
+    write_shard([_row("a", t1, 3.0)], tmp_path / "s2.parquet", schema)
+    raw = pq.read_table(tmp_path / "s1.parquet")
+    assert raw.schema.field("embedding").type == pa.list_(pa.float32(), 4)  # fixed_size_list, no Ray extension
+    assert b"ray" not in json.dumps(str(raw.schema.metadata)).encode().lower()
+    t = read_embeddings(tmp_path)
+    got = dict(zip(t["scan_key"].to_pylist(), [e[0] for e in t["embedding"].to_pylist()], strict=True))
+    assert got == {"a": 3.0, "b": 2.0} and read_embeddings(tmp_path, latest=False).num_rows == 3
+    with pytest.raises(pa.ArrowInvalid):
+        write_shard([_row("c", t0, 1.0, c=5)], tmp_path / "bad.parquet", schema)  # wrong embedding size
+    assert shard_files(tmp_path) == [tmp_path / "s1.parquet", tmp_path / "s2.parquet"]  # nothing half-written
+    with pytest.raises(InputError, match="no embedding shards"):
+        read_embeddings(tmp_path / "none")
+
+
+def test_secret_file_errors(tmp_path):
+    with pytest.raises(InputError, match="secret file not found"):
+        read_secret(tmp_path / "missing.key")
+    (tmp_path / "short.key").write_text("abc\n")
+    with pytest.raises(InputError, match=r"short\.key: the secret is 3 bytes; at least 16"):
+        read_secret(tmp_path / "short.key")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, small_cohort, model_file, secret_file):
+    archive = tmp_path / "archive"
+    shutil.copytree(small_cohort.parent, archive)
+    manifest = archive / small_cohort.name
+    cohort = read_manifest(manifest)
+    n_tumors = sum(len(r) for r in cohort.scans().values())
+    out = tmp_path / "emb"
+    path, mid = model_file
+    kw = dict(manifest=manifest, model_path=path, out_dir=out, secret_file=secret_file, workers=2,
+              scans_per_shard=8, log=lambda *_: None)
+
+    first = run_embedding(**kw)
+    assert (first["embedded"], first["unchanged"], first["failed"]) == (len(cohort.scans()), 0, 0)
+    assert first["tumors_embedded"] == n_tumors and len(shard_files(out)) == -(-len(cohort.scans()) // 8)
+    table = read_embeddings(out, model_id=mid)
+    assert table.num_rows == n_tumors and table.schema.field("embedding").type == pa.list_(pa.float32(), 8)
+    # the same numbers as embedding one scan directly
+    scan_id = sorted(cohort.scans())[0]
+    direct = embed_scan(_model(), mid, cohort.scans()[scan_id], spacing_mm=4.0, patch_size=16, secret=SECRET)
+    rows = [r for r in table.to_pylist() if r["scan_key"] == keyed_id(scan_id, SECRET)]
+    assert len(rows) == len(direct)
+    assert np.allclose(rows[0]["embedding"], direct[0]["embedding"], atol=1e-5)
+    # no raw patient or scan id in any output file
+    ids = {i for rs in cohort.scans().values() for r in rs for i in (r.patient_id, r.scan_id)}
+    blob = b"".join(p.read_bytes() for p in out.iterdir())
+    assert not any(i.encode() in blob for i in ids)
+
+    # the nightly re-run: nothing changed, nothing embedded again
+    again = run_embedding(**kw)
+    assert (again["embedded"], again["unchanged"], again["failed"]) == (0, len(cohort.scans()), 0)
+    assert len(shard_files(out)) == -(-len(cohort.scans()) // 8)
+
+    # one scan's image is corrupted, another's replaced: the first is recorded, the second re-embedded
+    scans = sorted(cohort.scans())
+    bad, changed = cohort.scans()[scans[0]][0], cohort.scans()[scans[1]][0]
+    bad.image.write_bytes(b"not a nifti")
+    img = nib.load(changed.image)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 1.5, img.affine, img.header), changed.image)
+    third = run_embedding(**kw)
+    assert (third["embedded"], third["unchanged"], third["failed"]) == (1, len(cohort.scans()) - 2, 1)
+    errors = [json.loads(x) for x in (out / "embed-errors.jsonl").read_text().splitlines()]
+    assert [e["scan_key"] for e in errors] == [keyed_id(scans[0], SECRET)]
+    assert errors[0]["manifest_rows"] == [r.row for r in cohort.scans()[scans[0]]]
+    assert "<image>" in errors[0]["error"] and str(archive) not in errors[0]["error"]
+    latest = read_embeddings(out, model_id=mid)
+    assert latest.num_rows == n_tumors  # the re-embedded scan's old rows are superseded
+    hashes = zip(latest["scan_key"].to_pylist(), latest["source_hash"].to_pylist(), strict=True)
+    assert len({h for s, h in hashes if s == keyed_id(scans[1], SECRET)}) == 1
