@@ -82,9 +82,21 @@ def cmd_embed(args) -> None:
     print(json.dumps(report, indent=2))
 
 
+def _demo_secret(path: Path) -> Path:
+    """The demo's site key (a real site keeps its own, outside the outputs)."""
+    import secrets
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path
+
+
 def cmd_demo(args) -> None:
     import shutil
 
+    from embedder.job import run_embedding
     from trainer.launch import run_training
     from tumornet.cohort import read_manifest
     from tumornet.config import apply_overrides, config_from_dict, load_config
@@ -94,10 +106,10 @@ def cmd_demo(args) -> None:
     cfg = load_config(args.config, args.set)
     out = Path(args.out).resolve()
     t0 = time.perf_counter()
-    print(f"[1/3] synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.spacing_mm} mm -> {out / 'cohort'}")
+    print(f"[1/4] synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.spacing_mm} mm -> {out / 'cohort'}")
     manifest = generate_cohort(cfg.phantom, out / "cohort")
     cohort = read_manifest(manifest, cfg.tasks)
-    print("[2/3] cohort summary")
+    print("[2/4] cohort summary")
     s = summarize(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     print(format_summary(s))
@@ -105,13 +117,18 @@ def cmd_demo(args) -> None:
     shutil.rmtree(runs / cfg.name, ignore_errors=True)  # the demo always trains from scratch
     cfg = config_from_dict(apply_overrides(cfg.raw, [f"distributed.storage_path={runs}"]), source=args.config)
     d, t = cfg.distributed, cfg.train
-    print(f"[3/3] training: Ray Train + DeepSpeed, {d.workers} CPU workers, {t.epochs} epochs x "
+    print(f"[3/4] training: Ray Train + DeepSpeed, {d.workers} CPU workers, {t.epochs} epochs x "
           f"{t.batches_per_epoch} batches x {t.batch_size}, {t.patch_size}^3 patches, C = {cfg.model.channels}")
     summary = run_training(cfg, manifest=manifest)
     last = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
     print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith(("val/", "train/loss"))
                                  and isinstance(v, float)))
     print(f"model: {summary['model']}")
+    print("[4/4] archive embedding: Ray Data -> Parquet shards (incremental; the whole synthetic archive)")
+    emb = out / "embeddings"
+    shutil.rmtree(emb, ignore_errors=True)
+    run_embedding(manifest=manifest, model_path=summary["model"], out_dir=emb,
+                  secret_file=_demo_secret(out / "site.key"), workers=d.workers, threads_per_worker=d.cpus_per_worker)
     print(f"demo done in {time.perf_counter() - t0:.0f} s; outputs under {out}")
 
 

@@ -127,7 +127,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         runtime_env={"env_vars": ALLOCATOR_ENV},
     ).take_all()
     failed = [r for r in results if r["status"] == "failed"]
-    with open(out / "embed-errors.jsonl", "a") as f:
+    with open(out / "embed-errors.jsonl", "a") if failed else open(os.devnull, "w") as f:
         for r in failed:
             rows = [m.row for m in scans[r["scan_id"]]]
             rec = {"run": stamp, "scan_key": keyed_id(r["scan_id"], secret), "manifest_rows": rows, "error": r["error"]}

@@ -153,3 +153,16 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert latest.num_rows == n_tumors  # the re-embedded scan's old rows are superseded
     hashes = zip(latest["scan_key"].to_pylist(), latest["source_hash"].to_pylist(), strict=True)
     assert len({h for s, h in hashes if s == keyed_id(scans[1], SECRET)}) == 1
+
+
+def test_embed_command_names_bad_input(tmp_path, small_cohort, model_file, secret_file, capsys):
+    from ray_job import main
+
+    path, _ = model_file
+    base = ["embed", "--manifest", str(small_cohort), "--out", str(tmp_path / "o")]
+    assert main([*base, "--model", str(tmp_path / "none.pt"), "--secret-file", str(secret_file)]) == 2
+    assert "none.pt: model file not found" in capsys.readouterr().err
+    assert main([*base, "--model", str(path), "--secret-file", str(tmp_path / "no.key")]) == 2
+    assert "no.key: secret file not found" in capsys.readouterr().err
+    assert main([*base, "--model", str(path), "--secret-file", str(secret_file), "--workers", "0"]) == 2
+    assert "workers, threads per worker and scans per shard must be >= 1" in capsys.readouterr().err
