@@ -82,6 +82,24 @@ def cmd_embed(args) -> None:
     print(json.dumps(report, indent=2))
 
 
+def cmd_evaluate(args) -> None:
+    from embedder.job import read_secret
+    from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
+    from tumornet.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        raise InputError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
+    if args.k < 1 or min(ks) < 1:
+        raise InputError("--k and --ks: K must be >= 1")
+    res = evaluate(args.embeddings, args.manifest, read_secret(args.secret_file), cfg, k=args.k, ks=ks,
+                   model_id=args.model_id)
+    write_evaluation(res, args.out or Path(args.embeddings) / "evaluation.json")
+    print(format_evaluation(res))
+
+
 def _demo_secret(path: Path) -> Path:
     """The demo's site key (a real site keeps its own, outside the outputs)."""
     import secrets
@@ -96,7 +114,8 @@ def _demo_secret(path: Path) -> Path:
 def cmd_demo(args) -> None:
     import shutil
 
-    from embedder.job import run_embedding
+    from embedder.job import read_secret, run_embedding
+    from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
     from trainer.launch import run_training
     from tumornet.cohort import read_manifest
     from tumornet.config import apply_overrides, config_from_dict, load_config
@@ -106,10 +125,10 @@ def cmd_demo(args) -> None:
     cfg = load_config(args.config, args.set)
     out = Path(args.out).resolve()
     t0 = time.perf_counter()
-    print(f"[1/4] synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.spacing_mm} mm -> {out / 'cohort'}")
+    print(f"[1/5] synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.spacing_mm} mm -> {out / 'cohort'}")
     manifest = generate_cohort(cfg.phantom, out / "cohort")
     cohort = read_manifest(manifest, cfg.tasks)
-    print("[2/4] cohort summary")
+    print("[2/5] cohort summary")
     s = summarize(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     print(format_summary(s))
@@ -117,18 +136,23 @@ def cmd_demo(args) -> None:
     shutil.rmtree(runs / cfg.name, ignore_errors=True)  # the demo always trains from scratch
     cfg = config_from_dict(apply_overrides(cfg.raw, [f"distributed.storage_path={runs}"]), source=args.config)
     d, t = cfg.distributed, cfg.train
-    print(f"[3/4] training: Ray Train + DeepSpeed, {d.workers} CPU workers, {t.epochs} epochs x "
+    print(f"[3/5] training: Ray Train + DeepSpeed, {d.workers} CPU workers, {t.epochs} epochs x "
           f"{t.batches_per_epoch} batches x {t.batch_size}, {t.patch_size}^3 patches, C = {cfg.model.channels}")
     summary = run_training(cfg, manifest=manifest)
     last = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
     print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith(("val/", "train/loss"))
                                  and isinstance(v, float)))
     print(f"model: {summary['model']}")
-    print("[4/4] archive embedding: Ray Data -> Parquet shards (incremental; the whole synthetic archive)")
+    print("[4/5] archive embedding: Ray Data -> Parquet shards (incremental; the whole synthetic archive)")
     emb = out / "embeddings"
     shutil.rmtree(emb, ignore_errors=True)
-    run_embedding(manifest=manifest, model_path=summary["model"], out_dir=emb,
-                  secret_file=_demo_secret(out / "site.key"), workers=d.workers, threads_per_worker=d.cpus_per_worker)
+    key = _demo_secret(out / "site.key")
+    run_embedding(manifest=manifest, model_path=summary["model"], out_dir=emb, secret_file=key, workers=d.workers,
+                  threads_per_worker=d.cpus_per_worker)
+    print("[5/5] retrieval evaluation: K nearest training tumors of each held-out tumor (the paper's K = 5)")
+    res = evaluate(emb, manifest, read_secret(key), cfg)
+    write_evaluation(res, out / "evaluation.json")
+    print(format_evaluation(res))
     print(f"demo done in {time.perf_counter() - t0:.0f} s; outputs under {out}")
 
 
@@ -183,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spacing", type=float, help="working voxel size in mm (default: the model's training spacing)")
     sp.add_argument("--patch", type=int, help="patch size in voxels (default: the model's training patch size)")
     sp.set_defaults(func=cmd_embed)
+
+    sp = with_config(sub.add_parser("evaluate", help="KNN accuracy per task and size RMSE on the held-out split"))
+    sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
+    sp.add_argument("--manifest", required=True, help="the manifest the split is computed from")
+    sp.add_argument("--secret-file", required=True, help="the site key the shards were written with")
+    sp.add_argument("--k", type=int, default=5, help="neighbours (the paper's 5)")
+    sp.add_argument("--ks", default="1,3,5,10,20", help="the K curve")
+    sp.add_argument("--model-id", help="which model's rows (needed when shards hold several)")
+    sp.add_argument("--out", help="JSON result (default: <embeddings>/evaluation.json)")
+    sp.set_defaults(func=cmd_evaluate)
 
     sp = with_config(sub.add_parser("demo", help="end to end on the synthetic cohort"))
     sp.add_argument("--out", default="outputs/demo")

@@ -1,0 +1,1 @@
+"""Retrieval over embedding shards: nearest-neighbour search and the paper's KNN evaluation."""
