@@ -100,6 +100,15 @@ def cmd_evaluate(args) -> None:
     print(format_evaluation(res))
 
 
+def cmd_search(args) -> None:
+    from retrieval.search import format_search, query_rows, search
+
+    tumor_ids = [int(t) for t in args.tumor_id.split(",")] if args.tumor_id else None
+    rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
+    results = search(args.model, args.embeddings, rows, k=args.k)
+    print(json.dumps(results, indent=2) if args.json else format_search(results))
+
+
 def _demo_secret(path: Path) -> Path:
     """The demo's site key (a real site keeps its own, outside the outputs)."""
     import secrets
@@ -116,8 +125,9 @@ def cmd_demo(args) -> None:
 
     from embedder.job import read_secret, run_embedding
     from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
+    from retrieval.search import format_search, query_rows, search
     from trainer.launch import run_training
-    from tumornet.cohort import read_manifest
+    from tumornet.cohort import read_manifest, split_scan_ids
     from tumornet.config import apply_overrides, config_from_dict, load_config
     from tumornet.phantom import generate_cohort
     from tumornet.summary import format_summary, summarize
@@ -149,7 +159,11 @@ def cmd_demo(args) -> None:
     key = _demo_secret(out / "site.key")
     run_embedding(manifest=manifest, model_path=summary["model"], out_dir=emb, secret_file=key, workers=d.workers,
                   threads_per_worker=d.cpus_per_worker)
-    print("[5/5] retrieval evaluation: K nearest training tumors of each held-out tumor (the paper's K = 5)")
+    print("[5/5] retrieval: a held-out scan as a query (rank 1 is that scan itself, also in the archive), then the "
+          "paper's evaluation: K nearest training tumors of each held-out tumor")
+    _, held_out = split_scan_ids(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
+    first = cohort.scans()[held_out[0]][0]
+    print(format_search(search(summary["model"], emb, query_rows(first.image, first.mask), k=5)))
     res = evaluate(emb, manifest, read_secret(key), cfg)
     write_evaluation(res, out / "evaluation.json")
     print(format_evaluation(res))
@@ -217,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model-id", help="which model's rows (needed when shards hold several)")
     sp.add_argument("--out", help="JSON result (default: <embeddings>/evaluation.json)")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("search", help="the archive tumors most similar to a new scan's tumors")
+    sp.add_argument("--model", required=True, help="model.pt the archive was embedded with")
+    sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
+    sp.add_argument("--image", required=True, help="the new scan: T1 with contrast, NIfTI")
+    sp.add_argument("--mask", required=True, help="its tumor mask: an instance mask (value = tumor), or --binary")
+    sp.add_argument("--binary", action="store_true", help="the mask is binary: each connected component is a tumor")
+    sp.add_argument("--tumor-id", help="only these tumors of the mask (comma-separated)")
+    sp.add_argument("--k", type=int, default=5)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_search)
 
     sp = with_config(sub.add_parser("demo", help="end to end on the synthetic cohort"))
     sp.add_argument("--out", default="outputs/demo")

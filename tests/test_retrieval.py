@@ -73,3 +73,53 @@ def test_evaluation_uses_the_patient_split_through_keyed_ids(tmp_path, small_coh
     assert "NaN" not in (tmp_path / "e.json").read_text()
     with pytest.raises(InputError, match="0 training and 0 held-out tumors match"):
         evaluate(tmp_path / "emb", small_cohort, b"another-site-key-0000", cfg)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, small_cohort):
+    """The small cohort embedded without Ray (the job's per-scan function) with a random 8-channel model."""
+    import torch
+
+    from embedder.embed import embed_scan
+    from tumornet.export import export_model
+    from tumornet.network import MultitaskNet, NetConfig
+
+    torch.manual_seed(0)
+    model = MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA).eval()
+    root = tmp_path_factory.mktemp("archive")
+    mid = export_model(model, root / "model.pt", extra={"spacing_mm": [4.0] * 3, "patch_size": 16})
+    rows = [r for scan in read_manifest(small_cohort).scans().values()
+            for r in embed_scan(model, mid, scan, spacing_mm=4.0, patch_size=16, secret=SECRET)]
+    write_shard(rows, root / "emb" / "s.parquet", shard_schema(8, DEFAULT_SCHEMA.names))
+    return root
+
+
+def test_search_finds_the_query_itself_first(archive, small_cohort, tmp_path):
+    import nibabel as nib
+
+    from retrieval.search import format_search, query_rows, search
+
+    cohort = read_manifest(small_cohort)
+    scan = next(s for s in cohort.scans().values() if len(s) > 1)
+    res = search(archive / "model.pt", archive / "emb", query_rows(scan[0].image, scan[0].mask), k=3)
+    assert [q["tumor_id"] for q in res] == sorted(r.tumor_id for r in scan)
+    for q in res:
+        top = q["hits"][0]
+        assert top["scan_key"] == keyed_id(scan[0].scan_id, SECRET) and top["tumor_id"] == q["tumor_id"]
+        assert top["distance"] < 1e-4 and [h["rank"] for h in q["hits"]] == [1, 2, 3]
+        assert q["hits"][1]["distance"] >= top["distance"]
+    assert "| 1 | 0.000 |" in format_search(res)
+    # a binary mask: each connected component is a tumor
+    m = nib.load(scan[0].mask)
+    nib.save(nib.Nifti1Image((np.asarray(m.dataobj) > 0).astype(np.uint8), m.affine), tmp_path / "bin.nii.gz")
+    assert len(query_rows(scan[0].image, tmp_path / "bin.nii.gz", binary=True)) == len(scan)
+    with pytest.raises(InputError, match=r"no tumor \[99\] in the mask"):
+        query_rows(scan[0].image, scan[0].mask, tumor_ids=[99])
+    with pytest.raises(InputError, match="no tumor embedded with model"):
+        from tumornet.export import export_model
+        from tumornet.network import MultitaskNet, NetConfig
+
+        other = tmp_path / "other.pt"
+        export_model(MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA), other,
+                     extra={"spacing_mm": [4.0] * 3, "patch_size": 16})
+        search(other, archive / "emb", query_rows(scan[0].image, scan[0].mask))
