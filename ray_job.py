@@ -94,10 +94,19 @@ def cmd_evaluate(args) -> None:
         raise InputError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
     if args.k < 1 or min(ks) < 1:
         raise InputError("--k and --ks: K must be >= 1")
+    if args.robustness and not args.model:
+        raise InputError("--robustness needs --model (the held-out tumors are embedded again with distorted boxes)")
     res = evaluate(args.embeddings, args.manifest, read_secret(args.secret_file), cfg, k=args.k, ks=ks,
                    model_id=args.model_id)
-    write_evaluation(res, args.out or Path(args.embeddings) / "evaluation.json")
     print(format_evaluation(res))
+    if args.robustness:
+        from retrieval.robustness import format_robustness, robustness
+
+        res["robustness"] = robustness(args.model, args.embeddings, args.manifest, read_secret(args.secret_file), cfg,
+                                       k=args.k, draws=args.draws, seed=cfg.data.split_seed)
+        print()
+        print(format_robustness(res["robustness"]))
+    write_evaluation(res, args.out or Path(args.embeddings) / "evaluation.json")
 
 
 def cmd_search(args) -> None:
@@ -230,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ks", default="1,3,5,10,20", help="the K curve")
     sp.add_argument("--model-id", help="which model's rows (needed when shards hold several)")
     sp.add_argument("--out", help="JSON result (default: <embeddings>/evaluation.json)")
+    sp.add_argument("--robustness", action="store_true", help="also score held-out tumors with distorted boxes (eq. 2)")
+    sp.add_argument("--model", help="model.pt of the shards (for --robustness)")
+    sp.add_argument("--draws", type=int, default=3, help="distortions of every held-out tumor (for --robustness)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("search", help="the archive tumors most similar to a new scan's tumors")

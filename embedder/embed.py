@@ -39,8 +39,11 @@ def patch_size_for(bbox: np.ndarray, trained: int) -> int:
 
 @torch.no_grad()
 def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], *, spacing_mm, patch_size: int,
-               secret: bytes, file_hash: str | None = None) -> list[dict]:
-    """Rows (one scan_id) of a manifest -> shard rows (see embedder.shards.shard_schema)."""
+               secret: bytes, file_hash: str | None = None, box_fn=None) -> list[dict]:
+    """Rows (one scan_id) of a manifest -> shard rows (see embedder.shards.shard_schema).
+
+    box_fn (optional): box -> box, applied to each tumor's box before its patch is cut and pooled
+    (the robustness evaluation passes the paper's box distortion); rows then carry the box used."""
     scan = load_scan(rows, spacing_mm=spacing_mm)
     image = scan.volume.array
     tasks = list(model.schema.names)
@@ -50,10 +53,11 @@ def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     model.eval()
     out = []
     for t in scan.tumors:
-        patch, box = centred_patch(image, t.bbox, patch_size_for(t.bbox, patch_size))
+        bbox = t.bbox if box_fn is None else np.asarray(box_fn(t.bbox), dtype=np.int64)
+        patch, box = centred_patch(image, bbox, patch_size_for(bbox, patch_size))
         boxes = torch.from_numpy(np.concatenate([[0], box])[None].astype(np.int64))
         res = model(torch.from_numpy(patch[None]).to(model.device), boxes.to(model.device))
-        row = dict(common, tumor_id=t.tumor_id, source="mask", bbox=t.bbox.astype(int).tolist(),
+        row = dict(common, tumor_id=t.tumor_id, source="mask", bbox=bbox.astype(int).tolist(),
                    bbox_mm=t.bbox_mm.astype(float).tolist(), centroid_mm=t.centroid_mm.astype(float).tolist(),
                    volume_ml=float(t.volume_ml), size_mm=float(t.size_mm),
                    embedding=res["embedding"][0].float().cpu().tolist())

@@ -59,7 +59,7 @@ def evaluate(emb_dir, manifest, secret: bytes, cfg: Config, *, k: int = 5, ks: S
             "knn": curve[k], "baseline": baselines(train, test, tasks), "k_curve": {str(q): curve[q] for q in ks}}
 
 
-def _fmt(v: float, pct: bool) -> str:
+def fmt_metric(v: float, pct: bool) -> str:
     return "n/a" if math.isnan(v) else (f"{100 * v:.1f} %" if pct else f"{v:.2f}")
 
 
@@ -71,13 +71,13 @@ def format_evaluation(res: dict) -> str:
     for key in keys:
         pct = key.startswith("acc_")
         name = key[4:] + " accuracy" if pct else "size RMSE (mm)"
-        lines.append(f"| {name} | {_fmt(res['knn'][key], pct)} | {_fmt(res['baseline'][key], pct)} |")
+        lines.append(f"| {name} | {fmt_metric(res['knn'][key], pct)} | {fmt_metric(res['baseline'][key], pct)} |")
     ks = list(res["k_curve"])
     lines += ["", "K curve:", "", "| metric | " + " | ".join(f"K = {q}" for q in ks) + " |",
               "|---|" + "---|" * len(ks)]
     for key in keys:
         pct = key.startswith("acc_")
-        lines.append(f"| {key} | " + " | ".join(_fmt(res["k_curve"][q][key], pct) for q in ks) + " |")
+        lines.append(f"| {key} | " + " | ".join(fmt_metric(res["k_curve"][q][key], pct) for q in ks) + " |")
     return "\n".join(lines)
 
 

@@ -123,3 +123,17 @@ def test_search_finds_the_query_itself_first(archive, small_cohort, tmp_path):
         export_model(MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA), other,
                      extra={"spacing_mm": [4.0] * 3, "patch_size": 16})
         search(other, archive / "emb", query_rows(scan[0].image, scan[0].mask))
+
+
+def test_robustness_without_distortion_equals_the_clean_scores(archive, small_cohort):
+    from retrieval.robustness import format_robustness, robustness
+
+    cfg = load_config("configs/demo.yaml")
+    same = robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, cfg, k=3, draws=1,
+                      log2_scale_sd=0.0, shift_sd=0.0)
+    assert same["distorted_mean"] == pytest.approx(same["clean"], nan_ok=True)
+    assert all(v == 0 or math.isnan(v) for v in same["distorted_sd"].values())
+    res = robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, cfg, k=3, draws=2)
+    assert res["draws"] == 2 and set(res["distorted_mean"]) == set(res["clean"])
+    assert 0 <= res["distorted_mean"]["acc_tumor_type"] <= 1 and res["distorted_mean"]["rmse_size_mm"] > 0
+    assert "| size RMSE (mm) |" in format_robustness(res)
