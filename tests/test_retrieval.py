@@ -137,3 +137,21 @@ def test_robustness_without_distortion_equals_the_clean_scores(archive, small_co
     assert res["draws"] == 2 and set(res["distorted_mean"]) == set(res["clean"])
     assert 0 <= res["distorted_mean"]["acc_tumor_type"] <= 1 and res["distorted_mean"]["rmse_size_mm"] > 0
     assert "| size RMSE (mm) |" in format_robustness(res)
+
+
+def test_evaluate_and_search_commands_name_bad_input(tmp_path, archive, small_cohort, capsys):
+    from ray_job import main
+
+    key = tmp_path / "site.key"
+    key.write_bytes(SECRET)
+    base = ["evaluate", "--embeddings", str(archive / "emb"), "--manifest", str(small_cohort),
+            "--secret-file", str(key)]
+    assert main([*base, "--robustness"]) == 2
+    assert "--robustness needs --model" in capsys.readouterr().err
+    assert main([*base, "--ks", "1,x"]) == 2
+    assert "--ks: expected comma-separated integers" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "e.json")]) == 0
+    assert "KNN evaluation of model" in capsys.readouterr().out and (tmp_path / "e.json").is_file()
+    assert main(["search", "--model", str(archive / "model.pt"), "--embeddings", str(archive / "emb"),
+                 "--image", str(tmp_path / "none.nii.gz"), "--mask", str(tmp_path / "none.nii.gz")]) == 2
+    assert "none.nii.gz: file not found" in capsys.readouterr().err
