@@ -52,6 +52,13 @@ def _manifest(cfg, given: str | None) -> str:
     return manifest
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
 def cmd_train(args) -> None:
     from trainer.launch import run_training
     from tumornet.config import load_config
@@ -66,10 +73,7 @@ def cmd_sweep(args) -> None:
     from tumornet.config import load_config
 
     cfg = load_config(args.config, args.set)
-    try:
-        channels = [int(c) for c in args.channels.split(",")]
-    except ValueError:
-        raise InputError(f"--channels: expected comma-separated integers, got {args.channels!r}") from None
+    channels = _int_list(args.channels, "--channels")
     print(format_sweep(run_sweep(cfg, manifest=_manifest(cfg, args.manifest), channels=channels)))
 
 
@@ -88,10 +92,7 @@ def cmd_evaluate(args) -> None:
     from tumornet.config import load_config
 
     cfg = load_config(args.config, args.set)
-    try:
-        ks = [int(k) for k in args.ks.split(",")]
-    except ValueError:
-        raise InputError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
+    ks = _int_list(args.ks, "--ks")
     if args.k < 1 or min(ks) < 1:
         raise InputError("--k and --ks: K must be >= 1")
     if args.robustness and not args.model:
@@ -112,7 +113,7 @@ def cmd_evaluate(args) -> None:
 def cmd_search(args) -> None:
     from retrieval.search import format_search, query_rows, search
 
-    tumor_ids = [int(t) for t in args.tumor_id.split(",")] if args.tumor_id else None
+    tumor_ids = _int_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
     rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
     results = search(args.model, args.embeddings, rows, k=args.k)
     print(json.dumps(results, indent=2) if args.json else format_search(results))
