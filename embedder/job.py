@@ -61,7 +61,7 @@ class ShardEmbedder:
         self.model, meta = load_model(model_path)
         self.model_id = meta["model_id"]
         self.schema = shard_schema(self.model.cfg.channels, self.model.schema.names)
-        self.scans = read_manifest(manifest, self.model.schema).scans()
+        self.scans = read_manifest(manifest, self.model.schema, check_files=False).scans()
         self.out, self.secret, self.done = Path(out_dir), secret, done
         self.spacing, self.patch, self.stamp = spacing_mm, patch_size, stamp
 
@@ -98,7 +98,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     if workers < 1 or threads_per_worker < 1 or scans_per_shard < 1:
         raise InputError("embed: workers, threads per worker and scans per shard must be >= 1")
     model, meta = load_model(model_path)  # validated here, before any worker starts
-    scans = read_manifest(manifest, model.schema).scans()
+    # files are checked per scan by the workers: a missing one fails that scan, not the night's job
+    scans = read_manifest(manifest, model.schema, check_files=False).scans()
     secret = read_secret(secret_file)
     extra = meta["extra"]
     spacing = spacing_mm or extra.get("spacing_mm")

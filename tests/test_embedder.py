@@ -143,14 +143,17 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     bad.image.write_bytes(b"not a nifti")
     img = nib.load(changed.image)
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 1.5, img.affine, img.header), changed.image)
+    missing = cohort.scans()[scans[2]][0]
+    missing.mask.unlink()  # a file gone from the archive: that scan fails, the job goes on
     third = run_embedding(**kw)
-    assert (third["embedded"], third["unchanged"], third["failed"]) == (1, len(cohort.scans()) - 2, 1)
+    assert (third["embedded"], third["unchanged"], third["failed"]) == (1, len(cohort.scans()) - 3, 2)
     errors = [json.loads(x) for x in (out / "embed-errors.jsonl").read_text().splitlines()]
-    assert [e["scan_key"] for e in errors] == [keyed_id(scans[0], SECRET)]
+    assert [e["scan_key"] for e in errors] == [keyed_id(s, SECRET) for s in (scans[0], scans[2])]
+    assert "<mask>" in errors[1]["error"] and str(archive) not in errors[1]["error"]
     assert errors[0]["manifest_rows"] == [r.row for r in cohort.scans()[scans[0]]]
     assert "<image>" in errors[0]["error"] and str(archive) not in errors[0]["error"]
     latest = read_embeddings(out, model_id=mid)
-    assert latest.num_rows == n_tumors  # the re-embedded scan's old rows are superseded
+    assert latest.num_rows == n_tumors  # the re-embedded scan's old rows are superseded; failed scans keep theirs
     hashes = zip(latest["scan_key"].to_pylist(), latest["source_hash"].to_pylist(), strict=True)
     assert len({h for s, h in hashes if s == keyed_id(scans[1], SECRET)}) == 1
 
