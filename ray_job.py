@@ -97,6 +97,8 @@ def cmd_evaluate(args) -> None:
         raise InputError("--k and --ks: K must be >= 1")
     if args.robustness and not args.model:
         raise InputError("--robustness needs --model (the held-out tumors are embedded again with distorted boxes)")
+    if args.draws < 1:
+        raise InputError(f"--draws: expected >= 1, got {args.draws}")
     res = evaluate(args.embeddings, args.manifest, read_secret(args.secret_file), cfg, k=args.k, ks=ks,
                    model_id=args.model_id)
     print(format_evaluation(res))

@@ -17,6 +17,7 @@ import torch
 
 from tumornet.boxes import box_hi, box_lo
 from tumornet.cohort import ManifestRow, keyed_id, load_scan, patient_key
+from tumornet.errors import InputError
 from tumornet.network import MultitaskNet
 from tumornet.patches import centred_patch
 
@@ -29,6 +30,16 @@ def source_hash(rows: Sequence[ManifestRow]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def embed_settings(meta: dict, model_path, *, spacing_mm=None, patch_size: int | None = None):
+    """(spacing, patch size) to embed with: the given ones, else those the model was trained with
+    (recorded in the model file's extra)."""
+    extra = meta["extra"]
+    spacing = spacing_mm or extra.get("spacing_mm")
+    if spacing is None:
+        raise InputError(f"{model_path}: the model records no training spacing; pass --spacing")
+    return spacing, int(patch_size or extra.get("patch_size") or 64)
 
 
 def patch_size_for(bbox: np.ndarray, trained: int) -> int:
@@ -49,7 +60,8 @@ def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     tasks = list(model.schema.names)
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     common = {"scan_key": keyed_id(rows[0].scan_id, secret), "patient_key": patient_key(rows[0].patient_id, secret),
-              "model_id": model_id, "source_hash": file_hash or source_hash(rows), "embedded_at": now}
+              "model_id": model_id, "source_hash": source_hash(rows) if file_hash is None else file_hash,
+              "embedded_at": now}
     model.eval()
     out = []
     for t in scan.tumors:

@@ -27,7 +27,7 @@ from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.runtime import ALLOCATOR_ENV
 
-from .embed import embed_scan, source_hash
+from .embed import embed_scan, embed_settings, source_hash
 from .shards import done_scans, shard_schema, write_shard
 
 
@@ -101,11 +101,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     # files are checked per scan by the workers: a missing one fails that scan, not the night's job
     scans = read_manifest(manifest, model.schema, check_files=False).scans()
     secret = read_secret(secret_file)
-    extra = meta["extra"]
-    spacing = spacing_mm or extra.get("spacing_mm")
-    if spacing is None:
-        raise InputError(f"{model_path}: the model records no training spacing; pass --spacing")
-    patch = int(patch_size or extra.get("patch_size") or 64)
+    spacing, patch = embed_settings(meta, model_path, spacing_mm=spacing_mm, patch_size=patch_size)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     done = done_scans(out, meta["model_id"])

@@ -34,10 +34,15 @@ class Split:
             raise InputError(f"Split: embeddings {self.x.shape}, sizes {self.size_mm.shape} and labels disagree")
 
 
-def _neighbours(db: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    """Indices (len(q), k) of the k nearest rows of db, nearest first (ties: lower index first)."""
+def nearest(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices), each (len(q), min(k, len(db))): the nearest rows of db by Euclidean
+    distance, nearest first."""
     nn = NearestNeighbors(n_neighbors=min(k, len(db)), algorithm="brute").fit(db)
-    return nn.kneighbors(q, return_distance=False)
+    return nn.kneighbors(q)
+
+
+def _neighbours(db: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return nearest(db, q, k)[1]
 
 
 def _vote(labels: np.ndarray) -> int:

@@ -10,7 +10,7 @@ from functools import partial
 
 import numpy as np
 
-from embedder.embed import embed_scan
+from embedder.embed import embed_scan, embed_settings
 from tumornet.boxes import distort_box
 from tumornet.cohort import read_manifest, split_scan_ids
 from tumornet.config import Config
@@ -23,11 +23,11 @@ from .knn import Split, knn_scores
 
 def robustness(model_path, emb_dir, manifest, secret: bytes, cfg: Config, *, k: int = 5, draws: int = 3,
                seed: int = 0, log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1) -> dict:
+    if draws < 1:
+        raise InputError(f"--draws: expected >= 1, got {draws}")
     model, meta = load_model(model_path)
     train, test, mid, tasks = load_splits(emb_dir, manifest, secret, cfg, model_id=meta["model_id"])
-    extra = meta["extra"]
-    if extra.get("spacing_mm") is None:
-        raise InputError(f"{model_path}: the model records no training spacing")
+    spacing, patch = embed_settings(meta, model_path)
     cohort = read_manifest(manifest, cfg.tasks)
     _, held_out = split_scan_ids(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
     scans = cohort.scans()
@@ -37,9 +37,8 @@ def robustness(model_path, emb_dir, manifest, secret: bytes, cfg: Config, *, k: 
         rng = np.random.default_rng([seed, d])
         box_fn = partial(distort_box, rng=rng, log2_scale_sd=log2_scale_sd, shift_sd=shift_sd)
         rows = [r for s in held_out
-                for r in embed_scan(model, mid, scans[s], spacing_mm=extra["spacing_mm"],
-                                    patch_size=int(extra.get("patch_size") or 64), secret=secret, file_hash="",
-                                    box_fn=box_fn)]
+                for r in embed_scan(model, mid, scans[s], spacing_mm=spacing, patch_size=patch, secret=secret,
+                                    file_hash="", box_fn=box_fn)]
         q = Split(x=np.array([r["embedding"] for r in rows], dtype=np.float32),
                   labels={t: np.array([r[f"label_{t}"] for r in rows]) for t in tasks},
                   size_mm=np.array([r["size_mm"] for r in rows]))

@@ -12,15 +12,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
 
-from embedder.embed import embed_scan
+from embedder.embed import embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.cohort import ManifestRow, read_instances
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
 from tumornet.volumes import read_label_map
+
+from .knn import nearest
 
 QUERY_KEY = b"query-scan-no-patient-key"  # the query's keys are computed, never output
 
@@ -54,18 +55,14 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5) -> list[
     if k < 1:
         raise InputError(f"--k: expected >= 1, got {k}")
     model, meta = load_model(model_path)
-    mid, extra = meta["model_id"], meta["extra"]
+    mid = meta["model_id"]
     table = read_embeddings(emb_dir, model_id=mid)
     if table.num_rows == 0:
         raise InputError(f"{emb_dir}: no tumor embedded with model {mid}; embed the archive with this model first")
-    if extra.get("spacing_mm") is None:
-        raise InputError(f"{model_path}: the model records no training spacing (exported by an older version?)")
-    patch = int(extra.get("patch_size") or 64)
-    queries = embed_scan(model, mid, rows, spacing_mm=extra["spacing_mm"], patch_size=patch, secret=QUERY_KEY,
-                         file_hash="")
+    spacing, patch = embed_settings(meta, model_path)
+    queries = embed_scan(model, mid, rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY, file_hash="")
     x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    nn = NearestNeighbors(n_neighbors=min(k, len(x)), algorithm="brute").fit(x)
-    dist, idx = nn.kneighbors(np.array([q["embedding"] for q in queries], dtype=np.float32))
+    dist, idx = nearest(x, np.array([q["embedding"] for q in queries], dtype=np.float32), k)
     schema = model.schema
     archive = table.drop_columns(["embedding"]).to_pylist()
 

@@ -137,6 +137,8 @@ def test_robustness_without_distortion_equals_the_clean_scores(archive, small_co
     assert res["draws"] == 2 and set(res["distorted_mean"]) == set(res["clean"])
     assert 0 <= res["distorted_mean"]["acc_tumor_type"] <= 1 and res["distorted_mean"]["rmse_size_mm"] > 0
     assert "| size RMSE (mm) |" in format_robustness(res)
+    with pytest.raises(InputError, match="--draws: expected >= 1, got 0"):
+        robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, cfg, draws=0)
 
 
 def test_evaluate_and_search_commands_name_bad_input(tmp_path, archive, small_cohort, capsys):
