@@ -16,15 +16,19 @@ from pathlib import Path
 from tumornet.errors import InputError
 
 
-def cmd_phantom(args) -> None:
+def _config(args):
     from tumornet.config import load_config
-    from tumornet.phantom import generate_cohort
 
-    cfg = load_config(args.config, args.set).phantom
+    return load_config(args.config, args.set)
+
+
+def cmd_phantom(args) -> None:
+    from tumornet.synth.phantom import generate_cohort
+
+    cfg = _config(args).phantom
     updates = {k: v for k, v in (("patients", args.patients), ("seed", args.seed),
-                                 ("spacing_mm", args.spacing), ("workers", args.workers)) if v is not None}
-    cfg = replace(cfg, **updates)
-    manifest = generate_cohort(cfg, args.out)
+                                 ("voxel_mm", args.spacing), ("workers", args.workers)) if v is not None}
+    manifest = generate_cohort(replace(cfg, **updates), args.out)
     print(f"wrote {manifest}")
 
 
@@ -35,14 +39,16 @@ def cmd_import(args) -> None:
 
 
 def cmd_summary(args) -> None:
-    from tumornet.cohort import read_manifest
-    from tumornet.config import load_config
+    from tumornet.io import atomic_write_text
+    from tumornet.manifest import read_manifest
     from tumornet.summary import format_summary, summarize
 
-    cfg = load_config(args.config, args.set)
+    cfg = _config(args)
     cohort = read_manifest(args.manifest, cfg.tasks)
     s = summarize(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed, measure=not args.fast)
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(s, indent=2))
 
 
 def _manifest(cfg, given: str | None) -> str:
@@ -61,20 +67,44 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def cmd_train(args) -> None:
     from trainer.launch import run_training
-    from tumornet.config import load_config
 
-    cfg = load_config(args.config, args.set)
-    summary = run_training(cfg, manifest=_manifest(cfg, args.manifest), run_name=args.name)
+    cfg = _config(args)
+    summary = run_training(cfg, manifest=_manifest(cfg, args.manifest), run_name=args.name, fresh=args.fresh)
     print(json.dumps({k: summary[k] for k in ("run", "run_dir", "checkpoint", "model")}, indent=2, default=str))
 
 
-def cmd_sweep(args) -> None:
-    from trainer.launch import format_sweep, run_sweep
-    from tumornet.config import load_config
+def cmd_experiment(args) -> None:
+    from retrieval.experiments import format_experiment, read_variants, run_experiment, width_variants
 
-    cfg = load_config(args.config, args.set)
-    channels = _int_list(args.channels, "--channels")
-    print(format_sweep(run_sweep(cfg, manifest=_manifest(cfg, args.manifest), channels=channels)))
+    cfg = _config(args)
+    if args.kind == "widths":
+        variants, title = width_variants(_int_list(args.channels, "--channels")), "Channel width (paper Tab. 2)"
+    else:
+        variants, title = read_variants(args.variants), "Task ablation (paper Tab. 3)"
+    exp = run_experiment(title, cfg, variants, manifest=_manifest(cfg, args.manifest), secret_file=args.secret_file,
+                         out_dir=args.out, k=args.k)
+    print(format_experiment(exp))
+
+
+def cmd_report(args) -> None:
+    from retrieval.evaluate import evaluate
+    from retrieval.experiments import read_experiment
+    from retrieval.report import build_report
+    from tumornet.keys import read_secret
+
+    secret = read_secret(args.secret_file)
+    if args.evaluation:
+        p = Path(args.evaluation)
+        if not p.is_file():
+            raise InputError(f"{p}: evaluation file not found (written by `ray_job.py evaluate --out`)")
+        evaluation = json.loads(p.read_text())
+    else:
+        evaluation = evaluate(args.embeddings, args.manifest, secret, args.model)
+    summary = json.loads(Path(args.summary).read_text()) if args.summary else None
+    path = build_report(model=args.model, embeddings=args.embeddings, manifest=args.manifest, secret=secret,
+                        out_dir=args.out, evaluation=evaluation, summary=summary,
+                        experiments=[read_experiment(e) for e in args.experiment])
+    print(f"report: {path} (and {path.with_name('results.json')})")
 
 
 def cmd_embed(args) -> None:
@@ -87,26 +117,17 @@ def cmd_embed(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from embedder.job import read_secret
     from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
-    from tumornet.config import load_config
+    from tumornet.keys import read_secret
 
-    cfg = load_config(args.config, args.set)
-    ks = _int_list(args.ks, "--ks")
-    if args.k < 1 or min(ks) < 1:
-        raise InputError("--k and --ks: K must be >= 1")
-    if args.robustness and not args.model:
-        raise InputError("--robustness needs --model (the held-out tumors are embedded again with distorted boxes)")
-    if args.draws < 1:
-        raise InputError(f"--draws: expected >= 1, got {args.draws}")
-    res = evaluate(args.embeddings, args.manifest, read_secret(args.secret_file), cfg, k=args.k, ks=ks,
-                   model_id=args.model_id)
+    secret = read_secret(args.secret_file)
+    res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_int_list(args.ks, "--ks"))
     print(format_evaluation(res))
     if args.robustness:
         from retrieval.robustness import format_robustness, robustness
 
-        res["robustness"] = robustness(args.model, args.embeddings, args.manifest, read_secret(args.secret_file), cfg,
-                                       k=args.k, draws=args.draws, seed=cfg.data.split_seed)
+        res["robustness"] = robustness(args.model, args.embeddings, args.manifest, secret, k=args.k,
+                                       draws=args.draws, seed=args.seed)
         print()
         print(format_robustness(res["robustness"]))
     write_evaluation(res, args.out or Path(args.embeddings) / "evaluation.json")
@@ -132,53 +153,57 @@ def _demo_secret(path: Path) -> Path:
     return path
 
 
+def _held_out_scan(manifest: Path, model: Path):
+    """The first scan of the model's held-out split (the demo's query)."""
+    from tumornet.export import load_model
+    from tumornet.manifest import read_manifest
+    from tumornet.split import split_of_model
+
+    _, meta = load_model(model)
+    cohort = read_manifest(manifest)
+    _, held_out = split_of_model(cohort, meta, where=str(model))
+    return cohort.scans()[held_out[0]][0]
+
+
 def cmd_demo(args) -> None:
+    """The pipeline on the synthetic cohort, composed of the subcommands a user runs."""
     import shutil
 
-    from embedder.job import read_secret, run_embedding
-    from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
-    from retrieval.search import format_search, query_rows, search
-    from trainer.launch import run_training
-    from tumornet.cohort import read_manifest, split_scan_ids
-    from tumornet.config import apply_overrides, config_from_dict, load_config
-    from tumornet.phantom import generate_cohort
-    from tumornet.summary import format_summary, summarize
-
-    cfg = load_config(args.config, args.set)
+    cfg = _config(args)
     out = Path(args.out).resolve()
-    t0 = time.perf_counter()
-    print(f"[1/5] synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.spacing_mm} mm -> {out / 'cohort'}")
-    manifest = generate_cohort(cfg.phantom, out / "cohort")
-    cohort = read_manifest(manifest, cfg.tasks)
-    print("[2/5] cohort summary")
-    s = summarize(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
-    (out / "summary.json").write_text(json.dumps(s, indent=2))
-    print(format_summary(s))
-    runs = out / "runs"
-    shutil.rmtree(runs / cfg.name, ignore_errors=True)  # the demo always trains from scratch
-    cfg = config_from_dict(apply_overrides(cfg.raw, [f"distributed.storage_path={runs}"]), source=args.config)
-    d, t = cfg.distributed, cfg.train
-    print(f"[3/5] training: Ray Train + DeepSpeed, {d.workers} CPU workers, {t.epochs} epochs x "
-          f"{t.batches_per_epoch} batches x {t.batch_size}, {t.patch_size}^3 patches, C = {cfg.model.channels}")
-    summary = run_training(cfg, manifest=manifest)
-    last = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
-    print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith(("val/", "train/loss"))
-                                 and isinstance(v, float)))
-    print(f"model: {summary['model']}")
-    print("[4/5] archive embedding: Ray Data -> Parquet shards (incremental; the whole synthetic archive)")
-    emb = out / "embeddings"
-    shutil.rmtree(emb, ignore_errors=True)
+    manifest, runs, emb = out / "cohort" / "manifest.csv", out / "runs", out / "embeddings"
+    model = runs / cfg.name / "model.pt"
     key = _demo_secret(out / "site.key")
-    run_embedding(manifest=manifest, model_path=summary["model"], out_dir=emb, secret_file=key, workers=d.workers,
-                  threads_per_worker=d.cpus_per_worker)
-    print("[5/5] retrieval: a held-out scan as a query (rank 1 is that scan itself, also in the archive), then the "
-          "paper's evaluation: K nearest training tumors of each held-out tumor")
-    _, held_out = split_scan_ids(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
-    first = cohort.scans()[held_out[0]][0]
-    print(format_search(search(summary["model"], emb, query_rows(first.image, first.mask), k=5)))
-    res = evaluate(emb, manifest, read_secret(key), cfg)
-    write_evaluation(res, out / "evaluation.json")
-    print(format_evaluation(res))
+    shutil.rmtree(emb, ignore_errors=True)  # the demo always starts from scratch
+    common = ["--config", args.config, *[a for s in args.set for a in ("--set", s)]]
+    d = cfg.distributed
+    steps = [
+        (f"synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.voxel_mm} mm",
+         lambda: ["phantom", *common, "--out", str(manifest.parent)]),
+        ("cohort summary", lambda: ["summary", *common, str(manifest), "--out", str(out / "summary.json")]),
+        (f"training: Ray Train + DeepSpeed, {d.workers} CPU workers, {cfg.train.epochs} epochs x "
+         f"{cfg.train.batches_per_epoch} batches x {cfg.train.batch_size}, {cfg.train.patch_size}^3 patches, "
+         f"C = {cfg.model.channels}",
+         lambda: ["train", *common, "--manifest", str(manifest), "--fresh", "--set",
+                  f"distributed.storage_path={runs}"]),
+        ("archive embedding: Ray Data -> Parquet shards (the whole synthetic archive)",
+         lambda: ["embed", "--model", str(model), "--manifest", str(manifest), "--out", str(emb), "--secret-file",
+                  str(key), "--workers", str(d.workers), "--threads", str(d.cpus_per_worker)]),
+        ("search: a held-out scan as the query (rank 1 is that scan itself, also in the archive)",
+         lambda: ["search", "--model", str(model), "--embeddings", str(emb),
+                  "--image", str((q := _held_out_scan(manifest, model)).image), "--mask", str(q.mask)]),
+        ("evaluation: the K nearest training tumors of each held-out tumor, learned vs handcrafted vs none",
+         lambda: ["evaluate", "--embeddings", str(emb), "--manifest", str(manifest), "--secret-file", str(key),
+                  "--model", str(model), "--robustness", "--out", str(out / "evaluation.json")]),
+        ("report: HTML with the K curve, tables, t-SNE, retrieval examples, training curves, provenance",
+         lambda: ["report", "--model", str(model), "--embeddings", str(emb), "--manifest", str(manifest),
+                  "--secret-file", str(key), "--evaluation", str(out / "evaluation.json"), "--summary",
+                  str(out / "summary.json"), "--out", str(out / "report")]),
+    ]
+    t0 = time.perf_counter()
+    for i, (title, argv) in enumerate(steps, start=1):
+        print(f"[{i}/{len(steps)}] {title}", flush=True)
+        run(argv())
     print(f"demo done in {time.perf_counter() - t0:.0f} s; outputs under {out}")
 
 
@@ -186,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description="Brain tumor image retrieval via multitask learning")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_config(sp, default="configs/demo.yaml"):
-        sp.add_argument("--config", default=default, help="YAML config (default: %(default)s)")
+    def with_config(sp, default="demo"):
+        sp.add_argument("--config", default=default,
+                        help="YAML config: a path, or a bundled config by name (demo, paper; default: %(default)s)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set phantom.patients=40 (repeatable)")
         return sp
@@ -210,17 +236,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("manifest")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--fast", action="store_true", help="skip measuring tumor sizes from the masks")
+    sp.add_argument("--out", help="also write the summary as JSON to this file")
     sp.set_defaults(func=cmd_summary)
 
     sp = with_config(sub.add_parser("train", help="Ray Train + DeepSpeed training (local or on the job's cluster)"))
     sp.add_argument("--manifest", help="cohort manifest (default: data.manifest of the config)")
     sp.add_argument("--name", help="run name (default: the config's name); the same name resumes")
+    sp.add_argument("--fresh", action="store_true", help="delete the run of that name first (start from scratch)")
     sp.set_defaults(func=cmd_train)
 
-    sp = with_config(sub.add_parser("sweep", help="one training per channel width (paper Tab. 2)"))
-    sp.add_argument("--channels", default="16,32,64,96")
-    sp.add_argument("--manifest")
-    sp.set_defaults(func=cmd_sweep)
+    sp = with_config(sub.add_parser("experiment", help="train, embed, score: widths (Tab. 2), ablation (Tab. 3)"))
+    sp.add_argument("kind", choices=["widths", "ablation"])
+    sp.add_argument("--channels", default="16,32,64,96", help="widths: the feature-map widths C")
+    sp.add_argument("--variants", default="ablation", help="ablation: YAML of variants (default: bundled ablation)")
+    sp.add_argument("--manifest", help="cohort manifest (default: data.manifest of the config)")
+    sp.add_argument("--secret-file", required=True, help="the site key for the embedding shards' keyed ids")
+    sp.add_argument("--out", required=True, help="folder of the runs, embeddings and the table (<kind>.json / .md)")
+    sp.add_argument("--k", type=int, default=5)
+    sp.set_defaults(func=cmd_experiment)
+
+    sp = sub.add_parser("report", help="the HTML report (figures embedded) and results.json of a model")
+    sp.add_argument("--model", required=True, help="model.pt (its metrics.jsonl beside it gives the training curves)")
+    sp.add_argument("--embeddings", required=True, help="folder of the archive's embedding shards")
+    sp.add_argument("--manifest", required=True, help="the manifest the model was trained on")
+    sp.add_argument("--secret-file", required=True, help="the site key the shards were written with")
+    sp.add_argument("--out", required=True, help="folder for report.html and results.json")
+    sp.add_argument("--evaluation", help="evaluation.json from `evaluate --out` (default: evaluate now, no robustness)")
+    sp.add_argument("--experiment", action="append", default=[], help="an experiment's table JSON (repeatable)")
+    sp.add_argument("--summary", help="the cohort summary JSON (`summary --out`) for the provenance")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("embed", help="Ray Data: embed every tumor of an archive into Parquet shards (incremental)")
     sp.add_argument("--model", required=True, help="model.pt exported by training")
@@ -234,17 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--patch", type=int, help="patch size in voxels (default: the model's training patch size)")
     sp.set_defaults(func=cmd_embed)
 
-    sp = with_config(sub.add_parser("evaluate", help="KNN accuracy per task and size RMSE on the held-out split"))
+    sp = sub.add_parser("evaluate", help="KNN retrieval scores of the model's held-out split: learned vs handcrafted")
+    sp.add_argument("--model", required=True, help="model.pt the shards were embedded with (it records its split)")
     sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
-    sp.add_argument("--manifest", required=True, help="the manifest the split is computed from")
+    sp.add_argument("--manifest", required=True, help="the manifest the model was trained on")
     sp.add_argument("--secret-file", required=True, help="the site key the shards were written with")
     sp.add_argument("--k", type=int, default=5, help="neighbours (the paper's 5)")
-    sp.add_argument("--ks", default="1,3,5,10,20", help="the K curve")
-    sp.add_argument("--model-id", help="which model's rows (needed when shards hold several)")
+    sp.add_argument("--ks", default=",".join(str(q) for q in range(1, 21)), help="the K curve (default 1..20)")
     sp.add_argument("--out", help="JSON result (default: <embeddings>/evaluation.json)")
     sp.add_argument("--robustness", action="store_true", help="also score held-out tumors with distorted boxes (eq. 2)")
-    sp.add_argument("--model", help="model.pt of the shards (for --robustness)")
     sp.add_argument("--draws", type=int, default=3, help="distortions of every held-out tumor (for --robustness)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the distortions (for --robustness)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("search", help="the archive tumors most similar to a new scan's tumors")
@@ -262,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="outputs/demo")
     sp.set_defaults(func=cmd_demo)
     return p
+
+
+def run(argv: list[str]) -> None:
+    """Run one subcommand in this process (what the demo composes); InputError propagates."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
 
 
 def main(argv=None) -> int:

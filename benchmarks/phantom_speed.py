@@ -11,7 +11,7 @@ import argparse
 import tempfile
 import time
 
-from tumornet.phantom import PhantomConfig, find_sites, generate_cohort
+from tumornet.synth.phantom import PhantomConfig, find_sites, generate_cohort
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     find_sites()  # build / load the anatomy cache outside the timing
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        generate_cohort(PhantomConfig(patients=args.patients, spacing_mm=args.spacing, workers=args.workers), tmp,
+        generate_cohort(PhantomConfig(patients=args.patients, voxel_mm=args.spacing, workers=args.workers), tmp,
                         log=lambda *_: None)
         dt = time.perf_counter() - t0
     per20 = dt / args.patients * 20

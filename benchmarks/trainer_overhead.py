@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from tumornet.config import apply_overrides, config_from_dict, load_config
-from tumornet.phantom import generate_cohort
+from tumornet.config import load_config
 from tumornet.runtime import tune_cpu_allocator
+from tumornet.synth.phantom import generate_cohort
 
 
 def bare_loop(cfg, manifest: str, warmup: int, steps: int, blocks: int) -> list[float]:
@@ -66,15 +66,13 @@ def bare_loop(cfg, manifest: str, warmup: int, steps: int, blocks: int) -> list[
 def compare(args, threads: int, tmp: str, manifest: str | None) -> tuple[dict, str]:
     """One bare-vs-trainer comparison with `threads` threads on each side; returns its figures."""
     torch.set_num_threads(threads)
-    base = load_config(args.config)
-    raw = apply_overrides(base.raw, [
+    cfg = load_config(args.config, [
         f"name=bench{threads}", f"phantom.patients={args.patients}", f"train.patch_size={args.patch}",
         f"train.epochs={1 + args.blocks}",
         f"train.batches_per_epoch={args.steps}",
         "train.val_every=1000", "train.checkpoint_every=1000", f"train.cache_dir={tmp}/cache",
         "distributed.workers=1", f"distributed.cpus_per_worker={threads}",
         f"distributed.storage_path={tmp}/runs", "distributed.zero_stage=0"])
-    cfg = config_from_dict(raw, source=args.config)
     if manifest is None:
         manifest = str(generate_cohort(cfg.phantom, Path(tmp) / "cohort", log=lambda *_: None))
     before = bare_loop(cfg, manifest, warmup=args.steps, steps=args.steps, blocks=args.blocks)

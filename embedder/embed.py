@@ -16,10 +16,13 @@ import numpy as np
 import torch
 
 from tumornet.boxes import box_hi, box_lo
-from tumornet.cohort import ManifestRow, keyed_id, load_scan, patient_key
 from tumornet.errors import InputError
+from tumornet.handcrafted import handcrafted_features, head_centre_mm
+from tumornet.keys import keyed_id, patient_key
+from tumornet.manifest import ManifestRow
 from tumornet.network import MultitaskNet
 from tumornet.patches import centred_patch
+from tumornet.scans import load_scan
 
 
 def source_hash(rows: Sequence[ManifestRow]) -> str:
@@ -57,6 +60,7 @@ def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     (the robustness evaluation passes the paper's box distortion); rows then carry the box used."""
     scan = load_scan(rows, spacing_mm=spacing_mm)
     image = scan.volume.array
+    centre = head_centre_mm(image, scan.volume.affine)
     tasks = list(model.schema.names)
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     common = {"scan_key": keyed_id(rows[0].scan_id, secret), "patient_key": patient_key(rows[0].patient_id, secret),
@@ -72,7 +76,8 @@ def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
         row = dict(common, tumor_id=t.tumor_id, source="mask", bbox=bbox.astype(int).tolist(),
                    bbox_mm=t.bbox_mm.astype(float).tolist(), centroid_mm=t.centroid_mm.astype(float).tolist(),
                    volume_ml=float(t.volume_ml), size_mm=float(t.size_mm),
-                   embedding=res["embedding"][0].float().cpu().tolist())
+                   embedding=res["embedding"][0].float().cpu().tolist(),
+                   handcrafted=handcrafted_features(image, scan.instances, t, centre).tolist())
         for k in tasks:
             row[f"label_{k}"] = int(t.labels.get(k, -1))
             row[f"pred_{k}"] = int(res["tasks"][k][0].argmax())

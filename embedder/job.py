@@ -22,24 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tumornet.cohort import ManifestRow, keyed_id, read_manifest
 from tumornet.errors import InputError
 from tumornet.export import load_model
+from tumornet.keys import keyed_id, read_secret
+from tumornet.manifest import ManifestRow, read_manifest
 from tumornet.runtime import ALLOCATOR_ENV
 
 from .embed import embed_scan, embed_settings, source_hash
 from .shards import done_scans, shard_schema, write_shard
-
-
-def read_secret(path: str | Path) -> bytes:
-    """The site's key for patient_key hashes: a file of at least 16 bytes (e.g. 32 random hex chars)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: secret file not found (create one, e.g. `openssl rand -hex 32 > {p.name}`)")
-    secret = p.read_bytes().strip()
-    if len(secret) < 16:
-        raise InputError(f"{p}: the secret is {len(secret)} bytes; at least 16 are needed")
-    return secret
 
 
 def _redact(message: str, rows: list[ManifestRow]) -> str:

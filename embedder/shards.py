@@ -9,8 +9,6 @@ re-run finds exactly what was done.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tumornet.errors import InputError
+from tumornet.handcrafted import FEATURES as HANDCRAFTED
+from tumornet.io import atomic_write
 
 
 def shard_schema(channels: int, tasks: Sequence[str]) -> pa.Schema:
@@ -29,7 +29,9 @@ def shard_schema(channels: int, tasks: Sequence[str]) -> pa.Schema:
          ("volume_ml", pa.float32()), ("size_mm", pa.float32())]  # size: equivalent-sphere diameter
         + [(f"label_{t}", pa.int16()) for t in tasks]  # the manifest's label, -1 missing
         + [(f"pred_{t}", pa.int16()) for t in tasks]  # the model's prediction
-        + [("embedding", pa.list_(pa.float32(), channels)), ("model_id", pa.string()),
+        + [("embedding", pa.list_(pa.float32(), channels)),
+           ("handcrafted", pa.list_(pa.float32(), len(HANDCRAFTED))),  # tumornet.handcrafted.FEATURES
+           ("model_id", pa.string()),
            ("source_hash", pa.string()),  # sha256 of the image and mask files
            ("embedded_at", pa.timestamp("s", tz="UTC"))]
     )
@@ -37,15 +39,7 @@ def shard_schema(channels: int, tasks: Sequence[str]) -> pa.Schema:
 
 def write_shard(rows: list[dict], path: Path, schema: pa.Schema) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def shard_files(out_dir: Path) -> list[Path]:

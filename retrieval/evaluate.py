@@ -1,8 +1,11 @@
-"""KNN evaluation of an embedding archive on the held-out split (`ray_job.py evaluate`).
+"""KNN evaluation of an embedding archive on the model's held-out split (`ray_job.py evaluate`).
 
-The split is the training split (by patient, `data.test_fraction`, `data.split_seed`), recomputed
-from the manifest and matched to the shards' keyed scan ids with the site's secret: training
-tumors are the database, held-out tumors the queries.
+The split comes from the model file (the keyed ids of its training and held-out patients, recorded
+at export), never from a config passed again: the training split's tumors are the database, the
+held-out split's tumors the queries. Shard rows are matched to the manifest's scans through their
+keyed scan ids (the site's secret). Three rows are scored with the same protocol (retrieval.knn):
+the learned embedding, the handcrafted baseline (tumornet.handcrafted, standardized on the training
+split) and what needs no embedding.
 """
 
 from __future__ import annotations
@@ -10,86 +13,135 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from embedder.shards import read_embeddings
-from tumornet.cohort import keyed_id, read_manifest, split_scan_ids
-from tumornet.config import Config
 from tumornet.errors import InputError
+from tumornet.export import load_model
+from tumornet.io import atomic_write_text
+from tumornet.keys import keyed_id
+from tumornet.labels import LabelSchema
+from tumornet.manifest import read_manifest
+from tumornet.split import split_of_model
 
-from .knn import Split, baselines, knn_scores
+from .knn import Split, knn_scores, no_embedding, standardize
 
-K_CURVE = (1, 3, 5, 10, 20)
+K_CURVE = tuple(range(1, 21))
+ROWS = ("learned", "handcrafted", "no_embedding")
 
 
-def load_splits(emb_dir, manifest, secret: bytes, cfg: Config, *, model_id: str | None = None):
-    """-> (train Split, held-out Split, model id, tasks)."""
-    table = read_embeddings(emb_dir, model_id=model_id)
-    models = sorted(set(table["model_id"].to_pylist()))
-    if len(models) != 1:
-        raise InputError(f"{emb_dir}: shards of {len(models)} models {models}: choose one with --model-id")
-    tasks = [t for t in cfg.tasks.names if f"label_{t}" in table.column_names]
-    train_ids, test_ids = split_scan_ids(read_manifest(manifest, cfg.tasks), test_fraction=cfg.data.test_fraction,
-                                         seed=cfg.data.split_seed)
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """The held-out (queries) and training (database) tumors of one model's shards."""
+
+    train: Split  # learned embeddings
+    test: Split
+    train_hand: Split  # handcrafted vectors, standardized on the training split
+    test_hand: Split
+    meta: dict  # the model file's metadata
+    tasks: tuple[str, ...]
+    test_scans: tuple[str, ...]  # held-out scan ids of the manifest
+    table: pa.Table  # the model's shard rows
+    train_rows: np.ndarray  # indices of table rows in train / test
+    test_rows: np.ndarray
+
+
+def load_evaluation(emb_dir, manifest, secret: bytes, model_path) -> Evaluation:
+    _, meta = load_model(model_path)
+    mid = meta["model_id"]
+    cohort = read_manifest(manifest, LabelSchema.from_dict(meta["tasks"]), check_files=False)
+    train_ids, test_ids = split_of_model(cohort, meta, where=str(model_path))
+    table = read_embeddings(emb_dir, model_id=mid)
+    if table.num_rows == 0:
+        raise InputError(f"{emb_dir}: no tumor embedded with model {mid} ({model_path}); embed the archive first")
+    if "handcrafted" not in table.column_names:
+        raise InputError(f"{emb_dir}: shards without the handcrafted column (written by an older version); embed "
+                         "the archive again into a new folder")
+    tasks = tuple(t for t in cohort.schema.names if f"label_{t}" in table.column_names)
     side = {keyed_id(s, secret): "train" for s in train_ids} | {keyed_id(s, secret): "test" for s in test_ids}
     where = np.array([side.get(k, "") for k in table["scan_key"].to_pylist()])
-    x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    labels = {t: np.asarray(table[f"label_{t}"].to_numpy(), dtype=np.int64) for t in tasks}
-    size = np.asarray(table["size_mm"].to_numpy(), dtype=np.float64)
-
-    def part(name: str) -> Split:
-        m = where == name
-        return Split(x=x[m], labels={t: v[m] for t, v in labels.items()}, size_mm=size[m])
-
-    train, test = part("train"), part("test")
+    full = Split(x=np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32),
+                 labels={t: np.asarray(table[f"label_{t}"].to_numpy(), dtype=np.int64) for t in tasks},
+                 size_mm=np.asarray(table["size_mm"].to_numpy(), dtype=np.float64),
+                 patients=np.asarray(table["patient_key"].to_pylist()))
+    train_rows, test_rows = np.flatnonzero(where == "train"), np.flatnonzero(where == "test")
+    train, test = full.subset(train_rows), full.subset(test_rows)
     if len(train.x) == 0 or len(test.x) == 0:
         raise InputError(f"{emb_dir}: {len(train.x)} training and {len(test.x)} held-out tumors match {manifest} "
                          "with this secret (another archive, or another site key?)")
-    return train, test, models[0], tasks
+    hand = np.stack(table["handcrafted"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    train_hand, test_hand = standardize(train.with_x(hand[where == "train"]), test.with_x(hand[where == "test"]))
+    return Evaluation(train=train, test=test, train_hand=train_hand, test_hand=test_hand, meta=meta, tasks=tasks,
+                      test_scans=tuple(test_ids), table=table, train_rows=train_rows, test_rows=test_rows)
 
 
-def evaluate(emb_dir, manifest, secret: bytes, cfg: Config, *, k: int = 5, ks: Sequence[int] = K_CURVE,
-             model_id: str | None = None) -> dict:
-    train, test, mid, tasks = load_splits(emb_dir, manifest, secret, cfg, model_id=model_id)
+def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Sequence[int] = K_CURVE) -> dict:
+    """-> the evaluation record: learned / handcrafted / no-embedding rows at K, K curves, the split."""
+    ev = load_evaluation(emb_dir, manifest, secret, model_path)
     ks = sorted(set(ks) | {k})
-    curve = knn_scores(train, test, ks, tasks)
-    return {"model_id": mid, "k": k, "train_tumors": len(train.x), "test_tumors": len(test.x), "tasks": tasks,
-            "knn": curve[k], "baseline": baselines(train, test, tasks), "k_curve": {str(q): curve[q] for q in ks}}
+    learned = knn_scores(ev.train, ev.test, ks, ev.tasks)
+    hand = knn_scores(ev.train_hand, ev.test_hand, ks, ev.tasks)
+    extra = ev.meta["extra"]
+    split = extra["split"]
+    return {"model_id": ev.meta["model_id"], "run": extra.get("run"), "steps": extra.get("steps"), "k": k,
+            "tasks": list(ev.tasks), "train_tumors": len(ev.train.x), "test_tumors": len(ev.test.x),
+            "split": {"test_fraction": split["test_fraction"], "seed": split["seed"],
+                      "train_patients": len(split["train_patients"]), "test_patients": len(split["test_patients"])},
+            "rows": {"learned": learned[k], "handcrafted": hand[k],
+                     "no_embedding": no_embedding(ev.train, ev.test, ev.tasks)},
+            "k_curve": {"learned": {str(q): learned[q] for q in ks}, "handcrafted": {str(q): hand[q] for q in ks}}}
 
 
-def fmt_metric(v: float, pct: bool) -> str:
-    return "n/a" if math.isnan(v) else (f"{100 * v:.1f} %" if pct else f"{v:.2f}")
+def metric_label(key: str, k: int | None = None) -> str:
+    """acc_area -> "area accuracy"; precision_area -> "area precision@K"; rmse_size_mm -> "size RMSE (mm)"."""
+    if key == "rmse_size_mm":
+        return "size RMSE (mm)"
+    metric, task = key.split("_", 1)
+    at = f"@{k}" if k else ""
+    return f"{task} " + {"acc": "accuracy", "precision": f"precision{at}", "map": f"mAP{at}"}[metric]
+
+
+def fmt_metric(v: float | None, key: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.2f}" if key == "rmse_size_mm" else f"{100 * v:.1f} %"
+
+
+def metric_keys(tasks: Sequence[str]) -> list[str]:
+    return [f"{m}_{t}" for t in tasks for m in ("acc", "precision", "map")] + ["rmse_size_mm"]
 
 
 def format_evaluation(res: dict) -> str:
-    keys = [f"acc_{t}" for t in res["tasks"]] + ["rmse_size_mm"]
+    rows = res["rows"]
     lines = [f"KNN evaluation of model {res['model_id']}: {res['test_tumors']} held-out tumors searched among "
-             f"{res['train_tumors']} training tumors", "",
-             f"| metric | KNN (K = {res['k']}) | no embedding (majority / mean size) |", "|---|---|---|"]
-    for key in keys:
-        pct = key.startswith("acc_")
-        name = key[4:] + " accuracy" if pct else "size RMSE (mm)"
-        lines.append(f"| {name} | {fmt_metric(res['knn'][key], pct)} | {fmt_metric(res['baseline'][key], pct)} |")
-    ks = list(res["k_curve"])
-    lines += ["", "K curve:", "", "| metric | " + " | ".join(f"K = {q}" for q in ks) + " |",
-              "|---|" + "---|" * len(ks)]
-    for key in keys:
-        pct = key.startswith("acc_")
-        lines.append(f"| {key} | " + " | ".join(fmt_metric(res["k_curve"][q][key], pct) for q in ks) + " |")
+             f"{res['train_tumors']} training tumors of other patients (split recorded in the model: "
+             f"{res['split']['test_patients']} held-out patients)", "",
+             f"| metric (K = {res['k']}) | learned | handcrafted | no embedding |", "|---|---|---|---|"]
+    for key in metric_keys(res["tasks"]):
+        lines.append(f"| {metric_label(key, res['k'])} | " + " | ".join(fmt_metric(rows[r].get(key), key)
+                                                                     for r in ROWS) + " |")
+    curve = res["k_curve"]["learned"]
+    shown = [q for q in ("1", "3", "5", "10", "20") if q in curve]
+    lines += ["", "K curve of the learned embedding:", "",
+              "| metric | " + " | ".join(f"K = {q}" for q in shown) + " |", "|---|" + "---|" * len(shown)]
+    for key in [f"acc_{t}" for t in res["tasks"]] + ["rmse_size_mm"]:
+        lines.append(f"| {metric_label(key)} | " + " | ".join(fmt_metric(curve[q][key], key) for q in shown) + " |")
     return "\n".join(lines)
 
 
-def _plain(v):
+def plain(v):
+    """JSON-ready: NaN -> null, recursively."""
     if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [plain(x) for x in v]
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def write_evaluation(res: dict, path: str | Path) -> None:
     """JSON (a metric that could not be computed is null)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(_plain(res), indent=2))
+    atomic_write_text(path, json.dumps(plain(res), indent=2))

@@ -15,10 +15,11 @@ import numpy as np
 
 from embedder.embed import embed_scan, embed_settings
 from embedder.shards import read_embeddings
-from tumornet.cohort import ManifestRow, read_instances
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
+from tumornet.manifest import ManifestRow
+from tumornet.scans import read_instances
 from tumornet.volumes import read_label_map
 
 from .knn import nearest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -12,8 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tumornet.io import write_table_csv
 from tumornet.labels import DEFAULT_SCHEMA
-from tumornet.phantom import PhantomConfig, generate_cohort
+from tumornet.manifest import manifest_columns
+from tumornet.synth.phantom import PhantomConfig, generate_cohort
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None, dtype=None) -> Path:
@@ -39,13 +40,8 @@ def blob_subject(shape=(24, 28, 20), centers=((8, 9, 7), (16, 18, 13)), radii=(3
 
 
 def write_manifest(path: Path, rows: list[dict], columns=None) -> Path:
-    columns = columns or ["patient_id", "scan_id", "image", "mask", "tumor_id", *DEFAULT_SCHEMA.names]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    return path
+    """A manifest CSV of the default schema (or of exactly `columns`, to write broken ones)."""
+    return write_table_csv(path, rows, columns or manifest_columns(DEFAULT_SCHEMA))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -81,7 +77,7 @@ def subject(tmp_path):
 def small_cohort(tmp_path_factory) -> Path:
     """A 4 mm synthetic cohort shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("cohort")
-    return generate_cohort(PhantomConfig(patients=24, seed=3, spacing_mm=4.0, workers=2), out, log=lambda *_: None)
+    return generate_cohort(PhantomConfig(patients=24, seed=3, voxel_mm=4.0, workers=2), out, log=lambda *_: None)
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +99,37 @@ def ray_head(tmp_path_factory):
     yield env
     ray.shutdown()
     subprocess.run([str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)
+
+
+SECRET = b"0123456789abcdef-site-key"
+
+
+def model_with_split(path, cohort, *, seed=0, test_fraction=0.2, channels=8):
+    """A random model whose file records the split (seed, fraction) of `cohort`, as training writes it."""
+    import torch
+
+    from tumornet.export import export_model
+    from tumornet.network import MultitaskNet, NetConfig
+    from tumornet.split import record_split
+
+    torch.manual_seed(0)
+    model = MultitaskNet(NetConfig(channels=channels, blocks=1), DEFAULT_SCHEMA).eval()
+    split = record_split(cohort, test_fraction=test_fraction, seed=seed)
+    return model, export_model(model, path, extra={"spacing_mm": [4.0] * 3, "patch_size": 16, "split": split,
+                                                   "run": "test", "steps": 0})
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory, small_cohort):
+    """The small cohort embedded without Ray (the job's per-scan function) by a random 8-channel model
+    recording a 25 % held-out split: <root>/model.pt, <root>/emb/."""
+    from embedder.embed import embed_scan
+    from embedder.shards import shard_schema, write_shard
+    from tumornet.manifest import read_manifest
+
+    root = tmp_path_factory.mktemp("archive")
+    model, mid = model_with_split(root / "model.pt", read_manifest(small_cohort), test_fraction=0.25)
+    rows = [r for scan in read_manifest(small_cohort).scans().values()
+            for r in embed_scan(model, mid, scan, spacing_mm=4.0, patch_size=16, secret=SECRET)]
+    write_shard(rows, root / "emb" / "s.parquet", shard_schema(8, DEFAULT_SCHEMA.names))
+    return root

@@ -4,11 +4,12 @@ import torch
 
 from conftest import write_manifest
 from tumornet.cache import prepare_scan
-from tumornet.cohort import load_scan, read_manifest
 from tumornet.errors import InputError
 from tumornet.export import export_model, load_model, model_id
 from tumornet.labels import DEFAULT_SCHEMA
+from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet, NetConfig
+from tumornet.scans import load_scan
 
 
 def test_cache_round_trip_and_hit(subject, tmp_path):

@@ -39,7 +39,25 @@ def test_phantom_subcommand_as_a_process(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "c" / "manifest.csv").is_file() and (tmp_path / "c" / "cohort.json").is_file()
     meta = json.loads((tmp_path / "c" / "cohort.json").read_text())
-    assert meta["config"]["patients"] == 2 and meta["config"]["spacing_mm"] == 4.0
+    assert meta["config"]["patients"] == 2 and meta["config"]["voxel_mm"] == 4.0
+
+
+def test_installed_command_works_from_another_folder(tmp_path, small_cohort):
+    """The console script finds its bundled config (the default `demo`) outside the repository."""
+    exe = Path(sys.executable).parent / "tumor-retrieval"
+    if not exe.is_file():
+        pytest.skip("the tumor-retrieval console script is not installed in this environment")
+    r = subprocess.run([str(exe), "summary", str(small_cohort), "--fast", "--json"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["patients"] == 24
+    r = subprocess.run([str(exe), "summary", str(small_cohort), "--config", "paper", "--fast"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(exe), "summary", str(small_cohort), "--config", "nope"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert "nope: config file not found (bundled configs: ['ablation', 'demo', 'paper']" in r.stderr
 
 
 @pytest.mark.ray

@@ -6,16 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_manifest, write_nifti
-from tumornet.cohort import (
-    load_scan,
-    patient_groups,
-    patient_key,
-    read_manifest,
-    split_patients,
-    split_scan_ids,
-)
 from tumornet.errors import InputError
+from tumornet.keys import patient_key
 from tumornet.labels import MISSING, LabelSchema
+from tumornet.manifest import read_manifest
+from tumornet.scans import load_scan
+from tumornet.split import patient_groups, split_patients, split_scan_ids
 
 
 def test_valid_manifest_reads_labels_and_paths(subject):

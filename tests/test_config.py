@@ -15,6 +15,26 @@ def test_shipped_configs_load(name):
     assert cfg.tasks == DEFAULT_SCHEMA and cfg.phantom.patients > 0
 
 
+@pytest.mark.parametrize("name", ["demo", "paper"])
+def test_typed_config_round_trips_through_plain_types(name):
+    import dataclasses
+    import json
+
+    from tumornet.config import config_from_dict, config_to_dict, with_overrides
+
+    cfg = load_config(name, ["distributed.worker_env={A: x}", "loss.per_task={area: 0.01}"])
+    plain = json.loads(json.dumps(config_to_dict(cfg)))  # what workers and the model file receive
+    assert config_from_dict(plain) == cfg
+    derived = with_overrides(cfg, model={"channels": 16}, train={"milestones": (3,)})
+    back = config_from_dict(json.loads(json.dumps(config_to_dict(derived))))
+    assert back.model.channels == 16 and back.train.milestones == (3,) and back == derived
+    assert dataclasses.replace(cfg, name="x") != cfg
+    with pytest.raises(InputError, match=r"model\.norm"):
+        with_overrides(cfg, model={"norm": "layer"})
+    with pytest.raises(InputError, match="modle: unknown config section"):
+        with_overrides(cfg, modle={"channels": 1})
+
+
 def test_overrides_apply_and_are_typed():
     cfg = load_config(CONFIGS / "demo.yaml", ["phantom.patients=7", "data.spacing_mm=[1.0, 1.0, 2.0]"])
     assert cfg.phantom.patients == 7 and cfg.data.spacing_mm == (1.0, 1.0, 2.0)

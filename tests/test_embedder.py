@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from embedder.embed import embed_scan, patch_size_for
-from embedder.job import read_secret, run_embedding
+from embedder.job import run_embedding
 from embedder.shards import read_embeddings, shard_files, shard_schema, write_shard
-from tumornet.cohort import keyed_id, load_scan, patient_key, read_manifest
 from tumornet.errors import InputError
 from tumornet.export import export_model
+from tumornet.keys import keyed_id, patient_key, read_secret
 from tumornet.labels import DEFAULT_SCHEMA
+from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet, NetConfig
 from tumornet.patches import centred_patch
+from tumornet.scans import load_scan
 
 SECRET = b"0123456789abcdef-site-key"
 

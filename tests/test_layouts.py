@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from tumornet.anatomy import load_anatomy
-from tumornet.cohort import load_scan, read_manifest
 from tumornet.errors import InputError
 from tumornet.layouts import import_layout
+from tumornet.manifest import read_manifest
+from tumornet.scans import load_scan
 from tumornet.volumes import resample, save_nifti
 
 SPACING = 3.0

@@ -66,10 +66,23 @@ def test_embedding_size_is_independent_of_box_size():
     assert (emb[2] >= emb[1]).all() and (emb[1] >= 0).all()
 
 
-def test_embed_is_deterministic_in_eval_mode():
+def test_embed_uses_the_running_statistics_not_the_batch():
+    """embed() runs in eval mode: a tumor's vector does not depend on what else is in the batch
+    (in training mode batch norm would normalize by the batch and give another vector)."""
+    torch.manual_seed(0)
     net = MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA)
+    for _ in range(3):  # give batch norm running statistics that differ from any one batch's
+        net(torch.randn(2, 1, 12, 12, 12) * 3 + 1, torch.tensor([[0, 1, 1, 1, 5, 5, 5]]))
     vol = torch.randn(1, 12, 12, 12)
-    assert torch.equal(net.embed(vol, [[1, 1, 1, 5, 5, 5]]), net.embed(vol, [[1, 1, 1, 5, 5, 5]]))
+    box = [[1, 1, 1, 5, 5, 5]]
+    emb = net.embed(vol, box)
+    assert net.training and torch.equal(emb, net.embed(vol, box))
+    boxes = torch.tensor([[0, 1, 1, 1, 5, 5, 5]])
+    with torch.no_grad():
+        net.eval()
+        assert torch.allclose(emb, net(vol[None], boxes)["embedding"], atol=1e-6)
+        net.train()  # what a train-mode embedding would have given
+        assert not torch.allclose(emb, net(vol[None], boxes)["embedding"], atol=1e-3)
 
 
 def test_task_heads_follow_the_schema():

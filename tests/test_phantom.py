@@ -5,9 +5,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tumornet.cohort import load_scan, read_manifest
 from tumornet.errors import InputError
-from tumornet.phantom import PhantomConfig, generate_cohort, plan_patient
+from tumornet.manifest import read_manifest
+from tumornet.scans import load_scan
+from tumornet.synth.phantom import PhantomConfig, generate_cohort, plan_patient
 from tumornet.volumes import read_label_map, read_nifti
 
 
@@ -16,9 +17,9 @@ def _rows(manifest):
 
 
 def test_same_seed_same_cohort_whatever_the_workers(tmp_path):
-    a = generate_cohort(PhantomConfig(patients=3, seed=5, spacing_mm=4.0, workers=1), tmp_path / "a", log=print)
-    b = generate_cohort(PhantomConfig(patients=3, seed=5, spacing_mm=4.0, workers=2), tmp_path / "b", log=print)
-    c = generate_cohort(PhantomConfig(patients=3, seed=6, spacing_mm=4.0), tmp_path / "c", log=print)
+    a = generate_cohort(PhantomConfig(patients=3, seed=5, voxel_mm=4.0, workers=1), tmp_path / "a", log=print)
+    b = generate_cohort(PhantomConfig(patients=3, seed=5, voxel_mm=4.0, workers=2), tmp_path / "b", log=print)
+    c = generate_cohort(PhantomConfig(patients=3, seed=6, voxel_mm=4.0), tmp_path / "c", log=print)
     ra, rb = _rows(a), _rows(b)
     assert ra == rb
     for r in ra:

@@ -1,23 +1,27 @@
-"""KNN evaluation: hand-computed neighbours, missing labels, and the split matched through keyed ids."""
+"""KNN evaluation: hand-computed neighbours and scores, missing labels, other patients only, the split
+taken from the model, the handcrafted baseline; search; robustness; command errors."""
 
 import datetime
 import math
+import re
 
 import numpy as np
 import pytest
 
+from conftest import SECRET, model_with_split
 from embedder.shards import shard_schema, write_shard
 from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
-from retrieval.knn import Split, baselines, knn_scores
-from tumornet.cohort import keyed_id, read_manifest, split_scan_ids
-from tumornet.config import load_config
+from retrieval.knn import Split, knn_scores, no_embedding, standardize
 from tumornet.errors import InputError
+from tumornet.export import export_model
+from tumornet.keys import keyed_id
 from tumornet.labels import DEFAULT_SCHEMA, MISSING
+from tumornet.manifest import read_manifest
+from tumornet.network import MultitaskNet, NetConfig
+from tumornet.split import split_scan_ids
 
-SECRET = b"0123456789abcdef-site-key"
 
-
-def test_knn_votes_and_sizes_by_hand():
+def test_knn_scores_by_hand():
     # database on a line: x = 0, 1, 2, 10, 11; labels a a b b b; sizes 10 20 30 40 50
     train = Split(x=np.array([[0.0], [1.0], [2.0], [10.0], [11.0]]),
                   labels={"t": np.array([0, 0, 1, 1, 1])}, size_mm=np.array([10.0, 20.0, 30.0, 40.0, 50.0]))
@@ -28,8 +32,15 @@ def test_knn_votes_and_sizes_by_hand():
     assert s[1]["rmse_size_mm"] == pytest.approx(math.sqrt(((10 - 15) ** 2 + (40 - 45) ** 2) / 2))
     assert s[3]["rmse_size_mm"] == pytest.approx(math.sqrt(((20 - 15) ** 2 + (40 - 45) ** 2) / 2))
     assert s[5]["acc_t"] == 0.0  # majority b everywhere
-    b = baselines(train, test, ["t"])
+    # precision@3: query 1 -> a a b = 2/3; query 2 -> b b b = 0 => 1/3
+    assert s[3]["precision_t"] == pytest.approx((2 / 3 + 0) / 2)
+    # AP@3 (R = 2 relevant a's): query 1 ranks a, a, b: (1/1 + 2/2) / 2 = 1; query 2 ranks b, b, b: 0
+    assert s[3]["map_t"] == pytest.approx(0.5)
+    # AP@5 of query 2: ranks 10, 11, 2, 1, 0 -> b b b a a: P@4 = 1/4, P@5 = 2/5 -> (1/4 + 2/5) / 2
+    assert s[5]["map_t"] == pytest.approx((1.0 + (1 / 4 + 2 / 5) / 2) / 2)
+    b = no_embedding(train, test, ["t"])
     assert b["acc_t"] == 0.0 and b["rmse_size_mm"] == pytest.approx(math.sqrt(((30 - 15) ** 2 + (30 - 45) ** 2) / 2))
+    assert b["precision_t"] == pytest.approx(2 / 5) == b["map_t"]  # random retrieval: the frequency of class a
 
 
 def test_missing_labels_neither_vote_nor_count():
@@ -44,54 +55,78 @@ def test_missing_labels_neither_vote_nor_count():
         Split(x=np.zeros((2, 3)), labels={"t": np.zeros(3)}, size_mm=np.zeros(2))
 
 
-def test_evaluation_uses_the_patient_split_through_keyed_ids(tmp_path, small_cohort):
-    cfg = load_config("configs/demo.yaml", ["data.test_fraction=0.25"])
-    cohort = read_manifest(small_cohort)
-    _, test_ids = split_scan_ids(cohort, test_fraction=0.25, seed=cfg.data.split_seed)
-    rng = np.random.default_rng(0)
+def test_a_neighbour_from_the_query_patient_never_counts():
+    # patient A has a baseline and a follow-up scan in the same set: the follow-up is a near copy
+    db = Split(x=np.array([[0.0], [0.05], [3.0], [4.0]]), labels={"t": np.array([1, 1, 0, 0])},
+               size_mm=np.array([10.0, 10.0, 30.0, 30.0]), patients=np.array(["A", "A", "B", "C"]))
+    q = db.subset(np.array([0]))
+    s = knn_scores(db, q, [1, 2], ["t"])
+    assert s[1]["acc_t"] == 0.0 and s[1]["rmse_size_mm"] == pytest.approx(20.0)  # nearest other patient: B
+    assert s[2]["precision_t"] == 0.0 and s[2]["map_t"] == 0.0  # no relevant tumor from another patient
+    without = knn_scores(db.with_x(db.x), Split(x=q.x, labels=q.labels, size_mm=q.size_mm), [1], ["t"])
+    assert without[1]["acc_t"] == 1.0  # what it would be if the own patient counted (itself at distance 0)
+
+
+def test_standardize_uses_the_database_statistics():
+    db = Split(x=np.array([[0.0, 5.0], [2.0, 5.0]]), labels={}, size_mm=np.zeros(2))
+    q = Split(x=np.array([[4.0, 7.0]]), labels={}, size_mm=np.zeros(1))
+    zdb, zq = standardize(db, q)
+    assert np.allclose(zdb.x[:, 0], [-1, 1]) and np.allclose(zq.x, [[3.0, 2.0]])  # constant column: sd 1
+
+
+def _shard_rows(cohort, rng):
+    """Shard rows whose embedding encodes the tumor type (class 0 also for unknown); handcrafted noise."""
     rows, at = [], datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC)
     for r in cohort.rows:
         tt = r.labels["tumor_type"]
         emb = np.zeros(4, dtype=np.float32)
-        emb[max(tt, 0)] = 5.0  # an embedding that encodes the tumor type (class 0 also for unknown)
+        emb[max(tt, 0)] = 5.0
         emb += rng.normal(0, 0.1, 4).astype(np.float32)
-        rows.append({"scan_key": keyed_id(r.scan_id, SECRET), "patient_key": "p", "tumor_id": r.tumor_id,
-                     "source": "mask", "bbox": [0] * 6, "bbox_mm": [0.0] * 6, "centroid_mm": [0.0] * 3,
-                     "volume_ml": 1.0, "size_mm": 10.0 + 10 * max(tt, 0),
+        rows.append({"scan_key": keyed_id(r.scan_id, SECRET), "patient_key": keyed_id(r.patient_id, SECRET),
+                     "tumor_id": r.tumor_id, "source": "mask", "bbox": [0] * 6, "bbox_mm": [0.0] * 6,
+                     "centroid_mm": [0.0] * 3, "volume_ml": 1.0, "size_mm": 10.0 + 10 * max(tt, 0),
                      **{f"label_{t}": r.labels.get(t, -1) for t in DEFAULT_SCHEMA.names},
                      **{f"pred_{t}": 0 for t in DEFAULT_SCHEMA.names},
-                     "embedding": emb.tolist(), "model_id": "m", "source_hash": "h", "embedded_at": at})
+                     "embedding": emb.tolist(), "handcrafted": rng.normal(0, 1, 8).tolist(), "model_id": "m",
+                     "source_hash": "h", "embedded_at": at})
+    return rows
+
+
+def test_evaluation_takes_the_split_from_the_model(tmp_path, small_cohort):
+    cohort = read_manifest(small_cohort)
+    _, mid = model_with_split(tmp_path / "model.pt", cohort, seed=7, test_fraction=0.25)
+    rows = [dict(r, model_id=mid) for r in _shard_rows(cohort, np.random.default_rng(0))]
     write_shard(rows, tmp_path / "emb" / "s.parquet", shard_schema(4, DEFAULT_SCHEMA.names))
-    res = evaluate(tmp_path / "emb", small_cohort, SECRET, cfg, k=5, ks=[1, 5])
-    held_out = sum(1 for r in cohort.rows if r.scan_id in set(test_ids))
+    res = evaluate(tmp_path / "emb", small_cohort, SECRET, tmp_path / "model.pt", k=5, ks=[1, 5])
+    # the held-out tumors are those of the model's split (seed 7), with no seed passed again
+    _, test7 = split_scan_ids(cohort, test_fraction=0.25, seed=7)
+    _, test0 = split_scan_ids(cohort, test_fraction=0.25, seed=0)
+    assert set(test7) != set(test0)
+    held_out = sum(1 for r in cohort.rows if r.scan_id in set(test7))
     assert res["test_tumors"] == held_out and res["train_tumors"] == len(cohort.rows) - held_out
-    assert res["knn"]["acc_tumor_type"] == 1.0 > res["baseline"]["acc_tumor_type"]
-    assert res["k_curve"]["1"]["rmse_size_mm"] < 1e-9  # the nearest tumor has the same type, so the same size
-    assert res["knn"]["rmse_size_mm"] < res["baseline"]["rmse_size_mm"]
-    assert "| tumor_type accuracy | 100.0 % |" in format_evaluation(res)
+    assert res["split"]["seed"] == 7 and res["split"]["test_fraction"] == 0.25
+    learned, hand, none = (res["rows"][r] for r in ("learned", "handcrafted", "no_embedding"))
+    assert learned["acc_tumor_type"] == 1.0 > none["acc_tumor_type"]
+    # AP@5 divides by min(5, R): a rare type with fewer than 5 training tumors still scores 1; precision does not
+    assert learned["map_tumor_type"] == 1.0 and 0.9 < learned["precision_tumor_type"] <= 1.0
+    assert hand["acc_tumor_type"] < 1.0  # noise vectors
+    assert res["k_curve"]["learned"]["1"]["rmse_size_mm"] < 1e-9  # same type, same size
+    assert learned["rmse_size_mm"] < none["rmse_size_mm"]
+    text = format_evaluation(res)
+    assert "| tumor_type accuracy | 100.0 % |" in text and "| tumor_type mAP@5 | 100.0 % |" in text
     write_evaluation(res, tmp_path / "e.json")
     assert "NaN" not in (tmp_path / "e.json").read_text()
     with pytest.raises(InputError, match="0 training and 0 held-out tumors match"):
-        evaluate(tmp_path / "emb", small_cohort, b"another-site-key-0000", cfg)
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory, small_cohort):
-    """The small cohort embedded without Ray (the job's per-scan function) with a random 8-channel model."""
-    import torch
-
-    from embedder.embed import embed_scan
-    from tumornet.export import export_model
-    from tumornet.network import MultitaskNet, NetConfig
-
-    torch.manual_seed(0)
-    model = MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA).eval()
-    root = tmp_path_factory.mktemp("archive")
-    mid = export_model(model, root / "model.pt", extra={"spacing_mm": [4.0] * 3, "patch_size": 16})
-    rows = [r for scan in read_manifest(small_cohort).scans().values()
-            for r in embed_scan(model, mid, scan, spacing_mm=4.0, patch_size=16, secret=SECRET)]
-    write_shard(rows, root / "emb" / "s.parquet", shard_schema(8, DEFAULT_SCHEMA.names))
-    return root
+        evaluate(tmp_path / "emb", small_cohort, b"another-site-key-0000", tmp_path / "model.pt")
+    # a manifest with patients the model never saw is refused
+    other = tmp_path / "other.csv"
+    other.write_text(re.sub(r"^SYN", "NEW", small_cohort.read_text(), flags=re.M))  # other patient ids
+    with pytest.raises(InputError, match="are in neither split of the model"):
+        evaluate(tmp_path / "emb", other, SECRET, tmp_path / "model.pt")
+    # a model without a recorded split is refused
+    export_model(MultitaskNet(NetConfig(channels=4, blocks=1), DEFAULT_SCHEMA), tmp_path / "old.pt")
+    with pytest.raises(InputError, match="records no training split"):
+        evaluate(tmp_path / "emb", small_cohort, SECRET, tmp_path / "old.pt")
 
 
 def test_search_finds_the_query_itself_first(archive, small_cohort, tmp_path):
@@ -116,9 +151,6 @@ def test_search_finds_the_query_itself_first(archive, small_cohort, tmp_path):
     with pytest.raises(InputError, match=r"no tumor \[99\] in the mask"):
         query_rows(scan[0].image, scan[0].mask, tumor_ids=[99])
     with pytest.raises(InputError, match="no tumor embedded with model"):
-        from tumornet.export import export_model
-        from tumornet.network import MultitaskNet, NetConfig
-
         other = tmp_path / "other.pt"
         export_model(MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA), other,
                      extra={"spacing_mm": [4.0] * 3, "patch_size": 16})
@@ -128,17 +160,16 @@ def test_search_finds_the_query_itself_first(archive, small_cohort, tmp_path):
 def test_robustness_without_distortion_equals_the_clean_scores(archive, small_cohort):
     from retrieval.robustness import format_robustness, robustness
 
-    cfg = load_config("configs/demo.yaml")
-    same = robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, cfg, k=3, draws=1,
+    same = robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, k=3, draws=1,
                       log2_scale_sd=0.0, shift_sd=0.0)
     assert same["distorted_mean"] == pytest.approx(same["clean"], nan_ok=True)
     assert all(v == 0 or math.isnan(v) for v in same["distorted_sd"].values())
-    res = robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, cfg, k=3, draws=2)
+    res = robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, k=3, draws=2)
     assert res["draws"] == 2 and set(res["distorted_mean"]) == set(res["clean"])
     assert 0 <= res["distorted_mean"]["acc_tumor_type"] <= 1 and res["distorted_mean"]["rmse_size_mm"] > 0
     assert "| size RMSE (mm) |" in format_robustness(res)
     with pytest.raises(InputError, match="--draws: expected >= 1, got 0"):
-        robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, cfg, draws=0)
+        robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, draws=0)
 
 
 def test_evaluate_and_search_commands_name_bad_input(tmp_path, archive, small_cohort, capsys):
@@ -147,9 +178,11 @@ def test_evaluate_and_search_commands_name_bad_input(tmp_path, archive, small_co
     key = tmp_path / "site.key"
     key.write_bytes(SECRET)
     base = ["evaluate", "--embeddings", str(archive / "emb"), "--manifest", str(small_cohort),
-            "--secret-file", str(key)]
-    assert main([*base, "--robustness"]) == 2
-    assert "--robustness needs --model" in capsys.readouterr().err
+            "--secret-file", str(key), "--model", str(archive / "model.pt")]
+    assert main([*base, "--robustness", "--draws", "0"]) == 2
+    assert "--draws: expected >= 1, got 0" in capsys.readouterr().err
+    assert main([*base, "--k", "0"]) == 2
+    assert "K must be >= 1" in capsys.readouterr().err
     assert main([*base, "--ks", "1,x"]) == 2
     assert "--ks: expected comma-separated integers" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "e.json")]) == 0

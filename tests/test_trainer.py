@@ -90,15 +90,24 @@ def test_ray_job_submit(ray_head, tmp_path, small_cohort):
     assert (tmp_path / "runs" / "job" / "model.pt").is_file()
 
 
-def test_channel_sweep_trains_one_run_per_width(ray_head, tmp_path, small_cohort):
-    from trainer.launch import format_sweep, run_sweep
+def test_experiment_trains_embeds_and_scores_each_variant(ray_head, tmp_path, small_cohort):
+    from retrieval.experiments import format_experiment, read_experiment, run_experiment
 
-    cfg = load_config(_config(tmp_path, small_cohort, "sw", epochs=1, batches_per_epoch=2))
-    rows = run_sweep(cfg, manifest=cfg.data.manifest, channels=[4, 8])
-    assert [r["channels"] for r in rows] == [4, 8] and all("val/dice" in r for r in rows)
-    for c in (4, 8):
-        _, meta = load_model(tmp_path / "runs" / f"sw-c{c}" / "model.pt")
-        assert meta["model_config"]["channels"] == c
-    assert json.loads((tmp_path / "runs" / "sw-sweep.json").read_text()) == rows
-    table = format_sweep(rows)
-    assert table.splitlines()[0].startswith("| channels | ") and "| 4 |" in table and "| 8 |" in table
+    cfg = load_config(_config(tmp_path, small_cohort, "ex", epochs=1, batches_per_epoch=2),
+                      ["distributed.workers=1"])
+    key = tmp_path / "site.key"
+    key.write_text("0123456789abcdef0123")
+    variants = {"c4": {"model": {"channels": 4}}, "seg_only": {"loss": {"task": 0.0}}}
+    exp = run_experiment("Test table", cfg, variants, manifest=small_cohort, secret_file=key, out_dir=tmp_path / "x",
+                         k=3, log=lambda *_: None)
+    assert [r["variant"] for r in exp["rows"]] == ["c4", "seg_only"]
+    for r in exp["rows"]:
+        assert r["steps"] == 2 and r["wall_s"] > 0 and r["split"]["test_fraction"] == 0.2
+        assert 0 <= r["learned"]["acc_tumor_type"] <= 1 and r["handcrafted"]["rmse_size_mm"] > 0
+        _, meta = load_model(tmp_path / "x" / "runs" / f"ex-{r['variant']}" / "model.pt")
+        assert meta["model_id"] == r["model_id"]
+    written = json.loads((tmp_path / "x" / "c4" / "config.json").read_text())
+    assert written["model"]["channels"] == 4 and written["loss"]["task"] == 0.001
+    assert json.loads((tmp_path / "x" / "seg_only" / "config.json").read_text())["loss"]["task"] == 0.0
+    assert read_experiment(tmp_path / "x" / "test-table.json") == json.loads(json.dumps(exp))
+    assert "| c4 | learned |" in format_experiment(exp)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
-from tumornet.config import Config, apply_overrides, config_from_dict
+from tumornet.config import Config, config_to_dict
 from tumornet.errors import InputError
 from tumornet.runtime import ALLOCATOR_ENV
 
@@ -21,7 +22,7 @@ def storage_root(cfg: Config) -> str:
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
-def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = None) -> dict:
+def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = None, fresh: bool = False) -> dict:
     """Train; -> summary dict (final metrics, checkpoint path, model path), also in <run>/result.json."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -38,6 +39,8 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
     if "://" in root:
         raise InputError("distributed.storage_path: metrics and the exported model need a (shared) filesystem path")
     run_dir = Path(root) / name
+    if fresh:  # start from scratch: Ray Train would otherwise restore the run of that name
+        shutil.rmtree(run_dir, ignore_errors=True)
     # validate the cohort here, before any worker starts: every problem is reported at once
     _, train_ids, _ = split_scans(cfg, str(manifest))
     if len(train_ids) < d.workers:
@@ -51,7 +54,7 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"raw": cfg.raw, "manifest": str(manifest), "run_dir": str(run_dir)},
+        train_loop_config={"config": config_to_dict(cfg), "manifest": str(manifest), "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=root, failure_config=FailureConfig(max_failures=d.max_failures),
@@ -70,27 +73,3 @@ def worker_env(cfg: Config) -> dict[str, str]:
     """Environment of the training worker processes: the CPU allocator settings (they only work
     from process start), then the config's `distributed.worker_env`."""
     return {**ALLOCATOR_ENV, **cfg.distributed.worker_env}
-
-
-def run_sweep(cfg: Config, *, manifest: str | Path, channels: list[int]) -> list[dict]:
-    """The paper's Tab. 2: one training per feature-map width, sequentially on the cluster."""
-    rows = []
-    for c in channels:
-        raw = apply_overrides(cfg.raw, [f"model.channels={c}"])
-        sub_cfg = config_from_dict(raw, source=f"sweep channels={c}")
-        summary = run_training(sub_cfg, manifest=manifest, run_name=f"{cfg.name}-c{c}")
-        m = summary["metrics"] or {}
-        rows.append({"channels": c, "run": summary["run"], **{k: m.get(k) for k in sorted(m) if k.startswith("val/")}})
-    root = Path(storage_root(cfg))
-    (root / f"{cfg.name}-sweep.json").write_text(json.dumps(rows, indent=2))
-    return rows
-
-
-def format_sweep(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k.startswith("val/")] if rows else []
-    head = "| channels | " + " | ".join(k[4:] for k in keys) + " |"
-    lines = [head, "|" + "---|" * (len(keys) + 1)]
-    for r in rows:
-        lines.append(f"| {r['channels']} | " + " | ".join(
-            "" if r.get(k) is None else f"{r[k]:.3f}" for k in keys) + " |")
-    return "\n".join(lines)

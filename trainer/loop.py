@@ -21,15 +21,16 @@ import numpy as np
 import torch
 
 from tumornet.cache import prepare_scan
-from tumornet.cohort import read_manifest, split_scan_ids
-from tumornet.config import Config, config_from_dict
+from tumornet.config import Config, config_from_dict, config_to_dict
 from tumornet.export import export_model, model_id
 from tumornet.loss import as_float32, multitask_loss
+from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet
 from tumornet.runtime import tune_cpu_allocator
+from tumornet.split import record_split, split_scan_ids
 
 from .data import PatchStream, validation_batches
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, add_sums, validation_metrics, validation_sums
 
 STATE_FILE = "trainer_state.json"
 CKPT_TAG = "state"
@@ -66,45 +67,51 @@ def _metric_name(term: str) -> str:
     return {"total": "loss", "seg": "loss_seg"}.get(term, term.replace("task/", "loss_"))
 
 
-def _all_reduce(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce(sums: dict[str, float], device) -> dict[str, float]:
+    """Named sums added over all ranks (every rank holds the same keys)."""
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
-    return t.tolist()
+    return dict(zip(keys, t.tolist(), strict=True))
 
 
 def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
     """Held-out losses, segmentation Dice and per-task accuracy (summed over all ranks)."""
     tasks = list(cfg.tasks.names)
-    sums = np.zeros(4 + 2 + 2 * len(tasks))  # seg, tasks-total, total, batches | inter, pred+gt | correct, n
+    sums: dict[str, float] = {"batches": 0.0, "loss": 0.0, "loss_seg": 0.0, "loss_tasks": 0.0,
+                              "dice_intersection": 0.0, "dice_volumes": 0.0,
+                              **{f"{s}/{t}": 0.0 for t in tasks for s in ("correct", "known")}}
     engine.eval()
     with torch.no_grad():
         for batch in validation_batches(scans, cfg.train, tasks):
             x, seg, boxes, labels = _to(batch, device, dtype)
             out = as_float32(engine(x, boxes))
-            terms = multitask_loss(out, seg, labels, cfg.loss)
-            task_sum = sum(float(terms[f"task/{t}"]) for t in tasks)
-            pred = out["seg"].argmax(1)
-            sums[:4] += [float(terms["seg"]), task_sum, float(terms["total"]), 1]
-            sums[4:6] += [float(((pred == 1) & (seg == 1)).sum()), float((pred == 1).sum() + (seg == 1).sum())]
-            for j, t in enumerate(tasks):
-                known = labels[t] >= 0
-                sums[6 + 2 * j] += float((out["tasks"][t].argmax(1)[known] == labels[t][known]).sum())
-                sums[7 + 2 * j] += float(known.sum())
+            sums = add_sums(sums, validation_sums(out, seg, labels, multitask_loss(out, seg, labels, cfg.loss), tasks))
     engine.train()
-    s = _all_reduce(sums.tolist(), device)
-    n = max(s[3], 1.0)
-    res = {"val/loss_seg": s[0] / n, "val/loss_tasks": s[1] / n, "val/loss": s[2] / n,
-           "val/dice": 2 * s[4] / s[5] if s[5] else float("nan")}
-    for j, t in enumerate(tasks):
-        res[f"val/acc_{t}"] = s[6 + 2 * j] / s[7 + 2 * j] if s[7 + 2 * j] else float("nan")
-    return res
+    return validation_metrics(_all_reduce(sums, device), tasks)
+
+
+def failure_injector(cfg: Config, rank: int, world: int, run_dir: Path):
+    """Fault-tolerance tests (`train.fail_at_step`): -> step -> None that kills the last worker once,
+    right after that step (a marker file keeps the restarted run from failing again); None when off."""
+    at = cfg.train.fail_at_step
+    if at is None or rank != world - 1:
+        return None
+
+    def after_step(step: int) -> None:
+        marker = run_dir / ".injected_failure"
+        if step + 1 == at and not marker.exists():
+            marker.write_text(f"worker {rank} killed after step {step + 1}\n")
+            os._exit(1)
+
+    return after_step
 
 
 def train_func(loop_config: dict) -> None:
     import ray.train
 
-    cfg = config_from_dict(loop_config["raw"], source="train_loop_config")
+    cfg = config_from_dict(loop_config["config"], source="train_loop_config")
     run_dir = Path(loop_config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -147,6 +154,7 @@ def train_func(loop_config: dict) -> None:
     writer = MetricsWriter(run_dir, resume_step=start) if rank == 0 else None
     stream = PatchStream(mine, t, cfg.tasks.names, rank=rank, start_step=start, end_step=total)
     sums: dict[str, float] = {}
+    inject_failure = failure_injector(cfg, rank, world, run_dir)
     try:
         for _ in range(start, total):
             t0 = time.perf_counter()
@@ -158,11 +166,8 @@ def train_func(loop_config: dict) -> None:
             terms = multitask_loss(as_float32(engine(x, boxes)), seg, labels, cfg.loss)
             engine.backward(terms["total"])
             engine.step()
-            if t.fail_at_step is not None and step + 1 == t.fail_at_step and rank == world - 1:
-                marker = run_dir / ".injected_failure"
-                if not marker.exists():
-                    marker.write_text(f"worker {rank} killed after step {step + 1}\n")
-                    os._exit(1)
+            if inject_failure:
+                inject_failure(step)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["wait_s"] = sums.get("wait_s", 0.0) + waited
@@ -170,8 +175,7 @@ def train_func(loop_config: dict) -> None:
             sums["steps"] = sums.get("steps", 0.0) + 1
             if (step + 1) % t.batches_per_epoch:
                 continue
-            keys = sorted(sums)
-            red = dict(zip(keys, _all_reduce([sums[k] for k in keys], device), strict=True))
+            red = _all_reduce(sums, device)
             n = red["steps"]
             metrics = {"step": step + 1, "epoch": epoch + 1, "lr": t.lr_at(epoch),
                        "data_wait_share": red["wait_s"] / red["step_s"],
@@ -179,7 +183,7 @@ def train_func(loop_config: dict) -> None:
                        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                        "torch_threads": torch.get_num_threads(),
                        "malloc_arena_max": int(os.environ.get("MALLOC_ARENA_MAX", 0))}
-            metrics.update({f"train/{_metric_name(k)}": red[k] / n for k in keys
+            metrics.update({f"train/{_metric_name(k)}": red[k] / n for k in sorted(red)
                             if k not in ("wait_s", "step_s", "steps")})
             if (epoch + 1) % t.val_every == 0 or step + 1 == total:
                 metrics.update(evaluate(engine, val_mine, cfg, device, dtype))
@@ -189,7 +193,7 @@ def train_func(loop_config: dict) -> None:
                     engine.save_checkpoint(d, tag=CKPT_TAG)
                     if rank == 0:
                         state = {"step": step + 1, "epoch": epoch + 1, "model_id": model_id(engine.module.state_dict()),
-                                 "tasks": cfg.tasks.to_dict(), "config": cfg.raw}
+                                 "tasks": cfg.tasks.to_dict(), "config": config_to_dict(cfg)}
                         (Path(d) / STATE_FILE).write_text(json.dumps(state))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
@@ -205,5 +209,8 @@ def train_func(loop_config: dict) -> None:
         final.load_state_dict({k: (v.float() if v.is_floating_point() else v).cpu()
                                for k, v in engine.module.state_dict().items()})
         spacing = [float(v) for v in np.broadcast_to(cfg.data.spacing_mm, 3)]
-        extra = {"spacing_mm": spacing, "patch_size": t.patch_size, "steps": total, "run": run_dir.name}
+        cohort = read_manifest(loop_config["manifest"], cfg.tasks)
+        extra = {"spacing_mm": spacing, "patch_size": t.patch_size, "steps": total, "run": run_dir.name,
+                 "config": config_to_dict(cfg),
+                 "split": record_split(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)}
         export_model(final, run_dir / "model.pt", extra=extra)

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
+from .io import atomic_write
 from .labels import AREAS
 
 CACHE_VERSION = 1
@@ -192,11 +191,7 @@ def load_anatomy(cache_dir: str | None = None) -> Anatomy:
             arrays = {k: z[k] for k in z.files}
     else:
         arrays = build_anatomy()
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".npz")
-        os.close(fd)
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
     return Anatomy(**arrays)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .boxes import make_box
-from .cohort import ManifestRow, load_scan
+from .io import atomic_write, atomic_write_text
+from .manifest import ManifestRow
 from .patches import TumorBox
+from .scans import load_scan
 
 CACHE_VERSION = 1
 
@@ -47,17 +48,6 @@ def scan_key(rows: Sequence[ManifestRow], spacing_mm) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
 
 
-def _atomic_save(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def prepare_scan(rows: Sequence[ManifestRow], *, spacing_mm, cache_dir: str | Path) -> CachedScan:
     """Load one scan through the cache (decode + resample + normalize only on a miss)."""
     cache = Path(cache_dir)
@@ -66,12 +56,12 @@ def prepare_scan(rows: Sequence[ManifestRow], *, spacing_mm, cache_dir: str | Pa
     image_path, inst_path, meta_path = (cache / f"{key}{s}" for s in ("-image.npy", "-instances.npy", ".json"))
     if not meta_path.is_file():
         scan = load_scan(rows, spacing_mm=spacing_mm)
-        _atomic_save(image_path, lambda p: np.save(open(p, "wb"), scan.volume.array.astype(np.float32)))
-        _atomic_save(inst_path, lambda p: np.save(open(p, "wb"), scan.instances.astype(np.int32)))
+        atomic_write(image_path, lambda p: np.save(p, scan.volume.array.astype(np.float32)))
+        atomic_write(inst_path, lambda p: np.save(p, scan.instances.astype(np.int32)))
         meta = {"spacing_mm": list(scan.volume.spacing_mm),
                 "tumors": [{"tumor_id": t.tumor_id, "bbox": t.bbox.tolist(), "labels": dict(t.labels),
                             "size_mm": t.size_mm} for t in scan.tumors]}
-        _atomic_save(meta_path, lambda p: Path(p).write_text(json.dumps(meta)))
+        atomic_write_text(meta_path, json.dumps(meta))
     meta = json.loads(meta_path.read_text())
     tumors = tuple(TumorBox(tumor_id=t["tumor_id"], bbox=make_box(t["bbox"][:3], t["bbox"][3:]), labels=t["labels"])
                    for t in meta["tumors"])

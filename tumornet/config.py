@@ -1,13 +1,16 @@
 """Run configuration: YAML -> frozen keyword-only dataclasses, validated at load.
 
 Every unknown key, wrong type or bad value raises InputError naming the file and the dotted key.
-`key=value` overrides (e.g. `phantom.patients=40`) are applied before validation; values are
-parsed as YAML scalars / lists.
+`key=value` overrides (e.g. `phantom.patients=40`) are applied to the YAML text before validation;
+values are parsed as YAML scalars / lists.
+
+The typed `Config` is the only source of truth: a derived config is `dataclasses.replace(...)` of
+it, and what crosses a process boundary (Ray Train workers, the exported model, a checkpoint) is
+`config_to_dict(cfg)`, read back with `config_from_dict` (a round trip gives an equal Config).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import typing
 from collections.abc import Mapping
@@ -21,13 +24,17 @@ from .errors import InputError
 from .labels import DEFAULT_SCHEMA, LabelSchema
 from .loss import LossWeights
 from .network import NetConfig
-from .phantom import PhantomConfig
+from .synth.phantom import PhantomConfig
 from .volumes import as_spacing
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    manifest: str | None = None  # cohort manifest (CSV / Parquet); None = the phantom's output
+    # the cohort manifest (CSV / Parquet) for train / sweep / experiment when --manifest is not given;
+    # None: the command needs --manifest (the demo passes the synthetic cohort it generates)
+    manifest: str | None = None
+    # the working grid: every scan, synthetic or real, is resampled to it for training and embedding
+    # (phantom.voxel_mm is only the voxel size the synthetic scans are written at)
     spacing_mm: float | tuple[float, float, float] = 1.0
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -118,7 +125,6 @@ class Config:
     loss: LossWeights = field(default_factory=LossWeights)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    raw: dict = field(default_factory=dict, compare=False, repr=False)  # the validated YAML, for workers
 
 
 SECTIONS = {"data": DataConfig, "phantom": PhantomConfig, "model": NetConfig, "loss": LossWeights,
@@ -199,15 +205,57 @@ def config_from_dict(raw: dict, *, source: str = "config") -> Config:
             kwargs["name"] = _check_value(raw["name"], "str", "name")
     except InputError as e:
         raise InputError(f"{source}: {e}") from None
-    return Config(**kwargs, raw=copy.deepcopy(raw))
+    return Config(**kwargs)
+
+
+# the project's bundled configs (the repository's configs/ beside the packages), so that the installed
+# `tumor-retrieval` command finds `demo` or `configs/demo.yaml` from any working directory
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file: the path as given when it exists, else a bundled config by name (`demo`,
+    `demo.yaml` or `configs/demo.yaml`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file() and (len(path.parts) == 1 or path.parent.name == "configs"):
+            return candidate
+    bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise InputError(f"{path}: config file not found (bundled configs: {bundled})")
 
 
 def load_config(path: str | Path, overrides=()) -> Config:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found")
+    path = find_config(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise InputError(f"{path}: not valid YAML ({e})") from None
     return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The typed config as plain YAML/JSON types; `config_from_dict` of it gives an equal Config."""
+    return {"name": cfg.name, "tasks": cfg.tasks.to_dict(),
+            **{key: _plain(getattr(cfg, key)) for key in SECTIONS}}
+
+
+def with_overrides(cfg: Config, **sections: Mapping[str, Any]) -> Config:
+    """A derived config: `with_overrides(cfg, model={"channels": 16})` replaces keys of sections,
+    validated like the YAML (the typed config stays the source; nothing is re-parsed from text)."""
+    for key, updates in sections.items():
+        if key not in SECTIONS:
+            raise InputError(f"{key}: unknown config section; expected one of {list(SECTIONS)}")
+        cfg = dataclasses.replace(cfg, **{key: dataclasses.replace(getattr(cfg, key), **updates)})
+    return cfg

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .io import atomic_write
 from .labels import LabelSchema
 from .network import MultitaskNet, NetConfig
 
@@ -37,11 +38,7 @@ def export_model(model: MultitaskNet, path: str | Path, *, extra: dict | None = 
     cfg = {f: getattr(model.cfg, f) for f in model.cfg.__dataclass_fields__}
     payload = {"format": FORMAT, "state_dict": sd, "model_config": cfg, "tasks": model.schema.to_dict(),
                "model_id": mid, "extra": json.loads(json.dumps(extra or {}, default=float))}  # plain types only
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return mid
 
 

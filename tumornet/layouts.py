@@ -14,7 +14,6 @@ name, which holds the patient id, replaced by `<case>`) and skipped; the others 
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 from .anatomy import EXTRA_AXIAL_TYPES, fit_alignment, load_anatomy
 from .boxes import voxel_to_mm
 from .errors import InputError
-from .labels import DEFAULT_SCHEMA
+from .manifest import write_manifest
 from .tumors import instances_from_binary, tumor_mask_from_labels
 from .volumes import read_label_map, read_nifti
 
@@ -100,11 +99,7 @@ def import_layout(root: str | Path, layout_name: str, *, manifest_name: str = "m
                           + str(e).replace(str(root), "<root>").replace(case, "<case>"))
     manifest = root / manifest_name
     error_file = manifest.with_name(manifest.name + ".errors.txt")
-    columns = ["patient_id", "scan_id", "image", "mask", "tumor_id", *DEFAULT_SCHEMA.names, "tumor_values"]
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
+    write_manifest(manifest, rows, tumor_values=True)
     if errors:
         error_file.write_text("\n".join(errors) + "\n")
     elif error_file.exists():

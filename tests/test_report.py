@@ -1,0 +1,73 @@
+"""The HTML report: rendered from a small embedded archive, then loaded in headless Chromium."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import SECRET
+from retrieval.evaluate import evaluate
+from retrieval.report import SECTIONS, build_report
+from retrieval.robustness import robustness
+
+pytestmark = pytest.mark.slow
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def report(archive, small_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    metrics = [{"step": 2 * e, "epoch": e, "train/loss": 1.0 / e, "train/loss_seg": 0.5 / e, "val/loss": 1.1 / e,
+                "val/dice": 0.2 * e, "val/acc_tumor_type": 0.3 + 0.1 * e} for e in range(1, 4)]
+    (archive / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    ev = evaluate(archive / "emb", small_cohort, SECRET, archive / "model.pt", k=5, ks=[1, 5, 10])
+    ev["robustness"] = robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, k=5, draws=1)
+    exp = {"title": "Channel width (paper Tab. 2)", "k": 5, "tasks": ev["tasks"],
+           "rows": [{"variant": "c8", "model_id": ev["model_id"], "steps": 0, "wall_s": 1.0, "split": ev["split"],
+                     **{r: ev["rows"][r] for r in ("learned", "handcrafted", "no_embedding")}}]}
+    html = build_report(model=archive / "model.pt", embeddings=archive / "emb", manifest=small_cohort, secret=SECRET,
+                        out_dir=out, evaluation=ev, experiments=[exp], summary={"patients": 24})
+    return html, ev
+
+
+def test_report_and_results_hold_every_section_and_no_patient_id(report):
+    html, ev = report
+    text = html.read_text()
+    for sid in SECTIONS:
+        assert f'<section id="{sid}">' in text
+    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', text)
+    assert {"K curve", "t-SNE", "training curves", "retrieval example 1"} <= set(imgs)
+    assert "http://" not in text and "https://" not in text  # self-contained
+    assert "SYN003-" not in text  # keyed ids only
+    res = json.loads(html.with_name("results.json").read_text())
+    assert "SYN003-" not in html.with_name("results.json").read_text()
+    for row in ("learned", "handcrafted", "no_embedding"):
+        for t in ev["tasks"]:
+            for m in ("acc", "precision", "map"):
+                v = res["rows"][row][f"{m}_{t}"]
+                assert v is None or 0 <= v <= 1
+        assert res["rows"][row]["rmse_size_mm"] > 0
+    assert res["k"] == 5 and res["robustness"]["draws"] == 1 and res["experiments"][0]["rows"][0]["variant"] == "c8"
+    assert res["provenance"]["model_id"] == ev["model_id"] and res["provenance"]["versions"]["torch"]
+
+
+def test_report_loads_in_headless_chromium(report, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium where apt-get can)")
+    html, _ = report
+    n = len(re.findall(r"<img ", html.read_text()))
+    r = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                        html.as_uri()], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for sid in SECTIONS:
+        assert f'id="{sid}"' in r.stdout
+    assert f'data-images-loaded="{n}/{n}"' in r.stdout  # every figure decoded by the browser
+    console_errors = [line for line in r.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console_errors, console_errors
