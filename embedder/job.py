@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.ray_setup import init_ray
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.keys import keyed_id, read_secret
@@ -100,9 +101,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
     log(f"embedding {len(scan_ids)} scans in {len(chunks)} shards with model {meta['model_id']} "
         f"({len(done)} scans already embedded by it) -> {out}")
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_worker_niceness", "0")  # as for training: Ray's daemons must not preempt
-        ray.init()
+    init_ray()
     ds = ray.data.from_items([{"shard": i, "scan_ids": c} for i, c in enumerate(chunks)],
                              override_num_blocks=max(len(chunks), 1))
     results = ds.map_batches(

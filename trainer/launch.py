@@ -8,7 +8,6 @@ resumes from the run's latest checkpoint (Ray Train restores it), so a finished 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,13 +21,20 @@ def storage_root(cfg: Config) -> str:
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
+# Ray Train's options for its worker processes: print() stays print() (Ray Train's print patch would
+# send rank 0's epoch line both to its logger and to stdout: every line twice), and Ray Train's own
+# INFO records (e.g. "Reporting training result N: TrainingReport(...)" per report) follow the job's
+# Ray logging level (WARNING on the console, trainer.ray_setup) instead of its per-worker console logger.
+WORKER_LOGGING = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
+
+
 def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = None, fresh: bool = False) -> dict:
     """Train; -> summary dict (final metrics, checkpoint path, model path), also in <run>/result.json."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import split_scans, train_func
+    from .ray_setup import init_ray, train_logging_config
 
     manifest = Path(manifest).resolve()
     if not manifest.is_file():
@@ -46,11 +52,7 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
     if len(train_ids) < d.workers:
         raise InputError(f"{manifest}: {len(train_ids)} training scan(s) for {d.workers} workers; "
                          "each worker needs at least one (lower distributed.workers)")
-    if not ray.is_initialized():
-        # A local Ray started here runs its workers at niceness 0 (Ray's default is 15, which lets
-        # Ray's own daemons preempt training on a small machine: 5 % of a step measured on 2 cores).
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init()  # inside `ray job submit` this joins the job's cluster; else starts a local Ray
+    init_ray()
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     trainer = TorchTrainer(
         train_func,
@@ -59,7 +61,8 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=root, failure_config=FailureConfig(max_failures=d.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             worker_runtime_env={"env_vars": worker_env(cfg)}),
+                             worker_runtime_env={"env_vars": worker_env(cfg)},
+                             logging_config=train_logging_config()),
     )
     result = trainer.fit()
     summary = {"run": name, "run_dir": str(run_dir), "metrics": result.metrics,
@@ -71,5 +74,6 @@ def run_training(cfg: Config, *, manifest: str | Path, run_name: str | None = No
 
 def worker_env(cfg: Config) -> dict[str, str]:
     """Environment of the training worker processes: the CPU allocator settings (they only work
-    from process start), then the config's `distributed.worker_env`."""
-    return {**ALLOCATOR_ENV, **cfg.distributed.worker_env}
+    from process start), Ray Train's worker logging (WORKER_LOGGING), then the config's
+    `distributed.worker_env` (which may override either)."""
+    return {**ALLOCATOR_ENV, **WORKER_LOGGING, **cfg.distributed.worker_env}
