@@ -1,1 +1,2 @@
-"""Retrieval over embedding shards: nearest-neighbour search and the paper's KNN evaluation."""
+"""Retrieval over embedding shards: search, the KNN evaluation (learned vs handcrafted vs none), robustness,
+the paper's experiments (width table, task ablation) and the HTML report."""

@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .boxes import mm_to_voxel, voxel_to_mm
 from .errors import InputError
 from .io import atomic_write
 from .labels import AREAS
@@ -101,8 +102,7 @@ class Anatomy:
 
     def to_voxel(self, points_mm: np.ndarray) -> np.ndarray:
         """(N, 3) template mm -> (N, 3) nearest voxel indices, clipped to the grid."""
-        inv = np.linalg.inv(self.affine)
-        v = np.rint(np.asarray(points_mm, float) @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+        v = np.rint(mm_to_voxel(points_mm, self.affine)).astype(int)
         return np.clip(v, 0, np.asarray(self.shape) - 1)
 
     def lookup(self, volume: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
@@ -168,7 +168,7 @@ def build_anatomy() -> dict[str, np.ndarray]:
     wm = float(np.median(t1[(labelled == AREAS.index("frontal")) & brain]))  # scale: brain tissue ~ 1
     coords = np.argwhere(brain)
     lo, hi = coords.min(0), coords.max(0)
-    center = (lo + hi) / 2.0 @ t1_img.affine[:3, :3].T + t1_img.affine[:3, 3]
+    center = voxel_to_mm((lo + hi) / 2.0, t1_img.affine)
     return {
         "t1": (t1 / wm).astype(np.float32),
         "t1_brain": (t1 * brain / wm).astype(np.float32),
@@ -218,7 +218,7 @@ def foreground_box_mm(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
         raise InputError("foreground_box_mm: the image has (almost) no foreground")
     if len(vox) > 200_000:
         vox = vox[:: len(vox) // 200_000]
-    world = vox @ affine[:3, :3].T + affine[:3, 3]
+    world = voxel_to_mm(vox, affine)
     lo, hi = np.percentile(world, [0.5, 99.5], axis=0)
     return np.concatenate([lo, hi])
 

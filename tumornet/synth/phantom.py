@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..anatomy import EXTRA_AXIAL_TYPES, Anatomy, load_anatomy
+from ..boxes import mm_to_voxel, voxel_to_mm
 from ..errors import InputError
 from ..labels import TUMOR_TYPES
 from ..manifest import write_manifest
@@ -80,7 +81,7 @@ class Sites:
 
 
 def _mm(anat: Anatomy, vox: np.ndarray) -> np.ndarray:
-    return vox @ anat.affine[:3, :3].T + anat.affine[:3, 3]
+    return voxel_to_mm(vox, anat.affine)
 
 
 @lru_cache(maxsize=1)
@@ -199,8 +200,7 @@ def _template_for(spacing: tuple[float, float, float], cache_dir: str | None):
 
 
 def _sample(volume: np.ndarray, anat: Anatomy, pts_mm: np.ndarray) -> np.ndarray:
-    inv = np.linalg.inv(anat.affine)
-    v = pts_mm @ inv[:3, :3].T + inv[:3, 3]
+    v = mm_to_voxel(pts_mm, anat.affine)
     return ndimage.map_coordinates(volume, np.moveaxis(v, -1, 0), order=1, mode="constant", cval=0.0)
 
 
@@ -215,7 +215,7 @@ def render_scan(lesions, *, pose_rng, anatomy_seed, spacing, cache_dir=None):
     ax = [np.arange(n) - (n - 1) / 2.0 for n in shape]
     w = np.stack(np.meshgrid(*[a * s for a, s in zip(ax, sp, strict=True)], indexing="ij"), -1)
     rot = rotation_matrix(np.deg2rad(pose_rng.uniform(-6, 6, 3)))
-    tmpl_center = anat.affine[:3, :3] @ ((np.asarray(anat.shape) - 1) / 2.0) + anat.affine[:3, 3]
+    tmpl_center = voxel_to_mm((np.asarray(anat.shape) - 1) / 2.0, anat.affine)
     q = (w @ rot.T) / head_scale + tmpl_center
     arng = np.random.default_rng(anatomy_seed)
     for k in range(3):  # smooth anatomical deformation, a few mm
