@@ -79,8 +79,10 @@ def cmd_experiment(args) -> None:
     cfg = _config(args)
     if args.kind == "widths":
         variants, title = width_variants(_int_list(args.channels, "--channels")), "Channel width (paper Tab. 2)"
+    elif args.kind == "ablation":
+        variants, title = read_variants(args.variants or "ablation"), "Task ablation (paper Tab. 3)"
     else:
-        variants, title = read_variants(args.variants), "Task ablation (paper Tab. 3)"
+        variants, title = read_variants(args.variants or "recipes"), "Retrieval recipe"
     exp = run_experiment(title, cfg, variants, manifest=_manifest(cfg, args.manifest), secret_file=args.secret_file,
                          out_dir=args.out, k=args.k)
     print(format_experiment(exp))
@@ -121,7 +123,8 @@ def cmd_evaluate(args) -> None:
     from tumornet.keys import read_secret
 
     secret = read_secret(args.secret_file)
-    res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_int_list(args.ks, "--ks"))
+    res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_int_list(args.ks, "--ks"),
+                   on=args.on)
     print(format_evaluation(res))
     if args.robustness:
         from retrieval.robustness import format_robustness, robustness
@@ -246,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_train)
 
     sp = with_config(sub.add_parser("experiment", help="train, embed, score: widths (Tab. 2), ablation (Tab. 3)"))
-    sp.add_argument("kind", choices=["widths", "ablation"])
+    sp.add_argument("kind", choices=["widths", "ablation", "recipes"])
     sp.add_argument("--channels", default="16,32,64,96", help="widths: the feature-map widths C")
-    sp.add_argument("--variants", default="ablation", help="ablation: YAML of variants (default: bundled ablation)")
+    sp.add_argument("--variants", help="ablation / recipes: YAML of variants (default: the bundled ablation / recipes)")
     sp.add_argument("--manifest", help="cohort manifest (default: data.manifest of the config)")
     sp.add_argument("--secret-file", required=True, help="the site key for the embedding shards' keyed ids")
     sp.add_argument("--out", required=True, help="folder of the runs, embeddings and the table (<kind>.json / .md)")
@@ -286,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=5, help="neighbours (the paper's 5)")
     sp.add_argument("--ks", default=",".join(str(q) for q in range(1, 21)), help="the K curve (default 1..20)")
     sp.add_argument("--out", help="JSON result (default: <embeddings>/evaluation.json)")
+    sp.add_argument("--on", default="test", choices=["test", "validation"],
+                    help="the queries: the held-out test patients, or the validation patients (to choose a recipe on)")
     sp.add_argument("--robustness", action="store_true", help="also score held-out tumors with distorted boxes (eq. 2)")
     sp.add_argument("--draws", type=int, default=3, help="distortions of every held-out tumor (for --robustness)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the distortions (for --robustness)")

@@ -30,7 +30,7 @@ from tumornet.manifest import ManifestRow, read_manifest
 from tumornet.runtime import ALLOCATOR_ENV
 
 from .embed import embed_scan, embed_settings, source_hash
-from .shards import done_scans, shard_schema, write_shard
+from .shards import done_scans, model_shard_schema, write_shard
 
 
 def _redact(message: str, rows: list[ManifestRow]) -> str:
@@ -45,16 +45,16 @@ class ShardEmbedder:
     """A Ray Data actor: loads the model once, then embeds and writes one shard per call."""
 
     def __init__(self, *, manifest: str, model_path: str, out_dir: str, secret: bytes, done: set,
-                 spacing_mm, patch_size: int, threads: int, stamp: str):
+                 spacing_mm, patch_size: int, recipe, threads: int, stamp: str):
         import torch
 
         torch.set_num_threads(threads)
         self.model, meta = load_model(model_path)
         self.model_id = meta["model_id"]
-        self.schema = shard_schema(self.model.cfg.channels, self.model.schema.names)
+        self.schema = model_shard_schema(self.model, recipe[0])
         self.scans = read_manifest(manifest, self.model.schema, check_files=False).scans()
         self.out, self.secret, self.done = Path(out_dir), secret, done
-        self.spacing, self.patch, self.stamp = spacing_mm, patch_size, stamp
+        self.spacing, self.patch, self.recipe, self.stamp = spacing_mm, patch_size, recipe, stamp
 
     def __call__(self, batch: dict) -> dict:
         status = {"shard": [], "scan_id": [], "status": [], "tumors": [], "error": []}
@@ -69,7 +69,8 @@ class ShardEmbedder:
                         state = "unchanged"
                     else:
                         new = embed_scan(self.model, self.model_id, rows, spacing_mm=self.spacing,
-                                         patch_size=self.patch, secret=self.secret, file_hash=h)
+                                         patch_size=self.patch, secret=self.secret, file_hash=h,
+                                         recipe=self.recipe)
                         rows_out += new
                         n = len(new)
                 except Exception as e:  # a batch job records the failure and goes on
@@ -92,7 +93,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     # files are checked per scan by the workers: a missing one fails that scan, not the night's job
     scans = read_manifest(manifest, model.schema, check_files=False).scans()
     secret = read_secret(secret_file)
-    spacing, patch = embed_settings(meta, model_path, spacing_mm=spacing_mm, patch_size=patch_size)
+    spacing, patch, recipe = embed_settings(meta, model_path, spacing_mm=spacing_mm, patch_size=patch_size)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     done = done_scans(out, meta["model_id"])
@@ -109,7 +110,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         compute=ray.data.ActorPoolStrategy(size=min(workers, max(len(chunks), 1))),
         fn_constructor_kwargs={"manifest": str(Path(manifest).resolve()), "model_path": str(Path(model_path).resolve()),
                                "out_dir": str(out), "secret": secret, "done": done, "spacing_mm": spacing,
-                               "patch_size": patch, "threads": threads_per_worker, "stamp": stamp},
+                               "patch_size": patch, "recipe": recipe, "threads": threads_per_worker, "stamp": stamp},
         runtime_env={"env_vars": ALLOCATOR_ENV},
     ).take_all()
     failed = [r for r in results if r["status"] == "failed"]

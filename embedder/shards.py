@@ -15,12 +15,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tumornet.descriptor import vector_size
 from tumornet.errors import InputError
 from tumornet.handcrafted import FEATURES as HANDCRAFTED
 from tumornet.io import atomic_write
 
 
-def shard_schema(channels: int, tasks: Sequence[str]) -> pa.Schema:
+def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = None, logits: int = 0) -> pa.Schema:
+    """channels: C of the RoiPool vector; vector: length of the retrieval `embedding` (default C);
+    logits: the number of task-head logits (all classes of all tasks)."""
     return pa.schema(
         [("scan_key", pa.string()), ("patient_key", pa.string()), ("tumor_id", pa.int32()),
          ("source", pa.string()),  # mask | predicted
@@ -29,12 +32,23 @@ def shard_schema(channels: int, tasks: Sequence[str]) -> pa.Schema:
          ("volume_ml", pa.float32()), ("size_mm", pa.float32())]  # size: equivalent-sphere diameter
         + [(f"label_{t}", pa.int16()) for t in tasks]  # the manifest's label, -1 missing
         + [(f"pred_{t}", pa.int16()) for t in tasks]  # the model's prediction
-        + [("embedding", pa.list_(pa.float32(), channels)),
+        + [("embedding", pa.list_(pa.float32(), vector or channels)),  # the retrieval vector (descriptor.compose)
+           ("roipool", pa.list_(pa.float32(), channels)),  # the paper's RoiPool vector
+           ("task_logits", pa.list_(pa.float32(), max(logits, 1))),  # the task heads' logits on it
+           ("box_log_volume", pa.float32()),  # log of the box volume in ml
+           ("position", pa.list_(pa.float32(), 3)),  # the box centre's place in the head, [-1, 1] per axis
            ("handcrafted", pa.list_(pa.float32(), len(HANDCRAFTED))),  # tumornet.handcrafted.FEATURES
            ("model_id", pa.string()),
            ("source_hash", pa.string()),  # sha256 of the image and mask files
            ("embedded_at", pa.timestamp("s", tz="UTC"))]
     )
+
+
+def model_shard_schema(model, retrieval) -> pa.Schema:
+    """The shard schema of a model (tumornet.network.MultitaskNet) and its retrieval recipe."""
+    return shard_schema(model.cfg.channels, model.schema.names,
+                        vector=vector_size(retrieval, model.cfg.channels, model.schema),
+                        logits=sum(t.n_classes for t in model.schema.tasks))
 
 
 def write_shard(rows: list[dict], path: Path, schema: pa.Schema) -> None:

@@ -20,13 +20,14 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.shards import read_embeddings
+from tumornet.descriptor import RetrievalConfig, compose
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.io import atomic_write_text
 from tumornet.keys import keyed_id
 from tumornet.labels import LabelSchema
 from tumornet.manifest import read_manifest
-from tumornet.split import split_of_model
+from tumornet.split import SIDES, split_of_model
 
 from .knn import Split, knn_scores, no_embedding, standardize
 
@@ -50,11 +51,16 @@ class Evaluation:
     test_rows: np.ndarray
 
 
-def load_evaluation(emb_dir, manifest, secret: bytes, model_path) -> Evaluation:
+def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "test",
+                    retrieval: RetrievalConfig | None = None) -> Evaluation:
+    """The database and query tumors of the model's split (`on`: test, or validation to choose a
+    recipe on); `retrieval`: score another recipe of the same model, recomposed from the shards'
+    parts (tumornet.descriptor) instead of their `embedding` column."""
     _, meta = load_model(model_path)
     mid = meta["model_id"]
-    cohort = read_manifest(manifest, LabelSchema.from_dict(meta["tasks"]), check_files=False)
-    train_ids, test_ids = split_of_model(cohort, meta, where=str(model_path))
+    schema = LabelSchema.from_dict(meta["tasks"])
+    cohort = read_manifest(manifest, schema, check_files=False)
+    train_ids, test_ids = split_of_model(cohort, meta, where=str(model_path), on=on)
     table = read_embeddings(emb_dir, model_id=mid)
     if table.num_rows == 0:
         raise InputError(f"{emb_dir}: no tumor embedded with model {mid} ({model_path}); embed the archive first")
@@ -64,7 +70,11 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path) -> Evaluation:
     tasks = tuple(t for t in cohort.schema.names if f"label_{t}" in table.column_names)
     side = {keyed_id(s, secret): "train" for s in train_ids} | {keyed_id(s, secret): "test" for s in test_ids}
     where = np.array([side.get(k, "") for k in table["scan_key"].to_pylist()])
-    full = Split(x=np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32),
+    if retrieval is None:
+        x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    else:
+        x = compose(shard_parts(table), retrieval, schema, meta["extra"].get("retrieval_stats"))
+    full = Split(x=x,
                  labels={t: np.asarray(table[f"label_{t}"].to_numpy(), dtype=np.int64) for t in tasks},
                  size_mm=np.asarray(table["size_mm"].to_numpy(), dtype=np.float64),
                  patients=np.asarray(table["patient_key"].to_pylist()))
@@ -79,18 +89,30 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path) -> Evaluation:
                       test_scans=tuple(test_ids), table=table, train_rows=train_rows, test_rows=test_rows)
 
 
-def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Sequence[int] = K_CURVE) -> dict:
+def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
+    """The retrieval parts of shard rows (tumornet.descriptor.tumor_parts), stacked."""
+    if "roipool" not in table.column_names:
+        raise InputError("shards without the retrieval parts (written by an older version): embed again")
+    return {"roipool": np.stack(table["roipool"].to_numpy(zero_copy_only=False)),
+            "task_logits": np.stack(table["task_logits"].to_numpy(zero_copy_only=False)),
+            "box_log_volume": np.asarray(table["box_log_volume"].to_numpy(), dtype=np.float64),
+            "position": np.stack(table["position"].to_numpy(zero_copy_only=False))}
+
+
+def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Sequence[int] = K_CURVE,
+             on: str = "test", retrieval: RetrievalConfig | None = None) -> dict:
     """-> the evaluation record: learned / handcrafted / no-embedding rows at K, K curves, the split."""
-    ev = load_evaluation(emb_dir, manifest, secret, model_path)
+    ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on, retrieval=retrieval)
     ks = sorted(set(ks) | {k})
     learned = knn_scores(ev.train, ev.test, ks, ev.tasks)
     hand = knn_scores(ev.train_hand, ev.test_hand, ks, ev.tasks)
     extra = ev.meta["extra"]
     split = extra["split"]
-    return {"model_id": ev.meta["model_id"], "run": extra.get("run"), "steps": extra.get("steps"), "k": k,
+    return {"model_id": ev.meta["model_id"], "run": extra.get("run"), "steps": extra.get("steps"), "k": k, "on": on,
             "tasks": list(ev.tasks), "train_tumors": len(ev.train.x), "test_tumors": len(ev.test.x),
             "split": {"test_fraction": split["test_fraction"], "seed": split["seed"],
-                      "train_patients": len(split["train_patients"]), "test_patients": len(split["test_patients"])},
+                      "validation_fraction": split.get("validation_fraction", 0.0),
+                      **{f"{k}_patients": len(split.get(f"{k}_patients", ())) for k in SIDES}},
             "rows": {"learned": learned[k], "handcrafted": hand[k],
                      "no_embedding": no_embedding(ev.train, ev.test, ev.tasks)},
             "k_curve": {"learned": {str(q): learned[q] for q in ks}, "handcrafted": {str(q): hand[q] for q in ks}}}
@@ -117,9 +139,10 @@ def metric_keys(tasks: Sequence[str]) -> list[str]:
 
 def format_evaluation(res: dict) -> str:
     rows = res["rows"]
-    lines = [f"KNN evaluation of model {res['model_id']}: {res['test_tumors']} held-out tumors searched among "
-             f"{res['train_tumors']} training tumors of other patients (split recorded in the model: "
-             f"{res['split']['test_patients']} held-out patients)", "",
+    on = res.get("on", "test")
+    lines = [f"KNN evaluation of model {res['model_id']}: {res['test_tumors']} {on} tumors searched among "
+             f"{res['train_tumors']} database tumors of other patients (split recorded in the model: "
+             f"{res['split'][f'{on}_patients']} {on} patients)", "",
              f"| metric (K = {res['k']}) | learned | handcrafted | no embedding |", "|---|---|---|---|"]
     for key in metric_keys(res["tasks"]):
         lines.append(f"| {metric_label(key, res['k'])} | " + " | ".join(fmt_metric(rows[r].get(key), key)

@@ -57,34 +57,46 @@ def _derive(cfg: Config, overrides: Mapping[str, Mapping], where: str) -> Config
 def run_experiment(title: str, cfg: Config, variants: Mapping[str, Mapping], *, manifest, secret_file, out_dir,
                    k: int = 5, log=print) -> dict:
     """Train, embed and score every variant -> the experiment record, also written as
-    `<out_dir>/<name>.json` (the report's --experiment input) and `<out_dir>/<name>.md`."""
+    `<out_dir>/<name>.json` (the report's --experiment input) and `<out_dir>/<name>.md`.
+
+    Variants that differ only in their `retrieval` recipe share one training and one embedding (the
+    recipe is applied to the shards' parts). With `data.validation_fraction` > 0 the scores are on
+    the validation patients (choosing a recipe never looks at the test patients), else on the test
+    patients."""
     from tumornet.keys import read_secret
 
     out = Path(out_dir).resolve()
     secret = read_secret(secret_file)
     derived = {name: _derive(cfg, o, f"variant {name}") for name, o in variants.items()}  # all checked first
+    on = "validation" if cfg.data.validation_fraction > 0 else "test"
+    trained: dict[str, dict] = {}  # training config (without the recipe) -> its run
     rows = []
     for i, (name, vcfg) in enumerate(derived.items(), start=1):
         vdir = out / name
         vcfg = with_overrides(vcfg, distributed={"storage_path": str(out / "runs")})
         atomic_write_text(vdir / "config.json", json.dumps(config_to_dict(vcfg), indent=2))
-        log(f"[{title} {i}/{len(derived)}] {name}: training")
-        t0 = time.perf_counter()
-        summary = run_training(vcfg, manifest=manifest, run_name=f"{cfg.name}-{name}", fresh=True)
-        log(f"[{title} {i}/{len(derived)}] {name}: embedding")
-        run_embedding(manifest=manifest, model_path=summary["model"], out_dir=vdir / "embeddings",
-                      secret_file=secret_file, workers=vcfg.distributed.workers,
-                      threads_per_worker=vcfg.distributed.cpus_per_worker, log=lambda *_: None)
-        wall = time.perf_counter() - t0
-        res = evaluate(vdir / "embeddings", manifest, secret, summary["model"], k=k, ks=[k])
+        key = json.dumps({s: v for s, v in config_to_dict(vcfg).items() if s != "retrieval"}, sort_keys=True)
+        if key not in trained:
+            log(f"[{title} {i}/{len(derived)}] {name}: training")
+            t0 = time.perf_counter()
+            summary = run_training(vcfg, manifest=manifest, run_name=f"{cfg.name}-{name}", fresh=True)
+            log(f"[{title} {i}/{len(derived)}] {name}: embedding")
+            run_embedding(manifest=manifest, model_path=summary["model"], out_dir=vdir / "embeddings",
+                          secret_file=secret_file, workers=vcfg.distributed.workers,
+                          threads_per_worker=vcfg.distributed.cpus_per_worker, log=lambda *_: None)
+            trained[key] = {"variant": name, "model": summary["model"], "embeddings": vdir / "embeddings",
+                            "wall_s": round(time.perf_counter() - t0, 1)}
+        run = trained[key]
+        res = evaluate(run["embeddings"], manifest, secret, run["model"], k=k, ks=[k], on=on,
+                       retrieval=vcfg.retrieval)
         rows.append({"variant": name, "overrides": plain(dict(variants[name])), "model_id": res["model_id"],
-                     "steps": res["steps"], "wall_s": round(wall, 1), "split": res["split"],
-                     "config": str(vdir / "config.json"), "learned": res["rows"]["learned"],
+                     "trained_as": run["variant"], "steps": res["steps"], "wall_s": run["wall_s"],
+                     "split": res["split"], "config": str(vdir / "config.json"), "learned": res["rows"]["learned"],
                      "handcrafted": res["rows"]["handcrafted"], "no_embedding": res["rows"]["no_embedding"]})
         log(f"[{title} {i}/{len(derived)}] {name}: " + ", ".join(
-            f"{metric_label(key)} {res['rows']['learned'][key]:.2f}" for key in ("acc_tumor_type", "rmse_size_mm")
-            if key in res["rows"]["learned"]))
-    record = {"title": title, "k": k, "tasks": res["tasks"], "rows": rows}
+            f"{metric_label(m)} {res['rows']['learned'][m]:.2f}" for m in res["rows"]["learned"] if m.startswith("acc_")
+            or m == "rmse_size_mm"))
+    record = {"title": title, "k": k, "on": on, "tasks": res["tasks"], "rows": rows}
     atomic_write_text(out / f"{_slug(title)}.json", json.dumps(plain(record), indent=2))
     atomic_write_text(out / f"{_slug(title)}.md", format_experiment(record))
     return record
@@ -98,7 +110,8 @@ def format_experiment(exp: dict) -> str:
     from .evaluate import fmt_metric
 
     keys = [f"acc_{t}" for t in exp["tasks"]] + ["rmse_size_mm"]
-    lines = [f"{exp['title']} (KNN, K = {exp['k']}, held-out split; each variant's config beside its row)", "",
+    lines = [f"{exp['title']} (KNN, K = {exp['k']}, {exp.get('on', 'test')} patients; each variant's config "
+             "beside its row)", "",
              "| variant | embedding | " + " | ".join(metric_label(key) for key in keys) + " | steps | wall s |",
              "|---|---|" + "---|" * (len(keys) + 2)]
     for r in exp["rows"]:

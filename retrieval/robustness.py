@@ -26,7 +26,7 @@ def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draw
         raise InputError(f"--draws: expected >= 1, got {draws}")
     ev = load_evaluation(emb_dir, manifest, secret, model_path)
     model, meta = load_model(model_path)
-    spacing, patch = embed_settings(meta, model_path)
+    spacing, patch, recipe = embed_settings(meta, model_path)
     scans = read_manifest(manifest, model.schema).scans()
     clean = knn_scores(ev.train, ev.test, [k], ev.tasks)[k]
     runs = []
@@ -35,7 +35,7 @@ def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draw
         box_fn = partial(distort_box, rng=rng, log2_scale_sd=log2_scale_sd, shift_sd=shift_sd)
         rows = [r for s in ev.test_scans
                 for r in embed_scan(model, meta["model_id"], scans[s], spacing_mm=spacing, patch_size=patch,
-                                    secret=secret, file_hash="", box_fn=box_fn)]
+                                    secret=secret, file_hash="", box_fn=box_fn, recipe=recipe)]
         q = Split(x=np.array([r["embedding"] for r in rows], dtype=np.float32),
                   labels={t: np.array([r[f"label_{t}"] for r in rows]) for t in ev.tasks},
                   size_mm=np.array([r["size_mm"] for r in rows]), patients=np.array([r["patient_key"] for r in rows]))

@@ -60,8 +60,9 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5) -> list[
     table = read_embeddings(emb_dir, model_id=mid)
     if table.num_rows == 0:
         raise InputError(f"{emb_dir}: no tumor embedded with model {mid}; embed the archive with this model first")
-    spacing, patch = embed_settings(meta, model_path)
-    queries = embed_scan(model, mid, rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY, file_hash="")
+    spacing, patch, recipe = embed_settings(meta, model_path)
+    queries = embed_scan(model, mid, rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY, file_hash="",
+                         recipe=recipe)
     x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     dist, idx = nearest(x, np.array([q["embedding"] for q in queries], dtype=np.float32), k)
     schema = model.schema

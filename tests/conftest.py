@@ -124,12 +124,13 @@ def archive(tmp_path_factory, small_cohort):
     """The small cohort embedded without Ray (the job's per-scan function) by a random 8-channel model
     recording a 25 % held-out split: <root>/model.pt, <root>/emb/."""
     from embedder.embed import embed_scan
-    from embedder.shards import shard_schema, write_shard
+    from embedder.shards import model_shard_schema, write_shard
+    from tumornet.descriptor import RetrievalConfig
     from tumornet.manifest import read_manifest
 
     root = tmp_path_factory.mktemp("archive")
     model, mid = model_with_split(root / "model.pt", read_manifest(small_cohort), test_fraction=0.25)
     rows = [r for scan in read_manifest(small_cohort).scans().values()
             for r in embed_scan(model, mid, scan, spacing_mm=4.0, patch_size=16, secret=SECRET)]
-    write_shard(rows, root / "emb" / "s.parquet", shard_schema(8, DEFAULT_SCHEMA.names))
+    write_shard(rows, root / "emb" / "s.parquet", model_shard_schema(model, RetrievalConfig()))
     return root

@@ -149,11 +149,25 @@ def test_split_is_by_patient_stratified_and_deterministic():
 def test_split_keeps_all_scans_of_a_patient_together(small_cohort):
     cohort = read_manifest(small_cohort)
     train, test = split_patients(patient_groups(cohort), seed=0)
-    scans_train, scans_test = split_scan_ids(cohort, seed=0)
+    scans_train, scans_val, scans_test = split_scan_ids(cohort, seed=0)
     assert scans_train == sorted(s for p in train for s in cohort.patients()[p])
     assert scans_test == sorted(s for p in test for s in cohort.patients()[p])
     assert not set(scans_train) & set(scans_test)
-    assert set(scans_train) | set(scans_test) == set(cohort.scans())
+    assert set(scans_train) | set(scans_test) == set(cohort.scans()) and scans_val == []
+
+
+def test_a_validation_split_leaves_the_test_patients_unchanged(small_cohort):
+    from tumornet.split import patient_sides
+
+    cohort = read_manifest(small_cohort)
+    plain = patient_sides(cohort, seed=0)
+    with_val = patient_sides(cohort, seed=0, validation_fraction=0.25)
+    assert with_val["test"] == plain["test"] and plain["validation"] == []
+    # 25 % of all patients, drawn from the 19 training patients (rounded per tumor-type stratum)
+    assert abs(len(with_val["validation"]) - 0.25 / 0.8 * len(plain["train"])) <= 2
+    assert sorted(with_val["train"] + with_val["validation"]) == plain["train"]
+    with pytest.raises(InputError, match="validation_fraction"):
+        patient_sides(cohort, validation_fraction=0.9)
 
 
 def test_patient_key_is_keyed_and_stable():

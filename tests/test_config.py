@@ -100,7 +100,7 @@ def test_worker_env_reaches_the_trainer_after_the_allocator_settings(monkeypatch
     import ray
     import ray.train.torch
 
-    from trainer.launch import run_training
+    from trainer.launch import WORKER_LOGGING, run_training
     from tumornet.runtime import ALLOCATOR_ENV
 
     seen = {}
@@ -119,5 +119,5 @@ def test_worker_env_reaches_the_trainer_after_the_allocator_settings(monkeypatch
     assert cfg.distributed.worker_env == {"NCCL_DEBUG": "INFO", "MALLOC_ARENA_MAX": "4"}
     with pytest.raises(Stop):
         run_training(cfg, manifest=small_cohort)
-    assert seen["env_vars"] == {**ALLOCATOR_ENV, "NCCL_DEBUG": "INFO", "MALLOC_ARENA_MAX": "4"}
+    assert seen["env_vars"] == {**ALLOCATOR_ENV, **WORKER_LOGGING, "NCCL_DEBUG": "INFO", "MALLOC_ARENA_MAX": "4"}
     assert ALLOCATOR_ENV["MALLOC_ARENA_MAX"] == "1" and ALLOCATOR_ENV["MALLOC_MMAP_MAX_"] == "0"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embedder.embed import embed_scan, patch_size_for
+from embedder.embed import embed_scan
 from embedder.job import run_embedding
 from embedder.shards import read_embeddings, shard_files, shard_schema, write_shard
 from tumornet.errors import InputError
@@ -19,7 +19,7 @@ from tumornet.keys import keyed_id, patient_key, read_secret
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet, NetConfig
-from tumornet.patches import centred_patch
+from tumornet.patches import centred_patch, patch_size_for
 from tumornet.scans import load_scan
 
 SECRET = b"0123456789abcdef-site-key"

@@ -99,8 +99,8 @@ def test_evaluation_takes_the_split_from_the_model(tmp_path, small_cohort):
     write_shard(rows, tmp_path / "emb" / "s.parquet", shard_schema(4, DEFAULT_SCHEMA.names))
     res = evaluate(tmp_path / "emb", small_cohort, SECRET, tmp_path / "model.pt", k=5, ks=[1, 5])
     # the held-out tumors are those of the model's split (seed 7), with no seed passed again
-    _, test7 = split_scan_ids(cohort, test_fraction=0.25, seed=7)
-    _, test0 = split_scan_ids(cohort, test_fraction=0.25, seed=0)
+    *_, test7 = split_scan_ids(cohort, test_fraction=0.25, seed=7)
+    *_, test0 = split_scan_ids(cohort, test_fraction=0.25, seed=0)
     assert set(test7) != set(test0)
     held_out = sum(1 for r in cohort.rows if r.scan_id in set(test7))
     assert res["test_tumors"] == held_out and res["train_tumors"] == len(cohort.rows) - held_out

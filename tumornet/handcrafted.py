@@ -1,8 +1,8 @@
 """The handcrafted baseline: eight numbers per tumor that a radiologist's tool would compute.
 
     log volume (ml) | centroid x, y, z (mm, RAS, relative to the centre of the head's foreground
-    box) | tumor intensity mean, sd, 10th and 90th percentile on the brain-normalized image
-    (z-scores over the head's foreground: volumes.normalize_intensity)
+    box, tumornet.descriptor.head_box_voxels) | tumor intensity mean, sd, 10th and 90th
+    percentile on the brain-normalized image (z-scores over the head's foreground)
 
 The retrieval evaluation standardizes them on the training split and searches them with the same
 KNN protocol as the learned embedding: the learned embedding is only worth shipping where it beats
@@ -13,17 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .anatomy import foreground_box_mm
 from .tumors import Tumor
 
 FEATURES = ("log_volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
             "intensity_mean", "intensity_sd", "intensity_p10", "intensity_p90")
-
-
-def head_centre_mm(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Centre (world mm) of the robust foreground box of a scan."""
-    box = foreground_box_mm(image, affine)
-    return (box[:3] + box[3:]) / 2.0
 
 
 def handcrafted_features(image_z: np.ndarray, instances: np.ndarray, tumor: Tumor, centre_mm: np.ndarray) -> np.ndarray:

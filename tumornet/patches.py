@@ -87,6 +87,12 @@ def _inside_patch(box, size: int) -> np.ndarray:
     return make_box(lo, np.clip(box_hi(box), lo + 1, size))
 
 
+def patch_size_for(bbox, trained: int) -> int:
+    """The training patch size, or the tumor's largest extent + 8 voxels of context, rounded up to x4."""
+    need = int(np.max(box_hi(bbox) - box_lo(bbox))) + 8
+    return max(trained, -(-need // 4) * 4)
+
+
 def centred_patch(image: np.ndarray, bbox, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The deterministic patch around one box (as for validation) -> (image (1, P, P, P) float32,
     the box in patch coordinates)."""

@@ -48,47 +48,79 @@ def split_patients(groups: dict[str, str], *, test_fraction: float = 0.2, seed: 
     return sorted(p for p in groups if p not in test_set), sorted(test_set)
 
 
-def split_scan_ids(cohort: Cohort, *, test_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-    """The patient-level split as scan ids -> (training scans, held-out scans), sorted."""
-    train_p, test_p = split_patients(patient_groups(cohort), test_fraction=test_fraction, seed=seed)
+SIDES = ("train", "validation", "test")
+
+
+def patient_sides(cohort: Cohort, *, test_fraction: float = 0.2, seed: int = 0,
+                  validation_fraction: float = 0.0) -> dict[str, list[str]]:
+    """-> {"train", "validation", "test": sorted patient ids}. The test patients do not depend on
+    validation_fraction (a research run with a validation split holds out the same test patients
+    as the final run without one); validation patients are drawn from the rest, stratified the
+    same way, `validation_fraction` of all patients."""
+    if not 0.0 <= validation_fraction < 1.0 - test_fraction:
+        raise InputError(f"data.validation_fraction: must be in [0, 1 - test_fraction), got {validation_fraction}")
+    groups = patient_groups(cohort)
+    rest, test = split_patients(groups, test_fraction=test_fraction, seed=seed)
+    val: list[str] = []
+    if validation_fraction > 0:
+        share = validation_fraction / (1 - test_fraction)
+        rest, val = split_patients({p: groups[p] for p in rest}, test_fraction=share, seed=seed + 1)
+    return {"train": rest, "validation": val, "test": test}
+
+
+def _scans_of(cohort: Cohort, patients) -> list[str]:
     by_patient = cohort.patients()
-    return (sorted(s for p in train_p for s in by_patient[p]), sorted(s for p in test_p for s in by_patient[p]))
+    return sorted(s for p in patients for s in by_patient[p])
 
 
-def record_split(cohort: Cohort, *, test_fraction: float, seed: int) -> dict:
-    """The split as the exported model records it: the seed and fraction that made it, and the
-    keyed ids of its training and held-out patients (HMAC with a salt of the model's own; no raw
-    id), so that any later evaluation takes the split from the model, never from a config."""
-    train_p, test_p = split_patients(patient_groups(cohort), test_fraction=test_fraction, seed=seed)
+def split_scan_ids(cohort: Cohort, *, test_fraction: float = 0.2, seed: int = 0,
+                   validation_fraction: float = 0.0) -> tuple[list[str], list[str], list[str]]:
+    """The patient-level split as scan ids -> (training, validation, held-out test scans), sorted."""
+    sides = patient_sides(cohort, test_fraction=test_fraction, seed=seed, validation_fraction=validation_fraction)
+    return tuple(_scans_of(cohort, sides[k]) for k in SIDES)
+
+
+def record_split(cohort: Cohort, *, test_fraction: float, seed: int, validation_fraction: float = 0.0) -> dict:
+    """The split as the exported model records it: the seed and fractions that made it, and the
+    keyed ids of its training, validation and held-out test patients (HMAC with a salt of the
+    model's own; no raw id), so that any later evaluation takes the split from the model, never
+    from a config."""
+    sides = patient_sides(cohort, test_fraction=test_fraction, seed=seed, validation_fraction=validation_fraction)
     salt = secrets.token_hex(16)
-    return {"test_fraction": test_fraction, "seed": seed, "salt": salt,
-            "train_patients": sorted(keyed_id(p, salt.encode()) for p in train_p),
-            "test_patients": sorted(keyed_id(p, salt.encode()) for p in test_p)}
+    return {"test_fraction": test_fraction, "validation_fraction": validation_fraction, "seed": seed, "salt": salt,
+            **{f"{k}_patients": sorted(keyed_id(p, salt.encode()) for p in sides[k]) for k in SIDES}}
 
 
-def split_of_model(cohort: Cohort, meta: dict, *, where: str) -> tuple[list[str], list[str]]:
-    """The model's recorded split applied to a manifest -> (training scan ids, held-out scan ids).
+def split_of_model(cohort: Cohort, meta: dict, *, where: str, on: str = "test") -> tuple[list[str], list[str]]:
+    """The model's recorded split applied to a manifest -> (database scan ids, query scan ids).
 
+    on="test": the held-out test patients are the queries, every other patient the database;
+    on="validation": the validation patients are the queries, the training patients the database
+    (test patients are left out: choosing a recipe never looks at them).
     Refuses a manifest with patients the model's split does not know (another cohort, or one that
     grew since training) and a model that records no split."""
+    if on not in ("test", "validation"):
+        raise InputError(f"--on: expected test or validation, got {on!r}")
     split = meta.get("extra", {}).get("split")
     if not split:
         raise InputError(f"{where}: the model records no training split (exported before split recording); "
                          "train it again to evaluate it")
     salt = split["salt"].encode()
-    train_keys, test_keys = set(split["train_patients"]), set(split["test_patients"])
+    keys = {k: set(split.get(f"{k}_patients", ())) for k in SIDES}
     side = {}
     for pid in cohort.patients():
-        k = keyed_id(pid, salt)
-        side[pid] = "train" if k in train_keys else "test" if k in test_keys else None
+        h = keyed_id(pid, salt)
+        side[pid] = next((k for k in SIDES if h in keys[k]), None)
     unknown = sum(v is None for v in side.values())
     if unknown:
         raise InputError(f"{cohort.path}: {unknown} of {len(side)} patients are in neither split of the model "
-                         f"{where} (it was trained on another manifest: {len(train_keys)} training and "
-                         f"{len(test_keys)} held-out patients)")
+                         f"{where} (it was trained on another manifest: {len(keys['train'])} training, "
+                         f"{len(keys['validation'])} validation and {len(keys['test'])} held-out patients)")
+    database = ("train",) if on == "validation" else ("train", "validation")
     scans = cohort.scans()
-    train = sorted(s for s, rows in scans.items() if side[rows[0].patient_id] == "train")
-    test = sorted(s for s, rows in scans.items() if side[rows[0].patient_id] == "test")
-    if not test:
-        raise InputError(f"{cohort.path}: none of the model's held-out patients is in this manifest")
-    return train, test
+    db = sorted(s for s, rows in scans.items() if side[rows[0].patient_id] in database)
+    queries = sorted(s for s, rows in scans.items() if side[rows[0].patient_id] == on)
+    if not queries:
+        raise InputError(f"{cohort.path}: none of the model's {on} patients is in this manifest"
+                         + (" (trained without data.validation_fraction)" if on == "validation" else ""))
+    return db, queries

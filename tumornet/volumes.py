@@ -122,6 +122,15 @@ def normalize_intensity(array: np.ndarray) -> np.ndarray:
     return ((clipped - float(v.mean())) / sd).astype(np.float32)
 
 
+def foreground_voxels(array: np.ndarray, *, limit: int = 200_000) -> np.ndarray:
+    """(n, 3) voxel indices of the head / brain foreground: voxels above the image mean with holes
+    filled (subsampled to about `limit` points)."""
+    vox = np.argwhere(ndimage.binary_fill_holes(array > array.mean()))
+    if len(vox) < 64:
+        raise InputError("the image has (almost) no foreground (no head or brain above the mean intensity)")
+    return vox[:: len(vox) // limit] if len(vox) > limit else vox
+
+
 def load_volume(path: str | Path, *, scan_id: str, spacing_mm=None, normalize: bool = True) -> Volume:
     data, affine = read_nifti(path)
     data, affine = resample(data, affine, as_spacing(spacing_mm), order=1)

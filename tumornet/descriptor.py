@@ -1,0 +1,138 @@
+"""The retrieval vector of a tumor: what `embed` stores as `embedding` and `search` compares.
+
+The network gives, for a tumor box in a scan (the training patch cut around it):
+- `roipool`: the RoiPool vector (C numbers), the paper's embedding;
+- `task_logits`: the task heads' logits on that vector (all tasks' classes, concatenated);
+and the box itself gives:
+- `box_log_volume`: log of the box volume in ml (what a drawn box says of the tumor's size);
+- `position`: the box centre relative to the head's foreground box, scaled so that the head spans
+  [-1, 1] per axis (RAS): the tumor's place in the head whatever the scan's orientation, spacing,
+  field of view or head size.
+None of these needs a mask: a box is enough (the paper's query).
+
+`compose` turns these parts into one vector with the weights of `RetrievalConfig` (config section
+`retrieval`). Every part is scaled so that two random training tumors differ by about 1 in
+squared distance per part (the RoiPool dims, the log volume and the position z-scored with the
+training tumors' statistics, `fit_stats`, stored in the model file; each task's class
+probabilities / sqrt(2)), so a weight says how much that part counts. The paper's embedding is
+`roipool: 1` with `standardize: false`: the raw RoiPool vector, unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .boxes import box_center, box_size
+from .errors import InputError
+from .labels import LabelSchema
+from .patches import centred_patch, patch_size_for
+from .volumes import foreground_voxels
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalConfig:
+    roipool: float = 1.0  # weight of the RoiPool vector (the paper's embedding)
+    standardize: bool = False  # z-score the RoiPool dims first (training tumors' mean and sd)
+    tasks: float = 0.0  # weight of each task head's class probabilities
+    size: float = 0.0  # weight of the box's log volume
+    position: float = 0.0  # weight of the box centre's place in the head
+
+    def __post_init__(self) -> None:
+        weights = (self.roipool, self.tasks, self.size, self.position)
+        if min(weights) < 0 or max(weights) <= 0:
+            raise InputError(f"retrieval: weights must be >= 0 and not all 0, got {weights}")
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.standardize or self.size > 0 or self.position > 0
+
+
+def head_box_voxels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Robust foreground box of a (normalized or raw) scan in voxels -> (centre, half size) per axis:
+    voxels above the mean with holes filled, 0.5-99.5th coordinate percentiles."""
+    lo, hi = np.percentile(foreground_voxels(image), [0.5, 99.5], axis=0)
+    return (lo + hi) / 2.0, np.maximum((hi - lo) / 2.0, 1.0)
+
+
+@torch.no_grad()
+def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None) -> dict:
+    """The parts of one tumor box (voxels of `image`, the model's working grid) -> {"roipool" (C,),
+    "task_logits" (sum of classes,), "box_log_volume", "position" (3,)}."""
+    patch, box = centred_patch(image, bbox, patch_size_for(bbox, patch_size))
+    boxes = torch.from_numpy(np.concatenate([[0], box])[None].astype(np.int64))
+    was_training = model.training
+    model.eval()
+    res = model(torch.from_numpy(patch[None]).to(model.device), boxes.to(model.device))
+    model.train(was_training)
+    centre, half = head if head is not None else head_box_voxels(image)
+    volume_ml = float(np.prod(box_size(bbox) * np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
+    return {"roipool": res["embedding"][0].float().cpu().numpy(),
+            "task_logits": torch.cat([res["tasks"][t][0] for t in model.schema.names]).float().cpu().numpy(),
+            "box_log_volume": float(np.log(max(volume_ml, 1e-6))),
+            "position": ((box_center(bbox) - centre) / half).astype(np.float32)}
+
+
+def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
+    """A model file's retrieval recipe and statistics (a model without one: the paper's raw RoiPool)."""
+    extra = meta.get("extra", {})
+    cfg = RetrievalConfig(**(extra.get("config", {}).get("retrieval") or {}))
+    return cfg, extra.get("retrieval_stats")
+
+
+def fit_stats(parts: Sequence[Mapping]) -> dict:
+    """Mean and sd of the standardized parts over training tumors (plain lists: stored in the model file)."""
+    if len(parts) < 2:
+        raise InputError(f"retrieval statistics need at least 2 training tumors, got {len(parts)}")
+
+    def ms(a: np.ndarray) -> tuple[list, list]:
+        sd = a.std(0)
+        return a.mean(0).tolist(), np.where(sd > 1e-8, sd, 1.0).tolist()
+
+    out = {}
+    for key in ("roipool", "box_log_volume", "position"):
+        m, s = ms(np.array([np.atleast_1d(p[key]) for p in parts], dtype=np.float64))
+        out[key] = {"mean": m, "sd": s}
+    out["tumors"] = len(parts)
+    return out
+
+
+def _softmax_blocks(logits: np.ndarray, schema: LabelSchema) -> list[np.ndarray]:
+    out, start = [], 0
+    for t in schema.tasks:
+        z = logits[..., start:start + t.n_classes]
+        e = np.exp(z - z.max(-1, keepdims=True))
+        out.append(e / e.sum(-1, keepdims=True))
+        start += t.n_classes
+    return out
+
+
+def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: LabelSchema,
+            stats: Mapping | None) -> np.ndarray:
+    """Parts of n tumors (arrays with a leading n axis) -> (n, D) float32 retrieval vectors."""
+    if cfg.needs_stats and not stats:
+        raise InputError("retrieval: this recipe needs the training tumors' statistics (the model file has none)")
+
+    def z(key: str) -> np.ndarray:
+        a = np.asarray(parts[key], dtype=np.float64).reshape(len(parts["roipool"]), -1)
+        return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
+
+    blocks = []
+    roi = np.asarray(parts["roipool"], dtype=np.float64)
+    if cfg.roipool > 0:
+        blocks.append(cfg.roipool * (z("roipool") / np.sqrt(2 * roi.shape[1]) if cfg.standardize else roi))
+    if cfg.tasks > 0:
+        blocks += [cfg.tasks * p / np.sqrt(2) for p in _softmax_blocks(np.asarray(parts["task_logits"]), schema)]
+    if cfg.size > 0:
+        blocks.append(cfg.size * z("box_log_volume") / np.sqrt(2))
+    if cfg.position > 0:
+        blocks.append(cfg.position * z("position") / np.sqrt(2 * 3))
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def vector_size(cfg: RetrievalConfig, channels: int, schema: LabelSchema) -> int:
+    return ((channels if cfg.roipool > 0 else 0) + (sum(t.n_classes for t in schema.tasks) if cfg.tasks > 0 else 0)
+            + (1 if cfg.size > 0 else 0) + (3 if cfg.position > 0 else 0))
