@@ -114,8 +114,19 @@ def cmd_embed(args) -> None:
 
     report = run_embedding(manifest=args.manifest, model_path=args.model, out_dir=args.out,
                            secret_file=args.secret_file, workers=args.workers, threads_per_worker=args.threads,
-                           scans_per_shard=args.scans_per_shard, spacing_mm=args.spacing, patch_size=args.patch)
-    print(json.dumps(report, indent=2))
+                           scans_per_shard=args.scans_per_shard, spacing_mm=args.spacing, patch_size=args.patch,
+                           max_failure_rate=args.max_failure_rate)
+    if not report["ok"]:
+        print(f"error: {report['failure_rate']:.1%} of the scans failed, above --max-failure-rate "
+              f"{args.max_failure_rate:.1%} (see {Path(report['out_dir']) / 'embed-errors.jsonl'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_compact(args) -> None:
+    from embedder.shards import compact_shards
+
+    print(json.dumps(compact_shards(args.embeddings, rows_per_file=args.rows_per_file), indent=2))
 
 
 def cmd_evaluate(args) -> None:
@@ -279,7 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scans-per-shard", type=int, default=8)
     sp.add_argument("--spacing", type=float, help="working voxel size in mm (default: the model's training spacing)")
     sp.add_argument("--patch", type=int, help="patch size in voxels (default: the model's training patch size)")
+    sp.add_argument("--max-failure-rate", type=float, default=0.05,
+                    help="exit 1 when more than this share of the scans failed or were skipped (default 0.05)")
     sp.set_defaults(func=cmd_embed)
+
+    sp = sub.add_parser("compact", help="rewrite embedding shards into few large files (newest rows only)")
+    sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
+    sp.add_argument("--rows-per-file", type=int, default=200_000)
+    sp.set_defaults(func=cmd_compact)
 
     sp = sub.add_parser("evaluate", help="KNN retrieval scores of the model's held-out split: learned vs handcrafted")
     sp.add_argument("--model", required=True, help="model.pt the shards were embedded with (it records its split)")
@@ -314,19 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> None:
-    """Run one subcommand in this process (what the demo composes); InputError propagates."""
+    """Run one subcommand in this process (what the demo composes); InputError propagates, and a
+    non-zero exit status of the subcommand stops the caller too."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    status = args.func(args) or 0
+    if status:
+        raise SystemExit(status)
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done; 1 a batch job failed above its tolerance (embed); 2 bad input."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,104 +25,200 @@ import numpy as np
 from trainer.ray_setup import init_ray
 from tumornet.errors import InputError
 from tumornet.export import load_model
+from tumornet.io import atomic_write_text
 from tumornet.keys import keyed_id, read_secret
-from tumornet.manifest import ManifestRow, read_manifest
+from tumornet.manifest import ManifestRow, read_manifest_lenient, redact
 from tumornet.runtime import ALLOCATOR_ENV
 
 from .embed import embed_scan, embed_settings, source_hash
 from .shards import done_scans, model_shard_schema, write_shard
 
+ERROR_COLUMNS = ("run", "row", "scan_key", "stage", "error_class", "message")  # embed-errors.jsonl, one JSON a line
+HISTORY = 100  # runs kept in embed-report.json
 
-def _redact(message: str, rows: list[ManifestRow]) -> str:
-    """An error message without the scan's file paths and ids (they may hold patient names)."""
-    for r in rows[:1]:
-        for text, name in ((r.image, "<image>"), (r.mask, "<mask>"), (r.scan_id, "<scan>"), (r.patient_id, "<pat>")):
-            message = message.replace(str(text), name)
-    return message
+
+def _row_dict(r: ManifestRow) -> dict:
+    return {"row": r.row, "patient_id": r.patient_id, "scan_id": r.scan_id, "image": str(r.image),
+            "mask": str(r.mask), "tumor_id": r.tumor_id, "labels": r.labels,
+            "tumor_values": list(r.tumor_values) if r.tumor_values is not None else None}
+
+
+def _row_of(d: dict) -> ManifestRow:
+    return ManifestRow(row=d["row"], patient_id=d["patient_id"], scan_id=d["scan_id"], image=Path(d["image"]),
+                       mask=Path(d["mask"]), tumor_id=d["tumor_id"], labels=d["labels"],
+                       tumor_values=tuple(d["tumor_values"]) if d["tumor_values"] is not None else None)
+
+
+def _failure(e: Exception, rows: list[ManifestRow]) -> tuple[str, str, str]:
+    """-> (stage, error class, message without the scan's paths and ids): bad input files are
+    `read` failures with the input's own class (missing_file, truncated, ...); anything else is an
+    `embed` failure named by its exception type."""
+    r = rows[0]
+    message = redact(str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}",
+                     (r.patient_id, r.scan_id, str(r.image), str(r.mask)))
+    if isinstance(e, InputError):
+        return "read", e.kind, message
+    if isinstance(e, MemoryError):
+        return "read", "out_of_memory", message or "out of memory"
+    return "embed", type(e).__name__, message
 
 
 class ShardEmbedder:
-    """A Ray Data actor: loads the model once, then embeds and writes one shard per call."""
+    """A Ray Data actor: loads the model once, then embeds and writes one shard per call. Its
+    constructor takes only small arguments (paths, settings); each call's item carries its scans'
+    manifest rows and the file hashes already embedded by this model."""
 
-    def __init__(self, *, manifest: str, model_path: str, out_dir: str, secret: bytes, done: set,
-                 spacing_mm, patch_size: int, recipe, threads: int, stamp: str):
+    def __init__(self, *, model_path: str, out_dir: str, secret: bytes, spacing_mm, patch_size: int, recipe,
+                 threads: int, stamp: str):
         import torch
 
         torch.set_num_threads(threads)
         self.model, meta = load_model(model_path)
         self.model_id = meta["model_id"]
         self.schema = model_shard_schema(self.model, recipe[0])
-        self.scans = read_manifest(manifest, self.model.schema, check_files=False).scans()
-        self.out, self.secret, self.done = Path(out_dir), secret, done
+        self.out, self.secret = Path(out_dir), secret
         self.spacing, self.patch, self.recipe, self.stamp = spacing_mm, patch_size, recipe, stamp
 
     def __call__(self, batch: dict) -> dict:
-        status = {"shard": [], "scan_id": [], "status": [], "tumors": [], "error": []}
-        for shard, scan_ids in zip(batch["shard"], batch["scan_ids"], strict=True):
+        status = {k: [] for k in ("shard", "scan_key", "row", "status", "tumors", "stage", "error_class", "message")}
+        for shard, payload in zip(batch["shard"], batch["payload"], strict=True):
             rows_out = []
-            for scan_id in scan_ids:
-                rows = list(self.scans[scan_id])
-                state, n, err = "embedded", 0, ""
+            for item in json.loads(payload):
+                rows = [_row_of(d) for d in item["rows"]]
+                state, n, fail = "embedded", 0, ("", "", "")
                 try:
                     h = source_hash(rows)
-                    if (keyed_id(scan_id, self.secret), h) in self.done:
+                    if h in item["done"]:
                         state = "unchanged"
                     else:
                         new = embed_scan(self.model, self.model_id, rows, spacing_mm=self.spacing,
-                                         patch_size=self.patch, secret=self.secret, file_hash=h,
-                                         recipe=self.recipe)
+                                         patch_size=self.patch, secret=self.secret, file_hash=h, recipe=self.recipe)
                         rows_out += new
                         n = len(new)
-                except Exception as e:  # a batch job records the failure and goes on
-                    state, err = "failed", _redact(f"{type(e).__name__}: {e}", rows)
-                for k, v in zip(status, (int(shard), scan_id, state, n, err), strict=True):
+                except (Exception, MemoryError) as e:  # a batch job records the failure and goes on
+                    state, fail = "failed", _failure(e, rows)
+                values = (int(shard), item["scan_key"], rows[0].row, state, n, *fail)
+                for k, v in zip(status, values, strict=True):
                     status[k].append(v)
             if rows_out:
                 write_shard(rows_out, self.out / f"{self.model_id}-{self.stamp}-{int(shard):05d}.parquet", self.schema)
         return {k: np.asarray(v) for k, v in status.items()}
 
 
+class Progress:
+    """One console line per `every` seconds (and at the end): counts, rate and ETA."""
+
+    def __init__(self, total: int, log, every: float = 10.0):
+        self.total, self.log, self.every = total, log, every
+        self.counts = {"embedded": 0, "unchanged": 0, "failed": 0}
+        self.t0 = self.last = time.perf_counter()
+
+    def add(self, state: str) -> None:
+        self.counts[state] += 1
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            self.log(self.line())
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        c = self.counts
+        return (f"embed: {self.done}/{self.total} scans ({c['embedded']} embedded, {c['unchanged']} unchanged, "
+                f"{c['failed']} failed), {rate:.2f} scans/s, ETA {eta:.0f} s")
+
+
+def _append_errors(path: Path, records: list[dict]) -> None:
+    if records:
+        with open(path, "a") as f:
+            for rec in records:
+                f.write(json.dumps({k: rec[k] for k in ERROR_COLUMNS}) + "\n")
+
+
+def _append_history(path: Path, report: dict) -> None:
+    runs = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            runs = old.get("runs", []) if isinstance(old, dict) else []
+        except json.JSONDecodeError:
+            runs = []
+    atomic_write_text(path, json.dumps({"last": report, "runs": [*runs, report][-HISTORY:]}, indent=2))
+
+
 def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str | Path, secret_file: str | Path,
                   workers: int = 2, threads_per_worker: int = 1, scans_per_shard: int = 8,
-                  spacing_mm=None, patch_size: int | None = None, log=print) -> dict:
+                  spacing_mm=None, patch_size: int | None = None, max_failure_rate: float = 0.05, log=print) -> dict:
+    """Embed every valid scan of the manifest -> the run's report (also in `<out>/embed-report.json`,
+    with the history of earlier runs); invalid manifest rows and failed scans go to
+    `<out>/embed-errors.jsonl`. report["ok"] is False when the failure share exceeds max_failure_rate."""
     import ray
 
     if workers < 1 or threads_per_worker < 1 or scans_per_shard < 1:
         raise InputError("embed: workers, threads per worker and scans per shard must be >= 1")
+    if not 0.0 <= max_failure_rate <= 1.0:
+        raise InputError(f"--max-failure-rate: expected a share in [0, 1], got {max_failure_rate}")
     model, meta = load_model(model_path)  # validated here, before any worker starts
-    # files are checked per scan by the workers: a missing one fails that scan, not the night's job
-    scans = read_manifest(manifest, model.schema, check_files=False).scans()
     secret = read_secret(secret_file)
+    # row by row: an invalid row skips its scan (recorded), every valid scan is embedded; files are
+    # checked per scan by the workers, so a missing or broken file fails that scan, not the night
+    cohort, bad_rows = read_manifest_lenient(manifest, model.schema)
+    scans = cohort.scans()
     spacing, patch, recipe = embed_settings(meta, model_path, spacing_mm=spacing_mm, patch_size=patch_size)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    done = done_scans(out, meta["model_id"])
+    done: dict[str, list[str]] = {}
+    for key, h in done_scans(out, meta["model_id"]):
+        done.setdefault(key, []).append(h)
     scan_ids = sorted(scans)
-    chunks = [scan_ids[i:i + scans_per_shard] for i in range(0, len(scan_ids), scans_per_shard)]
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    log(f"embedding {len(scan_ids)} scans in {len(chunks)} shards with model {meta['model_id']} "
-        f"({len(done)} scans already embedded by it) -> {out}")
-    init_ray()
-    ds = ray.data.from_items([{"shard": i, "scan_ids": c} for i, c in enumerate(chunks)],
-                             override_num_blocks=max(len(chunks), 1))
-    results = ds.map_batches(
-        ShardEmbedder, batch_size=1, num_cpus=threads_per_worker,
-        compute=ray.data.ActorPoolStrategy(size=min(workers, max(len(chunks), 1))),
-        fn_constructor_kwargs={"manifest": str(Path(manifest).resolve()), "model_path": str(Path(model_path).resolve()),
-                               "out_dir": str(out), "secret": secret, "done": done, "spacing_mm": spacing,
-                               "patch_size": patch, "recipe": recipe, "threads": threads_per_worker, "stamp": stamp},
-        runtime_env={"env_vars": ALLOCATOR_ENV},
-    ).take_all()
-    failed = [r for r in results if r["status"] == "failed"]
-    with open(out / "embed-errors.jsonl", "a") if failed else open(os.devnull, "w") as f:
-        for r in failed:
-            rows = [m.row for m in scans[r["scan_id"]]]
-            rec = {"run": stamp, "scan_key": keyed_id(r["scan_id"], secret), "manifest_rows": rows, "error": r["error"]}
-            f.write(json.dumps(rec) + "\n")
-    counts = {s: sum(r["status"] == s for r in results) for s in ("embedded", "unchanged", "failed")}
-    report = {"run": stamp, "model_id": meta["model_id"], "scans": len(scan_ids), **counts,
-              "tumors_embedded": int(sum(r["tumors"] for r in results)), "out_dir": str(out)}
-    (out / "embed-report.json").write_text(json.dumps(report, indent=2))
+    errors = [{"run": stamp, "row": e.row, "scan_key": keyed_id(e.scan_id, secret) if e.scan_id else "",
+               "stage": "manifest", "error_class": "invalid_row", "message": e.redacted()} for e in bad_rows]
+    _append_errors(out / "embed-errors.jsonl", errors)  # recorded before any scan is embedded
+    items = []
+    for s in scan_ids:
+        key = keyed_id(s, secret)
+        items.append({"scan_key": key, "done": done.get(key, []), "rows": [_row_dict(r) for r in scans[s]]})
+    chunks = [items[i:i + scans_per_shard] for i in range(0, len(items), scans_per_shard)]
+    invalid_scans = len({e.scan_id for e in bad_rows if e.scan_id}) + sum(1 for e in bad_rows if not e.scan_id)
+    log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows) in {len(chunks)} "
+        f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it) -> {out}")
+    progress = Progress(len(scan_ids), log)
+    results = []
+    if chunks:
+        init_ray()
+        ds = ray.data.from_items([{"shard": i, "payload": json.dumps(c)} for i, c in enumerate(chunks)],
+                                 override_num_blocks=len(chunks))
+        stream = ds.map_batches(
+            ShardEmbedder, batch_size=1, num_cpus=threads_per_worker,
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(chunks))),
+            fn_constructor_kwargs={"model_path": str(Path(model_path).resolve()), "out_dir": str(out),
+                                   "secret": secret, "spacing_mm": spacing, "patch_size": patch, "recipe": recipe,
+                                   "threads": threads_per_worker, "stamp": stamp},
+            runtime_env={"env_vars": ALLOCATOR_ENV},
+        ).iter_rows()
+        for r in stream:
+            results.append(r)
+            progress.add(str(r["status"]))
+            if r["status"] == "failed":
+                _append_errors(out / "embed-errors.jsonl", [{"run": stamp, "row": int(r["row"]),
+                                                             "scan_key": str(r["scan_key"]), "stage": str(r["stage"]),
+                                                             "error_class": str(r["error_class"]),
+                                                             "message": str(r["message"])}])
+    counts = dict(progress.counts)
+    total = len(scan_ids) + invalid_scans
+    failure_rate = (counts["failed"] + invalid_scans) / total if total else 0.0
+    report = {"run": stamp, "model_id": meta["model_id"], "scans": total, **counts,
+              "skipped_invalid_rows": len(bad_rows), "skipped_scans": invalid_scans,
+              "tumors_embedded": int(sum(int(r["tumors"]) for r in results)), "failure_rate": round(failure_rate, 4),
+              "max_failure_rate": max_failure_rate, "ok": failure_rate <= max_failure_rate, "out_dir": str(out)}
+    _append_history(out / "embed-report.json", report)
     log(f"embedded {counts['embedded']} scans ({report['tumors_embedded']} tumors), {counts['unchanged']} unchanged, "
-        f"{counts['failed']} failed" + (f" (see {out / 'embed-errors.jsonl'})" if failed else ""))
+        f"{counts['failed']} failed, {invalid_scans} skipped for invalid rows"
+        + (f" (see {out / 'embed-errors.jsonl'})" if counts["failed"] or bad_rows else ""))
     return report

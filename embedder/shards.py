@@ -9,6 +9,7 @@ re-run finds exactly what was done.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,24 +61,83 @@ def shard_files(out_dir: Path) -> list[Path]:
     return sorted(p for p in Path(out_dir).glob("*.parquet") if not p.name.startswith(".tmp-"))
 
 
+def _newest(table: pa.Table) -> pa.Table:
+    """Each scan's newest rows per model (a scan re-embedded after its files changed supersedes its
+    old rows), each (scan, model, tumor) once (a compaction interrupted before it removed the old
+    files leaves identical copies)."""
+    cols = [table[c].to_pylist() for c in ("scan_key", "model_id", "embedded_at", "tumor_id")]
+    newest: dict[tuple[str, str], object] = {}
+    for scan, mid, at, _ in zip(*cols, strict=True):
+        if newest.get((scan, mid)) is None or at > newest[(scan, mid)]:
+            newest[(scan, mid)] = at
+    seen, keep = set(), []
+    for scan, mid, at, tid in zip(*cols, strict=True):
+        ok = newest[(scan, mid)] == at and (scan, mid, tid) not in seen
+        if ok:
+            seen.add((scan, mid, tid))
+        keep.append(ok)
+    return table.filter(pa.array(keep))
+
+
+def _read(files: list[Path], model_id: str | None) -> pa.Table:
+    tables = []
+    for f in files:
+        t = pq.read_table(f)
+        tables.append(t if model_id is None else t.filter(pa.compute.equal(t["model_id"], model_id)))
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"shards of models with different vector sizes: choose one model id ({e})") from None
+
+
 def read_embeddings(out_dir: str | Path, *, model_id: str | None = None, latest: bool = True) -> pa.Table:
-    """All shards of `out_dir` as one table (optionally one model's rows only). latest: a scan
-    re-embedded after its files changed keeps only its newest rows."""
+    """All shards of `out_dir` as one table (optionally one model's rows only). latest: each scan's
+    newest rows per model, each tumor once."""
     files = shard_files(Path(out_dir))
     if not files:
         raise InputError(f"{out_dir}: no embedding shards (*.parquet)")
-    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
-    if model_id is not None:
-        table = table.filter(pa.compute.equal(table["model_id"], model_id))
-    if latest and table.num_rows:
-        newest: dict[tuple[str, str], object] = {}
-        for scan, mid, at in zip(*(table[c].to_pylist() for c in ("scan_key", "model_id", "embedded_at")), strict=True):
-            if newest.get((scan, mid)) is None or at > newest[(scan, mid)]:
-                newest[(scan, mid)] = at
-        keep = [newest[(s, m)] == a for s, m, a in
-                zip(*(table[c].to_pylist() for c in ("scan_key", "model_id", "embedded_at")), strict=True)]
-        table = table.filter(pa.array(keep))
-    return table
+    table = _read(files, model_id)
+    return _newest(table) if latest and table.num_rows else table
+
+
+def compact_shards(out_dir: str | Path, *, rows_per_file: int = 200_000, log=print) -> dict:
+    """Rewrite the shards into few large files: per model, the rows a reader would see (each scan's
+    newest rows, each tumor once), sorted by scan key, `rows_per_file` a file. New files are written
+    whole first (temp file + rename), then the old ones removed: a crash in between leaves identical
+    copies, which readers count once; readers give the same answer before and after."""
+    if rows_per_file < 1:
+        raise InputError(f"--rows-per-file: expected >= 1, got {rows_per_file}")
+    out = Path(out_dir)
+    files = shard_files(out)
+    if not files:
+        raise InputError(f"{out}: no embedding shards (*.parquet)")
+    by_model: dict[str, list[Path]] = {}
+    rows_before = 0
+    for f in files:
+        t = pq.read_table(f, columns=["model_id"])
+        rows_before += t.num_rows
+        for mid in set(t["model_id"].to_pylist()):
+            by_model.setdefault(mid, []).append(f)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    written: list[Path] = []
+    for mid, model_files in sorted(by_model.items()):
+        table = _newest(_read(model_files, mid))
+        order = pa.compute.sort_indices(table, sort_keys=[("scan_key", "ascending"), ("tumor_id", "ascending")])
+        table = table.take(order)
+        for n, start in enumerate(range(0, table.num_rows, rows_per_file)):
+            path = out / f"compact-{mid}-{stamp}-{n:05d}.parquet"
+            chunk = table.slice(start, rows_per_file)
+            atomic_write(path, lambda tmp, chunk=chunk: pq.write_table(chunk, tmp))
+            written.append(path)
+    for f in files:
+        if f not in written:
+            f.unlink()
+    rows_after = sum(pq.ParquetFile(f).metadata.num_rows for f in written)
+    report = {"files_before": len(files), "files_after": len(written), "rows_before": rows_before,
+              "rows_after": rows_after, "models": len(by_model)}
+    log(f"compact: {len(files)} files ({rows_before} rows) -> {len(written)} files ({rows_after} rows, "
+        f"{rows_before - rows_after} superseded or duplicate rows dropped)")
+    return report
 
 
 def done_scans(out_dir: str | Path, model_id: str) -> set[tuple[str, str]]:

@@ -149,11 +149,16 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     missing.mask.unlink()  # a file gone from the archive: that scan fails, the job goes on
     third = run_embedding(**kw)
     assert (third["embedded"], third["unchanged"], third["failed"]) == (1, len(cohort.scans()) - 3, 2)
-    errors = [json.loads(x) for x in (out / "embed-errors.jsonl").read_text().splitlines()]
+    errors = sorted((json.loads(x) for x in (out / "embed-errors.jsonl").read_text().splitlines()),
+                    key=lambda e: e["row"])
     assert [e["scan_key"] for e in errors] == [keyed_id(s, SECRET) for s in (scans[0], scans[2])]
-    assert "<mask>" in errors[1]["error"] and str(archive) not in errors[1]["error"]
-    assert errors[0]["manifest_rows"] == [r.row for r in cohort.scans()[scans[0]]]
-    assert "<image>" in errors[0]["error"] and str(archive) not in errors[0]["error"]
+    assert all(list(e) == ["run", "row", "scan_key", "stage", "error_class", "message"] for e in errors)
+    assert errors[0]["row"] == cohort.scans()[scans[0]][0].row and errors[0]["stage"] == "read"
+    assert errors[0]["error_class"] == "not_nifti" and errors[0]["message"].startswith("<image>: not a readable NIfTI")
+    assert errors[1]["error_class"] == "missing_file" and errors[1]["message"] == "<mask>: file not found"
+    assert str(archive) not in json.dumps(errors)
+    history = json.loads((out / "embed-report.json").read_text())
+    assert [r["failed"] for r in history["runs"]] == [0, 0, 2] and history["last"] == third
     latest = read_embeddings(out, model_id=mid)
     assert latest.num_rows == n_tumors  # the re-embedded scan's old rows are superseded; failed scans keep theirs
     hashes = zip(latest["scan_key"].to_pylist(), latest["source_hash"].to_pylist(), strict=True)

@@ -138,9 +138,36 @@ def _parse_row(i: int, raw: dict[str, str], root: Path, schema: LabelSchema, nam
     )
 
 
-def read_manifest(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA, *, check_files: bool = True) -> Cohort:
-    """Read and validate a manifest; all problems found are reported together (up to 25)."""
-    path = Path(path)
+@dataclass(frozen=True, kw_only=True)
+class RowError:
+    """One invalid manifest row (lenient reading): its 1-based row number, its scan id ('' when the
+    row has none), the problem in words, and the row's identifying cells (ids and paths), which a
+    writer of persisted outputs replaces before storing the message (`redact`)."""
+
+    row: int
+    scan_id: str
+    message: str
+    cells: tuple[str, ...] = ()
+
+    def redacted(self) -> str:
+        return redact(self.message, self.cells)
+
+
+CELL_TOKENS = ("<patient>", "<scan>", "<image>", "<mask>")
+
+
+def redact(message: str, cells) -> str:
+    """A message without a row's identifying cells: (patient_id, scan_id, image, mask) values,
+    replaced by <patient>, <scan>, <image>, <mask> (longest first, so a path holding an id goes whole)."""
+    pairs = [(str(c), t) for c, t in zip(cells, CELL_TOKENS, strict=False) if c and len(str(c)) > 2]
+    for c, t in sorted(pairs, key=lambda p: len(p[0]), reverse=True):
+        message = message.replace(c, t)
+    return message
+
+
+def _validate(path: Path, schema: LabelSchema, check_files: bool) -> tuple[list[ManifestRow], list[RowError]]:
+    """Every row checked; -> (valid rows of valid scans, row errors). Table-level problems (no file,
+    unreadable, missing or unknown columns, no rows) raise: no row can be trusted then."""
     columns, raw_rows = _read_table(path)
     missing = [c for c in (*REQUIRED, *schema.names) if c not in columns]
     if missing:
@@ -151,28 +178,59 @@ def read_manifest(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA, *, che
                          f"'tasks:' in the config (tasks now: {list(schema.names)})")
     if not raw_rows:
         raise InputError(f"{path}: the manifest has no rows")
-    errors: list[str] = []
+    errors: list[RowError] = []
     rows: list[ManifestRow] = []
+    cells = {}
     for i, raw in enumerate(raw_rows, start=1):
+        cells[i] = tuple(raw.get(c, "") for c in ("patient_id", "scan_id", "image", "mask"))
         try:
             rows.append(_parse_row(i, raw, path.parent, schema, path.name, check_files))
         except InputError as e:
-            errors.append(str(e))
+            errors.append(RowError(row=i, scan_id=raw.get("scan_id", "").strip(), message=str(e), cells=cells[i]))
     first: dict[str, ManifestRow] = {}
     seen: dict[tuple[str, int], int] = {}
     for r in rows:
         f = first.setdefault(r.scan_id, r)
         for attr in ("patient_id", "image", "mask", "tumor_values"):
             if getattr(r, attr) != getattr(f, attr):
-                errors.append(f"{path.name} row {r.row} column '{attr}': differs from row {f.row} of the same scan_id")
+                errors.append(RowError(row=r.row, scan_id=r.scan_id, cells=cells[r.row],
+                                       message=f"{path.name} row {r.row} column '{attr}': differs from row {f.row} "
+                                               "of the same scan_id"))
         key = (r.scan_id, r.tumor_id)
         if key in seen:
-            errors.append(f"{path.name} row {r.row}: tumor_id {r.tumor_id} of this scan already on row {seen[key]}")
+            errors.append(RowError(row=r.row, scan_id=r.scan_id, cells=cells[r.row],
+                                   message=f"{path.name} row {r.row}: tumor_id {r.tumor_id} of this scan already on "
+                                           f"row {seen[key]}"))
         seen.setdefault(key, r.row)
+    bad_scans = {e.scan_id for e in errors if e.scan_id}
+    bad_rows = {e.row for e in errors}
+    for r in rows:  # a scan with an invalid row is not embedded at all: its other rows say so
+        if r.scan_id in bad_scans and r.row not in bad_rows:
+            errors.append(RowError(row=r.row, scan_id=r.scan_id, cells=cells[r.row],
+                                   message=f"{path.name} row {r.row}: another row of the same scan_id is invalid "
+                                           "(the scan is skipped)"))
+    return [r for r in rows if r.scan_id not in bad_scans], sorted(errors, key=lambda e: e.row)
+
+
+def read_manifest(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA, *, check_files: bool = True) -> Cohort:
+    """Read and validate a manifest, strictly: all problems found are reported together (up to 25)."""
+    path = Path(path)
+    rows, errors = _validate(path, schema, check_files)
     if errors:
+        errors = [e for e in errors if "another row of the same scan_id is invalid" not in e.message]
         more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
-        raise InputError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors[:MAX_REPORTED]) + more)
+        listed = "\n  ".join(e.message for e in errors[:MAX_REPORTED])
+        raise InputError(f"{path}: {len(errors)} problem(s):\n  " + listed + more)
     return Cohort(path, tuple(rows), schema)
+
+
+def read_manifest_lenient(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA, *,
+                          check_files: bool = False) -> tuple[Cohort, list[RowError]]:
+    """Read a manifest row by row (the nightly job): -> (the valid scans, the invalid rows). An
+    invalid row skips its scan; every other scan is kept. Table-level problems still raise."""
+    path = Path(path)
+    rows, errors = _validate(path, schema, check_files)
+    return Cohort(path, tuple(rows), schema), errors
 
 
 def manifest_columns(schema: LabelSchema = DEFAULT_SCHEMA, *, tumor_values: bool = False) -> list[str]:

@@ -40,7 +40,7 @@ def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool =
     data, affine = read_nifti(first.image)
     mask, _ = read_instances(first, like=(data, affine, first.image))
     if not (mask > 0).any():
-        raise InputError(f"{first.mask}: empty mask (no tumor voxel)")
+        raise InputError(f"{first.mask}: empty mask (no tumor voxel)", kind="empty_mask")
     spacing = as_spacing(spacing_mm)
     image, grid = resample(data, affine, spacing, order=1)
     instances, _ = resample(mask, affine, spacing, order=0)

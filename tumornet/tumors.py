@@ -66,7 +66,7 @@ def tumor_mask_from_labels(
     present = set(np.unique(seg).astype(int).tolist())
     unknown = sorted(present - allowed)
     if unknown:
-        raise InputError(f"{where}: unknown label value(s) {unknown}; expected only {sorted(allowed)}")
+        raise InputError(f"{where}: unknown label value(s) {unknown}; expected only {sorted(allowed)}", kind="bad_mask")
     return np.isin(seg, list(tumor_values))
 
 
@@ -92,7 +92,8 @@ def measure_tumors(
     ids = [int(i) for i in (present if tumor_ids is None else tumor_ids)]
     missing = sorted(set(ids) - set(present.tolist()))
     if missing:
-        raise InputError(f"{where}: tumor_id {missing} not found in the mask (it holds ids {present.tolist()})")
+        raise InputError(f"{where}: tumor_id {missing} not found in the mask (it holds ids {present.tolist()})",
+                         kind="mismatch")
     if not ids:
         return []
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0

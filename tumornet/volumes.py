@@ -50,36 +50,66 @@ def spacing_of(affine: np.ndarray) -> Spacing:
     return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
+MAX_VOXELS = 2**30  # 1024^3: far above any clinical scan (a 0.5 mm whole head is about 10^8)
+
+
+def check_data_size(path: Path, img) -> None:
+    """Before any voxel is read: the header's voxel count is plausible and the file holds that many
+    bytes (uncompressed .nii: the file size; .nii.gz: the gzip trailer's uncompressed size, mod 2^32)."""
+    shape = tuple(int(v) for v in img.header.get_data_shape())
+    n = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if n > MAX_VOXELS:
+        raise InputError(f"{path}: the header claims {' x '.join(map(str, shape))} voxels ({n:.3g}), more than any "
+                         f"scan ({MAX_VOXELS:.3g}); the header is corrupt", kind="header_size")
+    need = int(img.header.get_data_offset()) + n * img.header.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if str(path).endswith(".gz"):
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            isize = int.from_bytes(f.read(4), "little")  # uncompressed size mod 2^32 (RFC 1952)
+        if size < 18 or (isize < need % 2**32 and need < 2**32):
+            raise InputError(f"{path}: the header needs {need} bytes of data but the compressed file holds {isize} "
+                             "(truncated, or a header that disagrees with the data)", kind="header_size")
+    elif size < need:
+        raise InputError(f"{path}: the header needs {need} bytes but the file has {size} (truncated, or a header that "
+                         "disagrees with the data)", kind="header_size")
+
+
 def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI as (float32 data in canonical RAS, its affine); every problem names the file."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: file not found", kind="missing_file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)", kind="not_nifti")
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises several types for non-NIfTI input
-        raise InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})", kind="not_nifti") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+        raise InputError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})", kind="not_nifti")
+    check_data_size(path, img)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         img = img.slicer[..., 0]
         shape = img.shape
     if len(shape) != 3:
-        raise InputError(f"{path}: expected a 3D volume, got shape {tuple(shape)} ({len(shape)}D)")
+        raise InputError(f"{path}: expected a 3D volume, got shape {tuple(shape)} ({len(shape)}D)", kind="bad_shape")
     if min(shape) < 1:
-        raise InputError(f"{path}: empty volume of shape {tuple(shape)}")
+        raise InputError(f"{path}: empty volume of shape {tuple(shape)}", kind="bad_shape")
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(f"{path}: invalid (singular or non-finite) affine")
+        raise InputError(f"{path}: invalid (singular or non-finite) affine", kind="bad_affine")
     img = nib.as_closest_canonical(img)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except (OSError, EOFError, ValueError, zlib.error) as e:
-        raise InputError(f"{path}: truncated or corrupt voxel data ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: truncated or corrupt voxel data ({type(e).__name__}: {e})",
+                         kind="truncated") from None
     bad = ~np.isfinite(data)
     if bad.any():
-        raise InputError(f"{path}: {int(bad.sum())} NaN/inf voxels (first at voxel {np.argwhere(bad)[0].tolist()})")
+        raise InputError(f"{path}: {int(bad.sum())} NaN/inf voxels (first at voxel {np.argwhere(bad)[0].tolist()})",
+                         kind="non_finite")
     return data, img.affine.copy()
 
 
@@ -127,7 +157,8 @@ def foreground_voxels(array: np.ndarray, *, limit: int = 200_000) -> np.ndarray:
     filled (subsampled to about `limit` points)."""
     vox = np.argwhere(ndimage.binary_fill_holes(array > array.mean()))
     if len(vox) < 64:
-        raise InputError("the image has (almost) no foreground (no head or brain above the mean intensity)")
+        raise InputError("the image has (almost) no foreground (no head or brain above the mean intensity)",
+                         kind="empty_image")
     return vox[:: len(vox) // limit] if len(vox) > limit else vox
 
 
@@ -148,17 +179,20 @@ def read_label_map(path: str | Path, *, like: tuple[np.ndarray, np.ndarray, str 
     data, affine = read_nifti(path)
     rounded = np.rint(data)
     if not np.allclose(data, rounded, atol=1e-3):
-        raise InputError(f"{path}: mask has non-integer values (e.g. {data[data != rounded].flat[0]:.4g})")
+        raise InputError(f"{path}: mask has non-integer values (e.g. {data[data != rounded].flat[0]:.4g})",
+                         kind="bad_mask")
     if rounded.min() < 0:
-        raise InputError(f"{path}: mask has negative values (min {int(rounded.min())})")
+        raise InputError(f"{path}: mask has negative values (min {int(rounded.min())})", kind="bad_mask")
     if like is not None:
         image, image_affine, image_path = like
         if image.shape != data.shape:
-            raise InputError(f"{path}: mask shape {data.shape} does not match image {image_path} shape {image.shape}")
+            raise InputError(f"{path}: mask shape {data.shape} does not match image {image_path} shape {image.shape}",
+                             kind="mismatch")
         if not np.allclose(image_affine, affine, atol=1e-3):
             raise InputError(
                 f"{path}: mask affine does not match image {image_path} affine "
-                f"(max difference {np.abs(image_affine - affine).max():.3g} mm)"
+                f"(max difference {np.abs(image_affine - affine).max():.3g} mm)",
+                kind="mismatch",
             )
     return rounded.astype(np.int32), affine
 
