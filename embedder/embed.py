@@ -31,6 +31,8 @@ def source_hash(rows: Sequence[ManifestRow]) -> str:
     """sha256 over the scan's image and mask file contents (what decides a re-embedding)."""
     h = hashlib.sha256()
     for path in (rows[0].image, rows[0].mask):
+        if not path.is_file():
+            raise InputError(f"{path}: file not found", kind="missing_file")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

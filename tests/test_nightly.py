@@ -29,7 +29,7 @@ from tumornet.volumes import read_nifti
 
 # bad file cases: name -> (expected stage, expected error class, what the message says)
 FILE_CASES = {
-    "truncated": ("read", "header_size", "truncated"),
+    "truncated": ("read", ("header_size", "truncated"), "truncated"),  # by the gzip trailer, or while decoding
     "empty_file": ("read", "not_nifti", "empty file"),
     "not_nifti": ("read", "not_nifti", "not a readable NIfTI"),
     "image_2d": ("read", "bad_shape", "expected a 3D volume"),
@@ -166,7 +166,8 @@ def test_nightly_job_records_every_bad_case_and_embeds_every_valid_scan(ray_head
     by_scan = {e["scan_key"]: e for e in errors if e["stage"] != "manifest"}
     for case, (stage, cls, text) in FILE_CASES.items():
         e = by_scan[keyed_id(f"BAD-{case}-00", SECRET)]
-        assert (e["stage"], e["error_class"]) == (stage, cls) and text in e["message"], (case, e)
+        assert e["stage"] == stage and e["error_class"] in (cls if isinstance(cls, tuple) else (cls,)), (case, e)
+        assert text in e["message"], (case, e)
     manifest_errors = [e for e in errors if e["stage"] == "manifest"]
     first_scan = read_manifest(small_cohort).rows[0].scan_id
     twins = sum(r.scan_id == first_scan for r in read_manifest(small_cohort).rows)  # the duplicated scan's rows

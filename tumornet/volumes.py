@@ -100,8 +100,8 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{path}: invalid (singular or non-finite) affine", kind="bad_affine")
-    img = nib.as_closest_canonical(img)
-    try:
+    try:  # reorienting reads the voxels too
+        img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except (OSError, EOFError, ValueError, zlib.error) as e:
         raise InputError(f"{path}: truncated or corrupt voxel data ({type(e).__name__}: {e})",
