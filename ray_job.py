@@ -147,12 +147,31 @@ def cmd_evaluate(args) -> None:
     write_evaluation(res, args.out or Path(args.embeddings) / "evaluation.json")
 
 
-def cmd_search(args) -> None:
-    from retrieval.search import format_search, query_rows, search
+def _floats(text: str, flag: str, n: int) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise InputError(f"{flag}: expected {n} comma-separated numbers, got {text!r}")
+    return values
 
-    tumor_ids = _int_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
-    rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
-    results = search(args.model, args.embeddings, rows, k=args.k)
+
+def cmd_search(args) -> None:
+    from retrieval.search import format_search, query_rows, search, search_archived, search_box
+
+    forms = [f for f in ("mask", "box", "tumor") if getattr(args, f)]
+    if len(forms) != 1 or (args.tumor and args.image) or (not args.tumor and not args.image):
+        raise InputError("search: give --image with --mask or --box, or --tumor SCAN_KEY:TUMOR_ID")
+    if args.tumor:
+        results = search_archived(args.model, args.embeddings, args.tumor, k=args.k, where=args.where)
+    elif args.box:
+        results = search_box(args.model, args.embeddings, args.image, _floats(args.box, "--box", 6), k=args.k,
+                             where=args.where)
+    else:
+        tumor_ids = _int_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
+        rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
+        results = search(args.model, args.embeddings, rows, k=args.k, where=args.where)
     print(json.dumps(results, indent=2) if args.json else format_search(results))
 
 
@@ -317,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("search", help="the archive tumors most similar to a new scan's tumors")
     sp.add_argument("--model", required=True, help="model.pt the archive was embedded with")
     sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
-    sp.add_argument("--image", required=True, help="the new scan: T1 with contrast, NIfTI")
-    sp.add_argument("--mask", required=True, help="its tumor mask: an instance mask (value = tumor), or --binary")
+    sp.add_argument("--image", help="the new scan: T1 with contrast, NIfTI (with --mask or --box)")
+    sp.add_argument("--mask", help="its tumor mask: an instance mask (value = tumor), or --binary")
+    sp.add_argument("--box", help="a box around the tumor instead of a mask: x0,y0,z0,x1,y1,z1 in mm (RAS world)")
+    sp.add_argument("--tumor", help="an archived tumor as the query: SCAN_KEY:TUMOR_ID (its own patient excluded)")
+    sp.add_argument("--where", action="append", default=[], help="only archive tumors with this label, task=class")
     sp.add_argument("--binary", action="store_true", help="the mask is binary: each connected component is a tumor")
     sp.add_argument("--tumor-id", help="only these tumors of the mask (comma-separated)")
     sp.add_argument("--k", type=int, default=5)

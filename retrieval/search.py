@@ -1,8 +1,10 @@
-"""Search: the archive tumors most similar to a new scan's tumors (`ray_job.py search`).
+"""Search: the archive tumors most similar to a query tumor (`ray_job.py search`).
 
-The query scan (image + tumor mask, any orientation and spacing) is embedded exactly as the archive
-was (embedder.embed.embed_scan with the same model), and each of its tumors gets the K archive
-tumors nearest to it in embedding space (Euclidean), with their keys, distance, size and labels.
+Queries: a new scan with its tumor mask (every tumor of it), a new scan with a box drawn around the
+tumor (the paper's query; no mask needed), or an archived tumor by `SCAN_KEY:TUMOR_ID`. A new scan
+(any orientation and spacing) is embedded exactly as the archive was (same model, its spacing,
+patch and retrieval recipe); each query gets the K archive tumors nearest to it (Euclidean), never
+from its own patient when that is known, optionally only tumors with given labels (`--where`).
 The query itself is never written anywhere.
 """
 
@@ -12,15 +14,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from embedder.embed import embed_scan, embed_settings
 from embedder.shards import read_embeddings
+from tumornet.boxes import box_mm_to_voxels
+from tumornet.descriptor import compose, tumor_parts
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
 from tumornet.manifest import ManifestRow
 from tumornet.scans import read_instances
-from tumornet.volumes import read_label_map
+from tumornet.volumes import load_volume, read_label_map
 
 from .knn import nearest
 
@@ -51,42 +56,127 @@ def query_rows(image: str | Path, mask: str | Path, *, binary: bool = False, tum
     return [replace(first, tumor_id=i) for i in ids]
 
 
-def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5) -> list[dict]:
-    """-> one entry per query tumor: its size, predicted labels and its k nearest archive tumors."""
-    if k < 1:
-        raise InputError(f"--k: expected >= 1, got {k}")
+def _names(schema, row: dict, prefix: str) -> dict:
+    return {t: (schema[t].classes[row[f"{prefix}_{t}"]] if row[f"{prefix}_{t}"] != MISSING else None)
+            for t in schema.names}
+
+
+def parse_where(items, schema) -> dict[str, int]:
+    """`task=class` filters (e.g. tumor_type=schwannoma) -> {task: class index}."""
+    out = {}
+    for item in items or ():
+        task, _, cls = item.partition("=")
+        if task not in schema:
+            raise InputError(f"--where {item!r}: unknown task {task!r}; tasks: {list(schema.names)}")
+        if cls not in schema[task].classes:
+            raise InputError(f"--where {item!r}: unknown class {cls!r}; {task} classes: {list(schema[task].classes)}")
+        out[task] = schema[task].classes.index(cls)
+    return out
+
+
+def _archive(model_path, emb_dir):
     model, meta = load_model(model_path)
     mid = meta["model_id"]
     table = read_embeddings(emb_dir, model_id=mid)
     if table.num_rows == 0:
         raise InputError(f"{emb_dir}: no tumor embedded with model {mid}; embed the archive with this model first")
-    spacing, patch, recipe = embed_settings(meta, model_path)
-    queries = embed_scan(model, mid, rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY, file_hash="",
-                         recipe=recipe)
-    x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    dist, idx = nearest(x, np.array([q["embedding"] for q in queries], dtype=np.float32), k)
-    schema = model.schema
-    archive = table.drop_columns(["embedding"]).to_pylist()
+    return model, meta, table
 
-    def names(row: dict, prefix: str) -> dict:
-        return {t: (schema[t].classes[row[f"{prefix}_{t}"]] if row[f"{prefix}_{t}"] != MISSING else None)
-                for t in schema.names}
 
+def rank(model, table, queries: list[dict], *, k: int, where: dict[str, int] | None = None) -> list[dict]:
+    """queries: {"embedding", "patient_key" (None: unknown), ...shown fields} -> each with its `hits`:
+    the k nearest archive tumors (Euclidean), never from the query's own patient, among the rows
+    that pass the label filters."""
+    if k < 1:
+        raise InputError(f"--k: expected >= 1, got {k}")
+    keep = np.ones(table.num_rows, dtype=bool)
+    for task, cls in (where or {}).items():
+        keep &= np.asarray(table[f"label_{task}"].to_numpy()) == cls
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        raise InputError("no archive tumor passes the --where filters")
+    x = np.stack(table["embedding"].to_numpy(zero_copy_only=False))[rows].astype(np.float32)
+    archive = table.drop_columns([c for c in ("embedding", "roipool", "task_logits", "handcrafted")
+                                  if c in table.column_names]).to_pylist()
+    patients = np.array([archive[i]["patient_key"] for i in rows])
     out = []
-    for q, d_row, i_row in zip(queries, dist, idx, strict=True):
-        hits = [{"rank": r + 1, "distance": float(d), "scan_key": archive[i]["scan_key"],
-                 "patient_key": archive[i]["patient_key"], "tumor_id": archive[i]["tumor_id"],
-                 "size_mm": archive[i]["size_mm"], "labels": names(archive[i], "label")}
-                for r, (d, i) in enumerate(zip(d_row, i_row, strict=True))]
-        out.append({"tumor_id": q["tumor_id"], "size_mm": q["size_mm"], "predicted": names(q, "pred"), "hits": hits})
+    for q in queries:
+        d, idx = nearest(x, np.asarray(q["embedding"], dtype=np.float32)[None], min(len(rows), k + len(rows)))
+        hits = []
+        for dist, j in zip(d[0], idx[0], strict=True):
+            if q.get("patient_key") is not None and patients[j] == q["patient_key"]:
+                continue  # never the query's own patient
+            a = archive[rows[j]]
+            hits.append({"rank": len(hits) + 1, "distance": float(dist), "scan_key": a["scan_key"],
+                         "patient_key": a["patient_key"], "tumor_id": a["tumor_id"], "size_mm": a["size_mm"],
+                         "labels": _names(model.schema, a, "label")})
+            if len(hits) == k:
+                break
+        out.append({k_: v for k_, v in q.items() if k_ not in ("embedding", "patient_key")} | {"hits": hits})
     return out
+
+
+def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None) -> list[dict]:
+    """A new scan with its tumor mask -> one entry per tumor: its size, predicted labels and hits."""
+    model, meta, table = _archive(model_path, emb_dir)
+    spacing, patch, recipe = embed_settings(meta, model_path)
+    queries = embed_scan(model, meta["model_id"], rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY,
+                         file_hash="", recipe=recipe)
+    return rank(model, table, [{"tumor_id": q["tumor_id"], "size_mm": q["size_mm"],
+                                "predicted": _names(model.schema, q, "pred"), "embedding": q["embedding"]}
+                               for q in queries], k=k, where=parse_where(where, model.schema))
+
+
+def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None) -> list[dict]:
+    """The paper's query: a new scan and a box drawn around the tumor, (x0, y0, z0, x1, y1, z1) in
+    world millimetres (RAS) -> one entry (size unknown: no mask)."""
+    box_mm = np.asarray(box_mm, dtype=np.float64)
+    if box_mm.shape != (6,) or np.any(box_mm[3:] <= box_mm[:3]):
+        raise InputError(f"--box: expected x0,y0,z0,x1,y1,z1 in mm with x0 < x1, y0 < y1, z0 < z1, "
+                         f"got {box_mm.tolist()}")
+    model, meta, table = _archive(model_path, emb_dir)
+    spacing, patch, (cfg, stats) = embed_settings(meta, model_path)
+    vol = load_volume(image, scan_id="query", spacing_mm=spacing)
+    vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
+    if np.any(vbox[3:] <= vbox[:3]):
+        raise InputError(f"{image}: the box {box_mm.tolist()} mm lies outside the scan")
+    parts = tumor_parts(model, vol.array, vbox, patch_size=patch, spacing_mm=spacing)
+    vector = compose({key: np.asarray(v)[None] for key, v in parts.items()}, cfg, model.schema, stats)[0]
+    start, predicted = 0, {}
+    for t in model.schema.tasks:
+        predicted[t.name] = t.classes[int(np.argmax(parts["task_logits"][start:start + t.n_classes]))]
+        start += t.n_classes
+    return rank(model, table, [{"tumor_id": None, "box_mm": box_mm.tolist(), "size_mm": None,
+                                "predicted": predicted, "embedding": vector}], k=k,
+                where=parse_where(where, model.schema))
+
+
+def search_archived(model_path, emb_dir, tumor: str, *, k: int = 5, where=None) -> list[dict]:
+    """An archived tumor, `SCAN_KEY:TUMOR_ID` -> its hits, never from its own patient."""
+    scan_key, _, tid = tumor.partition(":")
+    try:
+        tumor_id = int(tid)
+    except ValueError:
+        raise InputError(f"--tumor: expected SCAN_KEY:TUMOR_ID, got {tumor!r}") from None
+    model, meta, table = _archive(model_path, emb_dir)
+    mine = [r for r in table.filter(pa.compute.equal(table["scan_key"], scan_key)).to_pylist()
+            if r["tumor_id"] == tumor_id]
+    if not mine:
+        raise InputError(f"--tumor {tumor}: no such tumor in {emb_dir} for model {meta['model_id']}")
+    r = mine[0]
+    return rank(model, table, [{"tumor_id": tumor_id, "scan_key": scan_key, "size_mm": r["size_mm"],
+                                "predicted": _names(model.schema, r, "pred"), "embedding": r["embedding"],
+                                "patient_key": r["patient_key"]}], k=k, where=parse_where(where, model.schema))
 
 
 def format_search(results: list[dict]) -> str:
     lines = []
     for q in results:
         pred = ", ".join(f"{t} {v}" for t, v in q["predicted"].items())
-        lines += [f"query tumor {q['tumor_id']}: {q['size_mm']:.1f} mm; predicted {pred}", "",
+        what = (f"query tumor {q['tumor_id']}" if q.get("box_mm") is None else
+                "query box " + ",".join(f"{v:.0f}" for v in q["box_mm"]) + " mm")
+        size = "" if q.get("size_mm") is None else f": {q['size_mm']:.1f} mm"
+        lines += [f"{what}{size}; predicted {pred}", "",
                   "| rank | distance | scan_key | tumor | size mm | " + " | ".join(q["predicted"]) + " |",
                   "|---|---|---|---|---|" + "---|" * len(q["predicted"])]
         for h in q["hits"]:

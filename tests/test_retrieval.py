@@ -190,3 +190,33 @@ def test_evaluate_and_search_commands_name_bad_input(tmp_path, archive, small_co
     assert main(["search", "--model", str(archive / "model.pt"), "--embeddings", str(archive / "emb"),
                  "--image", str(tmp_path / "none.nii.gz"), "--mask", str(tmp_path / "none.nii.gz")]) == 2
     assert "none.nii.gz: file not found" in capsys.readouterr().err
+
+
+def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_cohort):
+    from embedder.shards import read_embeddings
+    from retrieval.search import format_search, search_archived, search_box
+
+    cohort = read_manifest(small_cohort)
+    scan = next(s for s in cohort.scans().values() if len(s) > 1)
+    table = read_embeddings(archive / "emb")
+    key = keyed_id(scan[0].scan_id, SECRET)
+    row = next(r for r in table.to_pylist() if r["scan_key"] == key)
+    # the paper's query: the tumor's own box in mm gives the archive's vector of that tumor
+    (q,) = search_box(archive / "model.pt", archive / "emb", scan[0].image, row["bbox_mm"], k=3)
+    assert q["hits"][0]["scan_key"] == key and q["hits"][0]["tumor_id"] == row["tumor_id"]
+    assert q["hits"][0]["distance"] < 1e-3 and q["size_mm"] is None and "query box" in format_search([q])
+    with pytest.raises(InputError, match="lies outside the scan"):
+        search_box(archive / "model.pt", archive / "emb", scan[0].image, [900, 900, 900, 910, 910, 910])
+    with pytest.raises(InputError, match="--box: expected"):
+        search_box(archive / "model.pt", archive / "emb", scan[0].image, [0, 0, 0, -1, 5, 5])
+    # an archived tumor: never its own patient
+    (a,) = search_archived(archive / "model.pt", archive / "emb", f"{key}:{row['tumor_id']}", k=10)
+    assert len(a["hits"]) == 10 and all(h["patient_key"] != row["patient_key"] for h in a["hits"])
+    assert [h["rank"] for h in a["hits"]] == list(range(1, 11))
+    (f,) = search_archived(archive / "model.pt", archive / "emb", f"{key}:{row['tumor_id']}", k=5,
+                           where=["tumor_type=schwannoma"])
+    assert f["hits"] and all(h["labels"]["tumor_type"] == "schwannoma" for h in f["hits"])
+    with pytest.raises(InputError, match="unknown class 'glioma'"):
+        search_archived(archive / "model.pt", archive / "emb", f"{key}:1", where=["tumor_type=glioma"])
+    with pytest.raises(InputError, match="no such tumor"):
+        search_archived(archive / "model.pt", archive / "emb", "0000:1")
