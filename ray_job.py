@@ -123,6 +123,13 @@ def cmd_embed(args) -> None:
     return 0
 
 
+def cmd_index(args) -> None:
+    from retrieval.index import build_index
+
+    print(json.dumps(build_index(args.embeddings, model_id=args.model_id, exact_below=args.exact_below,
+                                 nprobe=args.nprobe), indent=2))
+
+
 def cmd_compact(args) -> None:
     from embedder.shards import compact_shards
 
@@ -312,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-failure-rate", type=float, default=0.05,
                     help="exit 1 when more than this share of the scans failed or were skipped (default 0.05)")
     sp.set_defaults(func=cmd_embed)
+
+    sp = sub.add_parser("index", help="build or update the FAISS index beside the shards (search then uses it)")
+    sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
+    sp.add_argument("--model-id", help="which model's rows (needed when the shards hold several)")
+    sp.add_argument("--exact-below", type=int, default=100_000, help="exact index up to this many vectors, IVF above")
+    sp.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
+    sp.set_defaults(func=cmd_index)
 
     sp = sub.add_parser("compact", help="rewrite embedding shards into few large files (newest rows only)")
     sp.add_argument("--embeddings", required=True, help="folder of embedding shards")

@@ -27,6 +27,7 @@ from tumornet.manifest import ManifestRow
 from tumornet.scans import read_instances
 from tumornet.volumes import load_volume, read_label_map
 
+from .index import load_index
 from .knn import nearest
 
 QUERY_KEY = b"query-scan-no-patient-key"  # the query's keys are computed, never output
@@ -75,54 +76,73 @@ def parse_where(items, schema) -> dict[str, int]:
 
 
 def _archive(model_path, emb_dir):
+    """-> (model, meta, Archive): the model's index when it is current, else its shard rows."""
     model, meta = load_model(model_path)
     mid = meta["model_id"]
+    index = load_index(emb_dir, mid)
+    if index is not None:
+        return model, meta, Archive(index.table, index.search)
     table = read_embeddings(emb_dir, model_id=mid)
     if table.num_rows == 0:
         raise InputError(f"{emb_dir}: no tumor embedded with model {mid}; embed the archive with this model first")
-    return model, meta, table
+    x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    return model, meta, Archive(table, lambda q, n: nearest(x, q, n))
 
 
-def rank(model, table, queries: list[dict], *, k: int, where: dict[str, int] | None = None) -> list[dict]:
+class Archive:
+    """The archive's rows (no vectors needed) and a search function (q (n, D), n) -> (distances,
+    row indices), nearest first: the FAISS index, or brute force over the shards."""
+
+    def __init__(self, table, search_fn):
+        self.rows = table.drop_columns([c for c in ("embedding", "roipool", "task_logits", "handcrafted")
+                                        if c in table.column_names]).to_pylist()
+        self.search = search_fn
+
+
+def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[str, int] | None = None) -> list[dict]:
     """queries: {"embedding", "patient_key" (None: unknown), ...shown fields} -> each with its `hits`:
-    the k nearest archive tumors (Euclidean), never from the query's own patient, among the rows
-    that pass the label filters."""
+    the k nearest archive tumors, never from the query's own patient, among the rows that pass the
+    label filters (the candidate list grows until k pass or the archive is exhausted)."""
     if k < 1:
         raise InputError(f"--k: expected >= 1, got {k}")
-    keep = np.ones(table.num_rows, dtype=bool)
-    for task, cls in (where or {}).items():
-        keep &= np.asarray(table[f"label_{task}"].to_numpy()) == cls
-    rows = np.flatnonzero(keep)
-    if len(rows) == 0:
-        raise InputError("no archive tumor passes the --where filters")
-    x = np.stack(table["embedding"].to_numpy(zero_copy_only=False))[rows].astype(np.float32)
-    archive = table.drop_columns([c for c in ("embedding", "roipool", "task_logits", "handcrafted")
-                                  if c in table.column_names]).to_pylist()
-    patients = np.array([archive[i]["patient_key"] for i in rows])
+    n = len(archive.rows)
+
+    def passes(a: dict, q: dict) -> bool:
+        if q.get("patient_key") is not None and a["patient_key"] == q["patient_key"]:
+            return False  # never the query's own patient
+        return all(a[f"label_{t}"] == c for t, c in (where or {}).items())
+
     out = []
     for q in queries:
-        d, idx = nearest(x, np.asarray(q["embedding"], dtype=np.float32)[None], min(len(rows), k + len(rows)))
-        hits = []
-        for dist, j in zip(d[0], idx[0], strict=True):
-            if q.get("patient_key") is not None and patients[j] == q["patient_key"]:
-                continue  # never the query's own patient
-            a = archive[rows[j]]
-            hits.append({"rank": len(hits) + 1, "distance": float(dist), "scan_key": a["scan_key"],
-                         "patient_key": a["patient_key"], "tumor_id": a["tumor_id"], "size_mm": a["size_mm"],
-                         "labels": _names(model.schema, a, "label")})
-            if len(hits) == k:
+        want = k if not where and q.get("patient_key") is None else 4 * k
+        while True:
+            d, idx = archive.search(np.asarray(q["embedding"], dtype=np.float32)[None], min(want, n))
+            hits = []
+            for dist, j in zip(d[0], idx[0], strict=True):
+                a = archive.rows[j]
+                if j < 0 or not passes(a, q):
+                    continue
+                hits.append({"rank": len(hits) + 1, "distance": float(dist), "scan_key": a["scan_key"],
+                             "patient_key": a["patient_key"], "tumor_id": a["tumor_id"], "size_mm": a["size_mm"],
+                             "labels": _names(model.schema, a, "label")})
+                if len(hits) == k:
+                    break
+            if len(hits) == k or want >= n:
                 break
+            want *= 4
+        if where and not hits:
+            raise InputError("no archive tumor passes the --where filters")
         out.append({k_: v for k_, v in q.items() if k_ not in ("embedding", "patient_key")} | {"hits": hits})
     return out
 
 
 def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None) -> list[dict]:
     """A new scan with its tumor mask -> one entry per tumor: its size, predicted labels and hits."""
-    model, meta, table = _archive(model_path, emb_dir)
+    model, meta, archive = _archive(model_path, emb_dir)
     spacing, patch, recipe = embed_settings(meta, model_path)
     queries = embed_scan(model, meta["model_id"], rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY,
                          file_hash="", recipe=recipe)
-    return rank(model, table, [{"tumor_id": q["tumor_id"], "size_mm": q["size_mm"],
+    return rank(model, archive, [{"tumor_id": q["tumor_id"], "size_mm": q["size_mm"],
                                 "predicted": _names(model.schema, q, "pred"), "embedding": q["embedding"]}
                                for q in queries], k=k, where=parse_where(where, model.schema))
 
@@ -134,7 +154,7 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None) ->
     if box_mm.shape != (6,) or np.any(box_mm[3:] <= box_mm[:3]):
         raise InputError(f"--box: expected x0,y0,z0,x1,y1,z1 in mm with x0 < x1, y0 < y1, z0 < z1, "
                          f"got {box_mm.tolist()}")
-    model, meta, table = _archive(model_path, emb_dir)
+    model, meta, archive = _archive(model_path, emb_dir)
     spacing, patch, (cfg, stats) = embed_settings(meta, model_path)
     vol = load_volume(image, scan_id="query", spacing_mm=spacing)
     vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
@@ -146,7 +166,7 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None) ->
     for t in model.schema.tasks:
         predicted[t.name] = t.classes[int(np.argmax(parts["task_logits"][start:start + t.n_classes]))]
         start += t.n_classes
-    return rank(model, table, [{"tumor_id": None, "box_mm": box_mm.tolist(), "size_mm": None,
+    return rank(model, archive, [{"tumor_id": None, "box_mm": box_mm.tolist(), "size_mm": None,
                                 "predicted": predicted, "embedding": vector}], k=k,
                 where=parse_where(where, model.schema))
 
@@ -158,13 +178,15 @@ def search_archived(model_path, emb_dir, tumor: str, *, k: int = 5, where=None) 
         tumor_id = int(tid)
     except ValueError:
         raise InputError(f"--tumor: expected SCAN_KEY:TUMOR_ID, got {tumor!r}") from None
-    model, meta, table = _archive(model_path, emb_dir)
+    model, meta = load_model(model_path)
+    table = read_embeddings(emb_dir, model_id=meta["model_id"])
     mine = [r for r in table.filter(pa.compute.equal(table["scan_key"], scan_key)).to_pylist()
             if r["tumor_id"] == tumor_id]
     if not mine:
         raise InputError(f"--tumor {tumor}: no such tumor in {emb_dir} for model {meta['model_id']}")
     r = mine[0]
-    return rank(model, table, [{"tumor_id": tumor_id, "scan_key": scan_key, "size_mm": r["size_mm"],
+    _, _, archive = _archive(model_path, emb_dir)
+    return rank(model, archive, [{"tumor_id": tumor_id, "scan_key": scan_key, "size_mm": r["size_mm"],
                                 "predicted": _names(model.schema, r, "pred"), "embedding": r["embedding"],
                                 "patient_key": r["patient_key"]}], k=k, where=parse_where(where, model.schema))
 
