@@ -1,0 +1,80 @@
+"""Search speed at archive scale: top-5 over N vectors (default 10^6) of the model's width.
+
+Vectors are drawn around real embeddings (a shard folder, e.g. the demo's): each is a random real
+tumor's vector plus Gaussian noise of `--noise` x the per-dimension sd, so that neighbourhoods are
+clustered as in a real archive (uniform noise would make every method look alike). Printed, all
+measured in this one run:
+- exact search (FAISS IndexFlatL2, one query at a time) against the memory-bandwidth bound: the time
+  to read the N x D float32 vectors once (numpy, the same array) -> ratio (goal <= 1.2x);
+- the approximate index (IVF-Flat, about 4 sqrt(N) lists) at several nprobe: recall@5 against the
+  exact top-5 and its speed-up over exact search (goal: recall >= 0.95 at >= 10x).
+
+    .venv/bin/python benchmarks/search_speed.py --embeddings outputs/demo/embeddings [--n 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import faiss
+import numpy as np
+
+from embedder.shards import read_embeddings
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--noise", type=float, default=0.3)
+    p.add_argument("--threads", type=int, default=1, help="FAISS / numpy threads (1: one query, one core)")
+    args = p.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    real = np.stack(read_embeddings(args.embeddings)["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    sd = real.std(0) * args.noise
+
+    def draw(n: int) -> np.ndarray:
+        return (real[rng.integers(len(real), size=n)] + rng.normal(0, 1, (n, real.shape[1])) * sd).astype(np.float32)
+
+    x, q = draw(args.n), draw(args.queries)
+    n, d = x.shape
+    print(f"{n} vectors of {d} dims ({x.nbytes / 2**20:.0f} MiB) drawn around {len(real)} real embeddings; "
+          f"{args.queries} queries; {args.threads} thread(s)")
+    read_s = median_time(lambda: float(x.sum()), 5)  # one pass over the memory
+    flat = faiss.IndexFlatL2(d)
+    flat.add(x)
+    exact_s = median_time(lambda: [flat.search(q[i:i + 1], 5) for i in range(20)], 3) / 20
+    print(f"exact: {1000 * exact_s:.2f} ms per query; reading the vectors once: {1000 * read_s:.2f} ms "
+          f"({x.nbytes / read_s / 2**30:.1f} GiB/s); exact / bandwidth bound = {exact_s / read_s:.2f}x (goal <= 1.2x)")
+    _, truth = flat.search(q, 5)
+    nlist = int(4 * math.sqrt(n))
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+    t0 = time.perf_counter()
+    ivf.train(x[rng.choice(n, size=min(n, 64 * nlist), replace=False)])
+    ivf.add(x)
+    print(f"IVF-Flat with {nlist} lists built in {time.perf_counter() - t0:.0f} s")
+    print("| nprobe | recall@5 | ms per query | speed-up over exact |")
+    print("|---|---|---|---|")
+    for nprobe in (1, 4, 16, 32, 64, 128):
+        ivf.nprobe = nprobe
+        _, got = ivf.search(q, 5)
+        recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got, truth, strict=True)])
+        s = median_time(lambda: [ivf.search(q[i:i + 1], 5) for i in range(50)], 3) / 50
+        print(f"| {nprobe} | {recall:.3f} | {1000 * s:.3f} | {exact_s / s:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
