@@ -88,6 +88,26 @@ def cmd_experiment(args) -> None:
     print(format_experiment(exp))
 
 
+def cmd_recipe_grid(args) -> None:
+    from retrieval.evaluate import fmt_metric, plain
+    from retrieval.experiments import TASK_SCORE, recipe_grid
+    from tumornet.io import atomic_write_text
+    from tumornet.keys import read_secret
+
+    rows = recipe_grid(args.model, args.embeddings, args.manifest, read_secret(args.secret_file), k=args.k)
+    keys = [f"acc_{t}" for t in TASK_SCORE] + ["rmse_size_mm"]
+    print("| roipool | tasks | size | position | score | " + " | ".join(keys) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(keys))
+    for r in rows[:args.top]:
+        w, row = r["recipe"], r["learned"]
+        print(f"| {w['roipool']} | {w['tasks']} | {w['size']} | {w['position']} | {r['score']:.3f} | "
+              + " | ".join(fmt_metric(row[k], k) for k in keys) + " |")
+    hand = rows[0]["handcrafted"]
+    print("| handcrafted | | | | | " + " | ".join(fmt_metric(hand[k], k) for k in keys) + " |")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(plain(rows), indent=2))
+
+
 def cmd_report(args) -> None:
     from retrieval.evaluate import evaluate
     from retrieval.experiments import read_experiment
@@ -294,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder of the runs, embeddings and the table (<kind>.json / .md)")
     sp.add_argument("--k", type=int, default=5)
     sp.set_defaults(func=cmd_experiment)
+
+    sp = sub.add_parser("recipe-grid", help="score a grid of retrieval recipes on a model's validation split")
+    sp.add_argument("--model", required=True, help="model.pt trained with data.validation_fraction > 0")
+    sp.add_argument("--embeddings", required=True)
+    sp.add_argument("--manifest", required=True)
+    sp.add_argument("--secret-file", required=True)
+    sp.add_argument("--k", type=int, default=5)
+    sp.add_argument("--top", type=int, default=10, help="rows printed (all are written with --out)")
+    sp.add_argument("--out", help="JSON of every recipe's scores")
+    sp.set_defaults(func=cmd_recipe_grid)
 
     sp = sub.add_parser("report", help="the HTML report (figures embedded) and results.json of a model")
     sp.add_argument("--model", required=True, help="model.pt (its metrics.jsonl beside it gives the training curves)")

@@ -91,3 +91,38 @@ def test_an_lps_copy_of_a_scan_gives_the_same_vectors(small_cohort, tmp_path):
         assert np.allclose(ra["position"], rb["position"], atol=1e-4)
         assert np.allclose(ra["embedding"], rb["embedding"], atol=1e-4)
         assert ra["box_log_volume"] == pytest.approx(rb["box_log_volume"])
+
+
+def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_path):
+    """evaluate(retrieval=...) recomposes the vectors from the stored parts with the model's
+    statistics, and on="validation" searches the validation patients among the training ones."""
+    from embedder.shards import model_shard_schema, write_shard
+    from retrieval.evaluate import evaluate, load_evaluation
+    from retrieval.experiments import recipe_grid
+    from tumornet.export import export_model
+    from tumornet.split import patient_sides, record_split
+
+    model = _model()
+    cohort = read_manifest(small_cohort)
+    split = record_split(cohort, test_fraction=0.2, seed=0, validation_fraction=0.3)
+    stats = fit_stats(_parts(small_cohort, model))
+    path = tmp_path / "model.pt"
+    mid = export_model(model, path, extra={"spacing_mm": [4.0] * 3, "patch_size": 16, "split": split,
+                                           "retrieval_stats": stats, "steps": 0})
+    rows = [r for scan in cohort.scans().values()
+            for r in embed_scan(model, mid, scan, spacing_mm=4.0, patch_size=16, secret=SECRET)]
+    write_shard(rows, tmp_path / "emb" / "s.parquet", model_shard_schema(model, RetrievalConfig()))
+    ev = load_evaluation(tmp_path / "emb", small_cohort, SECRET, path, on="validation", retrieval=RECIPE)
+    sides = patient_sides(cohort, test_fraction=0.2, seed=0, validation_fraction=0.3)
+    n_val = sum(1 for r in cohort.rows if r.patient_id in set(sides["validation"]))
+    n_train = sum(1 for r in cohort.rows if r.patient_id in set(sides["train"]))
+    assert (len(ev.test.x), len(ev.train.x)) == (n_val, n_train)
+    first = ev.table.slice(int(ev.test_rows[0]), 1).to_pylist()[0]
+    parts = {"roipool": np.array([first["roipool"]]), "task_logits": np.array([first["task_logits"]]),
+             "box_log_volume": np.array([first["box_log_volume"]]), "position": np.array([first["position"]])}
+    assert np.allclose(ev.test.x[0], compose(parts, RECIPE, DEFAULT_SCHEMA, stats)[0], atol=1e-5)
+    res = evaluate(tmp_path / "emb", small_cohort, SECRET, path, k=3, ks=[3], on="validation", retrieval=RECIPE)
+    assert res["on"] == "validation" and res["test_tumors"] == n_val
+    grid = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
+                       grid={"roipool": (0.0, 1.0), "tasks": (0.0,), "size": (1.0,), "position": (1.0, 2.0)})
+    assert len(grid) == 2 and grid[0]["score"] >= grid[1]["score"]  # roipool 0 with tasks 0 is skipped
