@@ -15,6 +15,7 @@ scan id and no path: keyed hashes and manifest row numbers instead.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.ray_setup import init_ray
+from tumornet.descriptor import RetrievalConfig
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.io import atomic_write_text
@@ -64,44 +66,52 @@ def _failure(e: Exception, rows: list[ManifestRow]) -> tuple[str, str, str]:
 
 
 class ShardEmbedder:
-    """A Ray Data actor: loads the model once, then embeds and writes one shard per call. Its
-    constructor takes only small arguments (paths, settings); each call's item carries its scans'
-    manifest rows and the file hashes already embedded by this model."""
+    """A Ray Data actor: embeds and writes one shard per call. It takes no constructor arguments
+    (Ray Data would put them in the object store, and Ray warns about that for restartable actors):
+    each item carries the job's settings (paths, spacing, recipe: small JSON) and its scans'
+    manifest rows; the model is loaded once, at the first item, and kept."""
 
-    def __init__(self, *, model_path: str, out_dir: str, secret: bytes, spacing_mm, patch_size: int, recipe,
-                 threads: int, stamp: str):
+    def __init__(self):
+        self.model = None
+
+    def _setup(self, job: dict) -> None:
         import torch
 
-        torch.set_num_threads(threads)
-        self.model, meta = load_model(model_path)
+        torch.set_num_threads(job["threads"])
+        self.model, meta = load_model(job["model_path"])
         self.model_id = meta["model_id"]
-        self.schema = model_shard_schema(self.model, recipe[0])
-        self.out, self.secret = Path(out_dir), secret
-        self.spacing, self.patch, self.recipe, self.stamp = spacing_mm, patch_size, recipe, stamp
+        self.recipe = (RetrievalConfig(**job["recipe"]), job["stats"])
+        self.schema = model_shard_schema(self.model, self.recipe[0])
+        self.job = job
 
     def __call__(self, batch: dict) -> dict:
         status = {k: [] for k in ("shard", "scan_key", "row", "status", "tumors", "stage", "error_class", "message")}
         for shard, payload in zip(batch["shard"], batch["payload"], strict=True):
+            item = json.loads(payload)
+            if self.model is None:
+                self._setup(item["job"])
+            job, secret = self.job, bytes.fromhex(self.job["secret"])
             rows_out = []
-            for item in json.loads(payload):
-                rows = [_row_of(d) for d in item["rows"]]
+            for scan in item["scans"]:
+                rows = [_row_of(d) for d in scan["rows"]]
                 state, n, fail = "embedded", 0, ("", "", "")
                 try:
                     h = source_hash(rows)
-                    if h in item["done"]:
+                    if h in scan["done"]:
                         state = "unchanged"
                     else:
-                        new = embed_scan(self.model, self.model_id, rows, spacing_mm=self.spacing,
-                                         patch_size=self.patch, secret=self.secret, file_hash=h, recipe=self.recipe)
+                        new = embed_scan(self.model, self.model_id, rows, spacing_mm=job["spacing_mm"],
+                                         patch_size=job["patch_size"], secret=secret, file_hash=h, recipe=self.recipe)
                         rows_out += new
                         n = len(new)
                 except (Exception, MemoryError) as e:  # a batch job records the failure and goes on
                     state, fail = "failed", _failure(e, rows)
-                values = (int(shard), item["scan_key"], rows[0].row, state, n, *fail)
+                values = (int(shard), scan["scan_key"], rows[0].row, state, n, *fail)
                 for k, v in zip(status, values, strict=True):
                     status[k].append(v)
             if rows_out:
-                write_shard(rows_out, self.out / f"{self.model_id}-{self.stamp}-{int(shard):05d}.parquet", self.schema)
+                name = f"{self.model_id}-{job['stamp']}-{int(shard):05d}.parquet"
+                write_shard(rows_out, Path(job["out_dir"]) / name, self.schema)
         return {k: np.asarray(v) for k, v in status.items()}
 
 
@@ -192,14 +202,14 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     results = []
     if chunks:
         init_ray()
-        ds = ray.data.from_items([{"shard": i, "payload": json.dumps(c)} for i, c in enumerate(chunks)],
-                                 override_num_blocks=len(chunks))
+        job = {"model_path": str(Path(model_path).resolve()), "out_dir": str(out), "secret": secret.hex(),
+               "spacing_mm": spacing, "patch_size": patch, "recipe": dataclasses.asdict(recipe[0]),
+               "stats": recipe[1], "threads": threads_per_worker, "stamp": stamp}
+        ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
+                                  for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
         stream = ds.map_batches(
             ShardEmbedder, batch_size=1, num_cpus=threads_per_worker,
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(chunks))),
-            fn_constructor_kwargs={"model_path": str(Path(model_path).resolve()), "out_dir": str(out),
-                                   "secret": secret, "spacing_mm": spacing, "patch_size": patch, "recipe": recipe,
-                                   "threads": threads_per_worker, "stamp": stamp},
             runtime_env={"env_vars": ALLOCATOR_ENV},
         ).iter_rows()
         for r in stream:
