@@ -176,3 +176,25 @@ def test_embed_command_names_bad_input(tmp_path, small_cohort, model_file, secre
     assert "no.key: secret file not found" in capsys.readouterr().err
     assert main([*base, "--model", str(path), "--secret-file", str(secret_file), "--workers", "0"]) == 2
     assert "workers, threads per worker and scans per shard must be >= 1" in capsys.readouterr().err
+
+
+def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):
+    """The actor's call, as Ray Data makes it: settings and rows travel in the item, no constructor arguments."""
+    import dataclasses
+
+    from embedder.job import ShardEmbedder, _row_dict
+    from tumornet.descriptor import RetrievalConfig
+
+    path, mid = model_file
+    scans = read_manifest(small_cohort).scans()
+    ids = sorted(scans)[:2]
+    job = {"model_path": str(path), "out_dir": str(tmp_path / "o"), "secret": SECRET.hex(), "spacing_mm": 4.0,
+           "patch_size": 16, "recipe": dataclasses.asdict(RetrievalConfig()), "stats": None, "threads": 1,
+           "stamp": "t"}
+    item = {"job": job, "scans": [{"scan_key": keyed_id(s, SECRET), "done": [],
+                                   "rows": [_row_dict(r) for r in scans[s]]} for s in ids]}
+    out = ShardEmbedder()({"shard": np.array([3]), "payload": np.array([json.dumps(item)])})
+    assert list(out["status"]) == ["embedded", "embedded"] and list(out["row"]) == [scans[s][0].row for s in ids]
+    (shard,) = shard_files(tmp_path / "o")
+    assert shard.name == f"{mid}-t-00003.parquet"
+    assert pq.read_table(shard).num_rows == sum(len(scans[s]) for s in ids) == int(out["tumors"].sum())
