@@ -267,6 +267,14 @@ def cmd_demo(args) -> None:
     print(f"demo done in {time.perf_counter() - t0:.0f} s; outputs under {out}")
 
 
+def archive_args(sp, *, model_help="model.pt the shards were embedded with (it records its split)"):
+    """The inputs of every command that scores or reports a model's archive."""
+    sp.add_argument("--model", required=True, help=model_help)
+    sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
+    sp.add_argument("--manifest", required=True, help="the manifest the model was trained on")
+    sp.add_argument("--secret-file", required=True, help="the site key the shards were written with")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description="Brain tumor image retrieval via multitask learning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -316,20 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_experiment)
 
     sp = sub.add_parser("recipe-grid", help="score a grid of retrieval recipes on a model's validation split")
-    sp.add_argument("--model", required=True, help="model.pt trained with data.validation_fraction > 0")
-    sp.add_argument("--embeddings", required=True)
-    sp.add_argument("--manifest", required=True)
-    sp.add_argument("--secret-file", required=True)
+    archive_args(sp, model_help="model.pt trained with data.validation_fraction > 0")
     sp.add_argument("--k", type=int, default=5)
     sp.add_argument("--top", type=int, default=10, help="rows printed (all are written with --out)")
     sp.add_argument("--out", help="JSON of every recipe's scores")
     sp.set_defaults(func=cmd_recipe_grid)
 
     sp = sub.add_parser("report", help="the HTML report (figures embedded) and results.json of a model")
-    sp.add_argument("--model", required=True, help="model.pt (its metrics.jsonl beside it gives the training curves)")
-    sp.add_argument("--embeddings", required=True, help="folder of the archive's embedding shards")
-    sp.add_argument("--manifest", required=True, help="the manifest the model was trained on")
-    sp.add_argument("--secret-file", required=True, help="the site key the shards were written with")
+    archive_args(sp, model_help="model.pt (its metrics.jsonl beside it gives the training curves)")
     sp.add_argument("--out", required=True, help="folder for report.html and results.json")
     sp.add_argument("--evaluation", help="evaluation.json from `evaluate --out` (default: evaluate now, no robustness)")
     sp.add_argument("--experiment", action="append", default=[], help="an experiment's table JSON (repeatable)")
@@ -363,10 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_compact)
 
     sp = sub.add_parser("evaluate", help="KNN retrieval scores of the model's held-out split: learned vs handcrafted")
-    sp.add_argument("--model", required=True, help="model.pt the shards were embedded with (it records its split)")
-    sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
-    sp.add_argument("--manifest", required=True, help="the manifest the model was trained on")
-    sp.add_argument("--secret-file", required=True, help="the site key the shards were written with")
+    archive_args(sp)
     sp.add_argument("--k", type=int, default=5, help="neighbours (the paper's 5)")
     sp.add_argument("--ks", default=",".join(str(q) for q in range(1, 21)), help="the K curve (default 1..20)")
     sp.add_argument("--out", help="JSON result (default: <embeddings>/evaluation.json)")
