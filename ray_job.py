@@ -137,8 +137,9 @@ def cmd_embed(args) -> None:
                            scans_per_shard=args.scans_per_shard, spacing_mm=args.spacing, patch_size=args.patch,
                            max_failure_rate=args.max_failure_rate)
     if not report["ok"]:
-        print(f"error: {report['failure_rate']:.1%} of the scans failed, above --max-failure-rate "
-              f"{args.max_failure_rate:.1%} (see {Path(report['out_dir']) / 'embed-errors.jsonl'})", file=sys.stderr)
+        why = report["stopped"] or (f"{report['failure_rate']:.1%} of the scans failed, above --max-failure-rate "
+                                    f"{args.max_failure_rate:.1%}")
+        print(f"error: {why} (see {Path(report['out_dir']) / 'embed-errors.jsonl'})", file=sys.stderr)
         return 1
     return 0
 

@@ -199,7 +199,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows) in {len(chunks)} "
         f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it) -> {out}")
     progress = Progress(len(scan_ids), log)
-    results = []
+    results, stopped = [], ""
     if chunks:
         init_ray()
         job = {"model_path": str(Path(model_path).resolve()), "out_dir": str(out), "secret": secret.hex(),
@@ -207,26 +207,36 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
                "stats": recipe[1], "threads": threads_per_worker, "stamp": stamp}
         ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
                                   for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
+        # max_restarts=0, deliberately: a scan's own failure is caught inside the actor, so an actor
+        # dies only on a hard crash (OOM kill, segfault), and restarting it would replay the same
+        # shard forever (Ray Data's default: infinite restarts and task retries). The job stops
+        # instead, keeping every shard written, and the next run resumes with what is missing.
         stream = ds.map_batches(
             ShardEmbedder, batch_size=1, num_cpus=threads_per_worker,
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(chunks))),
-            runtime_env={"env_vars": ALLOCATOR_ENV},
+            runtime_env={"env_vars": ALLOCATOR_ENV}, max_restarts=0,
         ).iter_rows()
-        for r in stream:
-            results.append(r)
-            progress.add(str(r["status"]))
-            if r["status"] == "failed":
-                _append_errors(out / "embed-errors.jsonl", [{"run": stamp, "row": int(r["row"]),
-                                                             "scan_key": str(r["scan_key"]), "stage": str(r["stage"]),
-                                                             "error_class": str(r["error_class"]),
-                                                             "message": str(r["message"])}])
+        try:
+            for r in stream:
+                results.append(r)
+                progress.add(str(r["status"]))
+                if r["status"] == "failed":
+                    _append_errors(out / "embed-errors.jsonl", [{
+                        "run": stamp, "row": int(r["row"]), "scan_key": str(r["scan_key"]), "stage": str(r["stage"]),
+                        "error_class": str(r["error_class"]), "message": str(r["message"])}])
+        except Exception as e:  # an actor crashed: what was written stays; the next run resumes
+            stopped = f"{type(e).__name__}: the embedding stopped after {progress.done} of {len(scan_ids)} scans"
+            log(f"embed: {stopped}")
+            _append_errors(out / "embed-errors.jsonl", [{"run": stamp, "row": 0, "scan_key": "", "stage": "embed",
+                                                         "error_class": "job_stopped", "message": stopped}])
     counts = dict(progress.counts)
     total = len(scan_ids) + invalid_scans
     failure_rate = (counts["failed"] + invalid_scans) / total if total else 0.0
     report = {"run": stamp, "model_id": meta["model_id"], "scans": total, **counts,
               "skipped_invalid_rows": len(bad_rows), "skipped_scans": invalid_scans,
               "tumors_embedded": int(sum(int(r["tumors"]) for r in results)), "failure_rate": round(failure_rate, 4),
-              "max_failure_rate": max_failure_rate, "ok": failure_rate <= max_failure_rate, "out_dir": str(out)}
+              "max_failure_rate": max_failure_rate, "ok": failure_rate <= max_failure_rate and not stopped,
+              "stopped": stopped, "out_dir": str(out)}
     _append_history(out / "embed-report.json", report)
     log(f"embedded {counts['embedded']} scans ({report['tumors_embedded']} tumors), {counts['unchanged']} unchanged, "
         f"{counts['failed']} failed, {invalid_scans} skipped for invalid rows"
