@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -211,11 +212,15 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         # dies only on a hard crash (OOM kill, segfault), and restarting it would replay the same
         # shard forever (Ray Data's default: infinite restarts and task retries). The job stops
         # instead, keeping every shard written, and the next run resumes with what is missing.
-        stream = ds.map_batches(
-            ShardEmbedder, batch_size=1, num_cpus=threads_per_worker,
-            compute=ray.data.ActorPoolStrategy(size=min(workers, len(chunks))),
-            runtime_env={"env_vars": ALLOCATOR_ENV}, max_restarts=0,
-        ).iter_rows()
+        # (Ray 2.60-2.63 take max_restarts only through the deprecated **ray_remote_args, hence
+        # the pin ray < 2.64 in pyproject.toml and this one deprecation notice filtered here)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            stream = ds.map_batches(
+                ShardEmbedder, batch_size=1, num_cpus=threads_per_worker,
+                compute=ray.data.ActorPoolStrategy(size=min(workers, len(chunks))),
+                runtime_env={"env_vars": ALLOCATOR_ENV}, max_restarts=0,
+            ).iter_rows()
         try:
             for r in stream:
                 results.append(r)
