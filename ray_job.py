@@ -89,37 +89,26 @@ def cmd_experiment(args) -> None:
 
 
 def cmd_recipe_grid(args) -> None:
-    from retrieval.evaluate import fmt_metric, plain
-    from retrieval.experiments import TASK_SCORE, recipe_grid
+    from retrieval.evaluate import plain
+    from retrieval.experiments import format_grid, recipe_grid
     from tumornet.io import atomic_write_text
     from tumornet.keys import read_secret
 
     rows = recipe_grid(args.model, args.embeddings, args.manifest, read_secret(args.secret_file), k=args.k)
-    keys = [f"acc_{t}" for t in TASK_SCORE] + ["rmse_size_mm"]
-    print("| roipool | tasks | size | position | score | " + " | ".join(keys) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(keys))
-    for r in rows[:args.top]:
-        w, row = r["recipe"], r["learned"]
-        print(f"| {w['roipool']} | {w['tasks']} | {w['size']} | {w['position']} | {r['score']:.3f} | "
-              + " | ".join(fmt_metric(row[k], k) for k in keys) + " |")
-    hand = rows[0]["handcrafted"]
-    print("| handcrafted | | | | | " + " | ".join(fmt_metric(hand[k], k) for k in keys) + " |")
+    print(format_grid(rows, top=args.top))
     if args.out:
         atomic_write_text(args.out, json.dumps(plain(rows), indent=2))
 
 
 def cmd_report(args) -> None:
-    from retrieval.evaluate import evaluate
+    from retrieval.evaluate import evaluate, read_evaluation
     from retrieval.experiments import read_experiment
     from retrieval.report import build_report
     from tumornet.keys import read_secret
 
     secret = read_secret(args.secret_file)
     if args.evaluation:
-        p = Path(args.evaluation)
-        if not p.is_file():
-            raise InputError(f"{p}: evaluation file not found (written by `ray_job.py evaluate --out`)")
-        evaluation = json.loads(p.read_text())
+        evaluation = read_evaluation(args.evaluation)
     else:
         evaluation = evaluate(args.embeddings, args.manifest, secret, args.model)
     summary = json.loads(Path(args.summary).read_text()) if args.summary else None
@@ -203,17 +192,6 @@ def cmd_search(args) -> None:
     print(json.dumps(results, indent=2) if args.json else format_search(results))
 
 
-def _demo_secret(path: Path) -> Path:
-    """The demo's site key (a real site keeps its own, outside the outputs)."""
-    import secrets
-
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path
-
-
 def _held_out_scan(manifest: Path, model: Path):
     """The first scan of the model's held-out split (the demo's query)."""
     from tumornet.export import load_model
@@ -230,11 +208,13 @@ def cmd_demo(args) -> None:
     """The pipeline on the synthetic cohort, composed of the subcommands a user runs."""
     import shutil
 
+    from tumornet.keys import ensure_secret
+
     cfg = _config(args)
     out = Path(args.out).resolve()
     manifest, runs, emb = out / "cohort" / "manifest.csv", out / "runs", out / "embeddings"
     model = runs / cfg.name / "model.pt"
-    key = _demo_secret(out / "site.key")
+    key = ensure_secret(out / "site.key")  # the demo's key; a real site keeps its own, outside the outputs
     shutil.rmtree(emb, ignore_errors=True)  # the demo always starts from scratch
     common = ["--config", args.config, *[a for s in args.set for a in ("--set", s)]]
     d = cfg.distributed

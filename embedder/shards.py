@@ -61,7 +61,7 @@ def shard_files(out_dir: Path) -> list[Path]:
     return sorted(p for p in Path(out_dir).glob("*.parquet") if not p.name.startswith(".tmp-"))
 
 
-def _newest(table: pa.Table) -> pa.Table:
+def newest_rows(table: pa.Table) -> pa.Table:
     """Each scan's newest rows per model (a scan re-embedded after its files changed supersedes its
     old rows), each (scan, model, tumor) once (a compaction interrupted before it removed the old
     files leaves identical copies)."""
@@ -79,7 +79,7 @@ def _newest(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def _read(files: list[Path], model_id: str | None) -> pa.Table:
+def read_shard_files(files: list[Path], model_id: str | None) -> pa.Table:
     tables = []
     for f in files:
         t = pq.read_table(f)
@@ -96,8 +96,8 @@ def read_embeddings(out_dir: str | Path, *, model_id: str | None = None, latest:
     files = shard_files(Path(out_dir))
     if not files:
         raise InputError(f"{out_dir}: no embedding shards (*.parquet)")
-    table = _read(files, model_id)
-    return _newest(table) if latest and table.num_rows else table
+    table = read_shard_files(files, model_id)
+    return newest_rows(table) if latest and table.num_rows else table
 
 
 def compact_shards(out_dir: str | Path, *, rows_per_file: int = 200_000, log=print) -> dict:
@@ -121,7 +121,7 @@ def compact_shards(out_dir: str | Path, *, rows_per_file: int = 200_000, log=pri
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
     written: list[Path] = []
     for mid, model_files in sorted(by_model.items()):
-        table = _newest(_read(model_files, mid))
+        table = newest_rows(read_shard_files(model_files, mid))
         order = pa.compute.sort_indices(table, sort_keys=[("scan_key", "ascending"), ("tumor_id", "ascending")])
         table = table.take(order)
         for n, start in enumerate(range(0, table.num_rows, rows_per_file)):

@@ -168,3 +168,17 @@ def plain(v):
 def write_evaluation(res: dict, path: str | Path) -> None:
     """JSON (a metric that could not be computed is null)."""
     atomic_write_text(path, json.dumps(plain(res), indent=2))
+
+
+def read_evaluation(path: str | Path) -> dict:
+    """An evaluation written by `write_evaluation` (`ray_job.py evaluate --out`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: evaluation file not found (written by `ray_job.py evaluate --out`)")
+    try:
+        res = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: not an evaluation JSON ({e})") from None
+    if not isinstance(res, dict) or not {"rows", "k_curve", "tasks", "k"} <= set(res):
+        raise InputError(f"{p}: not an evaluation (expected keys rows, k_curve, tasks, k)")
+    return res

@@ -23,7 +23,7 @@ from tumornet.config import Config, config_to_dict, find_config, with_overrides
 from tumornet.errors import InputError
 from tumornet.io import atomic_write_text
 
-from .evaluate import evaluate, metric_label, plain
+from .evaluate import evaluate, fmt_metric, metric_label, plain
 
 
 def width_variants(channels: list[int]) -> dict[str, dict]:
@@ -107,8 +107,6 @@ def _slug(title: str) -> str:
 
 
 def format_experiment(exp: dict) -> str:
-    from .evaluate import fmt_metric
-
     keys = [f"acc_{t}" for t in exp["tasks"]] + ["rmse_size_mm"]
     lines = [f"{exp['title']} (KNN, K = {exp['k']}, {exp.get('on', 'test')} patients; each variant's config "
              "beside its row)", "",
@@ -161,3 +159,16 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
         res = evaluate(embeddings, manifest, secret, model, k=k, ks=[k], on="validation", retrieval=cfg)
         rows.append({"recipe": w, "score": recipe_score(res["rows"]["learned"]), **res["rows"]})
     return sorted(rows, key=lambda r: -r["score"])
+
+
+def format_grid(rows: list[dict], *, top: int = 10) -> str:
+    """The best `top` recipes of recipe_grid as a Markdown table, with the handcrafted row last."""
+    keys = [f"acc_{t}" for t in TASK_SCORE] + ["rmse_size_mm"]
+    lines = ["| roipool | tasks | size | position | score | " + " | ".join(keys) + " |",
+             "|---|---|---|---|---|" + "---|" * len(keys)]
+    for r in rows[:top]:
+        w, row = r["recipe"], r["learned"]
+        lines.append(f"| {w['roipool']} | {w['tasks']} | {w['size']} | {w['position']} | {r['score']:.3f} | "
+                     + " | ".join(fmt_metric(row[k], k) for k in keys) + " |")
+    lines.append("| handcrafted | | | | | " + " | ".join(fmt_metric(rows[0]["handcrafted"][k], k) for k in keys) + " |")
+    return "\n".join(lines)

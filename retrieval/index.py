@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.shards import _newest, _read, shard_files
+from embedder.shards import newest_rows, read_shard_files, shard_files
 from tumornet.errors import InputError
 from tumornet.io import atomic_write, atomic_write_text
 
@@ -69,7 +69,7 @@ def build_index(emb_dir, *, model_id: str | None = None, exact_below: int = 100_
     emb_dir = Path(emb_dir)
     model_id, files = _model_files(emb_dir, model_id)
     index_path, meta_path, info_path = _paths(emb_dir, model_id)
-    table = _newest(_read(files, model_id))
+    table = newest_rows(read_shard_files(files, model_id))
     keys_now = list(zip(table["scan_key"].to_pylist(), table["tumor_id"].to_pylist(),
                         table["embedded_at"].to_pylist(), strict=True))
     info = json.loads(info_path.read_text()) if info_path.is_file() and index_path.is_file() else None

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tumornet.export import load_model
 from tumornet.io import atomic_write_text
 from tumornet.keys import keyed_id
 from tumornet.labels import MISSING, LabelSchema
@@ -67,10 +66,10 @@ def robustness_table(rob: dict) -> str:
                    for key in metric_keys(rob["tasks"])])
 
 
-def _examples(ev, model_path, manifest, secret: bytes, *, queries: int, hits: int) -> list[str]:
+def _examples(ev, manifest, secret: bytes, *, queries: int, hits: int) -> list[str]:
     """Fig. 6: for one held-out tumor per type (up to `queries`), its `hits` nearest training tumors
     from other patients, drawn from the scans (model's working grid)."""
-    _, meta = load_model(model_path)
+    meta = ev.meta
     spacing = meta["extra"].get("spacing_mm")
     schema = LabelSchema.from_dict(meta["tasks"])
     scans = read_manifest(manifest, schema, check_files=False).scans()
@@ -123,7 +122,7 @@ def build_report(*, model, embeddings, manifest, secret: bytes, out_dir, evaluat
     """Write `<out_dir>/report.html` and `<out_dir>/results.json`; -> the HTML path."""
     out = Path(out_dir)
     ev = load_evaluation(embeddings, manifest, secret, model)
-    _, meta = load_model(model)
+    meta = ev.meta
     schema = LabelSchema.from_dict(meta["tasks"])
     k, tasks = evaluation["k"], evaluation["tasks"]
     metrics_file = Path(metrics_file) if metrics_file else Path(model).parent / "metrics.jsonl"
@@ -154,7 +153,7 @@ def build_report(*, model, embeddings, manifest, secret: bytes, out_dir, evaluat
                  f'<img alt="t-SNE" src="{figures.tsne_figure(ev.test.x, ev.test.size_mm, types, type_names)}">'),
         "examples": ("Retrieval examples (Fig. 6)", "".join(
             f'<img alt="retrieval example {i + 1}" src="{uri}">'
-            for i, uri in enumerate(_examples(ev, model, manifest, secret, queries=examples, hits=hits)))),
+            for i, uri in enumerate(_examples(ev, manifest, secret, queries=examples, hits=hits)))),
         "training": ("Training curves", f'<img alt="training curves" src="{figures.training_figure(records)}">'
                      if records else "<p>No metrics.jsonl beside the model.</p>"),
         "provenance": ("Provenance", _table(["", ""], [["model id", prov["model_id"]], ["run", prov["run"]],

@@ -80,3 +80,28 @@ def test_train_as_a_plain_local_run_starts_ray_itself(tmp_path, small_cohort):
     console = r.stderr + r.stdout
     assert "Started a local Ray instance" not in console and "Reporting training result" not in console
     assert sum(line.startswith("epoch   1 |") for line in console.splitlines()) == 1
+
+
+def test_new_readers_name_the_bad_file(tmp_path, capsys):
+    from retrieval.evaluate import read_evaluation
+    from retrieval.experiments import read_experiment, read_variants
+    from tumornet.errors import InputError
+    from tumornet.keys import ensure_secret, read_secret
+
+    (tmp_path / "e.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"e\.json: not an evaluation JSON"):
+        read_evaluation(tmp_path / "e.json")
+    (tmp_path / "e2.json").write_text('{"rows": {}}')
+    with pytest.raises(InputError, match=r"e2\.json: not an evaluation \(expected keys"):
+        read_evaluation(tmp_path / "e2.json")
+    with pytest.raises(InputError, match=r"e2\.json: not an experiment table"):
+        read_experiment(tmp_path / "e2.json")
+    (tmp_path / "v.yaml").write_text("a: [1, 2]\n")
+    with pytest.raises(InputError, match=r"v\.yaml: a: expected a mapping section"):
+        read_variants(tmp_path / "v.yaml")
+    key = ensure_secret(tmp_path / "k" / "site.key")
+    assert len(read_secret(key)) == 64 and ensure_secret(key).read_text() == key.read_text()
+    assert main(["search", "--model", "m.pt", "--embeddings", "e", "--image", "x.nii.gz", "--box", "1,2,3"]) == 2
+    assert "--box: expected 6 comma-separated numbers" in capsys.readouterr().err
+    assert main(["compact", "--embeddings", str(tmp_path)]) == 2
+    assert "no embedding shards" in capsys.readouterr().err

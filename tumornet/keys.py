@@ -36,3 +36,15 @@ def read_secret(path: str | Path) -> bytes:
     if len(secret) < MIN_SECRET_BYTES:
         raise InputError(f"{p}: the secret is {len(secret)} bytes; at least {MIN_SECRET_BYTES} are needed")
     return secret
+
+
+def ensure_secret(path: str | Path) -> Path:
+    """A new random site key at `path` (64 hex chars, owner-only) unless one is there already."""
+    import secrets
+
+    p = Path(path)
+    if not p.is_file():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(secrets.token_hex(32))
+        p.chmod(0o600)
+    return p
