@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from embedder.embed import embed_scan, embed_settings
 from embedder.shards import read_embeddings
@@ -27,7 +26,7 @@ from tumornet.manifest import ManifestRow
 from tumornet.scans import read_instances
 from tumornet.volumes import load_volume, read_label_map
 
-from .index import load_index
+from .index import VECTOR_COLUMNS, load_index
 from .knn import nearest
 
 QUERY_KEY = b"query-scan-no-patient-key"  # the query's keys are computed, never output
@@ -81,22 +80,21 @@ def _archive(model_path, emb_dir):
     mid = meta["model_id"]
     index = load_index(emb_dir, mid)
     if index is not None:
-        return model, meta, Archive(index.table, index.search)
+        return model, meta, Archive(index.table, index.search, index.index.reconstruct)
     table = read_embeddings(emb_dir, model_id=mid)
     if table.num_rows == 0:
         raise InputError(f"{emb_dir}: no tumor embedded with model {mid}; embed the archive with this model first")
     x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    return model, meta, Archive(table, lambda q, n: nearest(x, q, n))
+    return model, meta, Archive(table, lambda q, n: nearest(x, q, n), lambda i: x[i])
 
 
 class Archive:
-    """The archive's rows (no vectors needed) and a search function (q (n, D), n) -> (distances,
-    row indices), nearest first: the FAISS index, or brute force over the shards."""
+    """The archive's rows (without vectors), a search function (q (n, D), n) -> (distances, row
+    indices), nearest first, and a row's vector: the FAISS index, or brute force over the shards."""
 
-    def __init__(self, table, search_fn):
-        self.rows = table.drop_columns([c for c in ("embedding", "roipool", "task_logits", "handcrafted")
-                                        if c in table.column_names]).to_pylist()
-        self.search = search_fn
+    def __init__(self, table, search_fn, vector_fn):
+        self.rows = table.drop_columns([c for c in VECTOR_COLUMNS if c in table.column_names]).to_pylist()
+        self.search, self.vector = search_fn, vector_fn
 
 
 def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[str, int] | None = None) -> list[dict]:
@@ -178,17 +176,15 @@ def search_archived(model_path, emb_dir, tumor: str, *, k: int = 5, where=None) 
         tumor_id = int(tid)
     except ValueError:
         raise InputError(f"--tumor: expected SCAN_KEY:TUMOR_ID, got {tumor!r}") from None
-    model, meta = load_model(model_path)
-    table = read_embeddings(emb_dir, model_id=meta["model_id"])
-    mine = [r for r in table.filter(pa.compute.equal(table["scan_key"], scan_key)).to_pylist()
-            if r["tumor_id"] == tumor_id]
+    model, meta, archive = _archive(model_path, emb_dir)  # the index when current: no shard is read
+    mine = [i for i, r in enumerate(archive.rows) if r["scan_key"] == scan_key and r["tumor_id"] == tumor_id]
     if not mine:
         raise InputError(f"--tumor {tumor}: no such tumor in {emb_dir} for model {meta['model_id']}")
-    r = mine[0]
-    _, _, archive = _archive(model_path, emb_dir)
+    r = archive.rows[mine[0]]
     return rank(model, archive, [{"tumor_id": tumor_id, "scan_key": scan_key, "size_mm": r["size_mm"],
-                                "predicted": _names(model.schema, r, "pred"), "embedding": r["embedding"],
-                                "patient_key": r["patient_key"]}], k=k, where=parse_where(where, model.schema))
+                                  "predicted": _names(model.schema, r, "pred"),
+                                  "embedding": archive.vector(mine[0]), "patient_key": r["patient_key"]}],
+                k=k, where=parse_where(where, model.schema))
 
 
 def format_search(results: list[dict]) -> str:
