@@ -94,7 +94,8 @@ def cmd_recipe_grid(args) -> None:
     from tumornet.io import atomic_write_text
     from tumornet.keys import read_secret
 
-    rows = recipe_grid(args.model, args.embeddings, args.manifest, read_secret(args.secret_file), k=args.k)
+    rows = recipe_grid(args.model, args.embeddings, args.manifest, read_secret(args.secret_file), k=args.k,
+                       draws=args.draws)
     print(format_grid(rows, top=args.top))
     if args.out:
         atomic_write_text(args.out, json.dumps(plain(rows), indent=2))
@@ -124,7 +125,7 @@ def cmd_embed(args) -> None:
     report = run_embedding(manifest=args.manifest, model_path=args.model, out_dir=args.out,
                            secret_file=args.secret_file, workers=args.workers, threads_per_worker=args.threads,
                            scans_per_shard=args.scans_per_shard, spacing_mm=args.spacing, patch_size=args.patch,
-                           max_failure_rate=args.max_failure_rate)
+                           max_failure_rate=args.max_failure_rate, min_volume_ml=args.min_volume_ml)
     if not report["ok"]:
         why = report["stopped"] or (f"{report['failure_rate']:.1%} of the scans failed, above --max-failure-rate "
                                     f"{args.max_failure_rate:.1%}")
@@ -154,6 +155,11 @@ def cmd_evaluate(args) -> None:
     res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_int_list(args.ks, "--ks"),
                    on=args.on)
     print(format_evaluation(res))
+    if args.detection:
+        from retrieval.detection import detection_quality, format_detection
+
+        res["detection"] = detection_quality(args.model, args.manifest, on=args.on)
+        print(format_detection(res["detection"]))
     if args.robustness:
         from retrieval.robustness import format_robustness, robustness
 
@@ -177,9 +183,8 @@ def _floats(text: str, flag: str, n: int) -> list[float]:
 def cmd_search(args) -> None:
     from retrieval.search import format_search, query_rows, search, search_archived, search_box
 
-    forms = [f for f in ("mask", "box", "tumor") if getattr(args, f)]
-    if len(forms) != 1 or (args.tumor and args.image) or (not args.tumor and not args.image):
-        raise InputError("search: give --image with --mask or --box, or --tumor SCAN_KEY:TUMOR_ID")
+    if len([f for f in ("mask", "box", "tumor") if getattr(args, f)]) > 1 or bool(args.tumor) == bool(args.image):
+        raise InputError("search: give --image (alone, with --mask or with --box), or --tumor SCAN_KEY:TUMOR_ID")
     if args.tumor:
         results = search_archived(args.model, args.embeddings, args.tumor, k=args.k, where=args.where)
     elif args.box:
@@ -192,22 +197,11 @@ def cmd_search(args) -> None:
     print(json.dumps(results, indent=2) if args.json else format_search(results))
 
 
-def _held_out_scan(manifest: Path, model: Path):
-    """The first scan of the model's held-out split (the demo's query)."""
-    from tumornet.export import load_model
-    from tumornet.manifest import read_manifest
-    from tumornet.split import split_of_model
-
-    _, meta = load_model(model)
-    cohort = read_manifest(manifest)
-    _, held_out = split_of_model(cohort, meta, where=str(model))
-    return cohort.scans()[held_out[0]][0]
-
-
 def cmd_demo(args) -> None:
     """The pipeline on the synthetic cohort, composed of the subcommands a user runs."""
     import shutil
 
+    from retrieval.search import held_out_example
     from tumornet.keys import ensure_secret
 
     cfg = _config(args)
@@ -232,10 +226,11 @@ def cmd_demo(args) -> None:
                   str(key), "--workers", str(d.workers), "--threads", str(d.cpus_per_worker)]),
         ("search: a held-out scan as the query (rank 1 is that scan itself, also in the archive)",
          lambda: ["search", "--model", str(model), "--embeddings", str(emb),
-                  "--image", str((q := _held_out_scan(manifest, model)).image), "--mask", str(q.mask)]),
-        ("evaluation: the K nearest training tumors of each held-out tumor, learned vs handcrafted vs none",
+                  "--image", str((q := held_out_example(manifest, model)).image), "--mask", str(q.mask)]),
+        ("evaluation: the K nearest training tumors of each held-out tumor, learned vs handcrafted vs none; "
+         "boxes distorted; tumors found without masks",
          lambda: ["evaluate", "--embeddings", str(emb), "--manifest", str(manifest), "--secret-file", str(key),
-                  "--model", str(model), "--robustness", "--out", str(out / "evaluation.json")]),
+                  "--model", str(model), "--robustness", "--detection", "--out", str(out / "evaluation.json")]),
         ("report: HTML with the K curve, tables, t-SNE, retrieval examples, training curves, provenance",
          lambda: ["report", "--model", str(model), "--embeddings", str(emb), "--manifest", str(manifest),
                   "--secret-file", str(key), "--evaluation", str(out / "evaluation.json"), "--summary",
@@ -308,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     archive_args(sp, model_help="model.pt trained with data.validation_fraction > 0")
     sp.add_argument("--k", type=int, default=5)
     sp.add_argument("--top", type=int, default=10, help="rows printed (all are written with --out)")
+    sp.add_argument("--draws", type=int, default=0, help="also score distorted boxes, this many draws (eq. 2)")
     sp.add_argument("--out", help="JSON of every recipe's scores")
     sp.set_defaults(func=cmd_recipe_grid)
 
@@ -321,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("embed", help="Ray Data: embed every tumor of an archive into Parquet shards (incremental)")
     sp.add_argument("--model", required=True, help="model.pt exported by training")
-    sp.add_argument("--manifest", required=True, help="the archive's manifest (CSV / Parquet)")
+    sp.add_argument("--manifest", required=True, help="the archive's manifest (CSV / Parquet), or a folder of NIfTI "
+                    "files (scans without masks: the model finds the tumors)")
+    sp.add_argument("--min-volume-ml", type=float, help="smallest tumor found in a scan without mask (config detect)")
     sp.add_argument("--out", required=True, help="folder of the embedding shards (re-runs add to it)")
     sp.add_argument("--secret-file", required=True, help="the site's key for patient_key hashes (>= 16 bytes)")
     sp.add_argument("--workers", type=int, default=2, help="Ray Data actors (each loads the model once)")
@@ -353,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--on", default="test", choices=["test", "validation"],
                     help="the queries: the held-out test patients, or the validation patients (to choose a recipe on)")
     sp.add_argument("--robustness", action="store_true", help="also score held-out tumors with distorted boxes (eq. 2)")
+    sp.add_argument("--detection", action="store_true", help="also score the tumors found without masks (recall)")
     sp.add_argument("--draws", type=int, default=3, help="distortions of every held-out tumor (for --robustness)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the distortions (for --robustness)")
     sp.set_defaults(func=cmd_evaluate)
@@ -360,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("search", help="the archive tumors most similar to a new scan's tumors")
     sp.add_argument("--model", required=True, help="model.pt the archive was embedded with")
     sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
-    sp.add_argument("--image", help="the new scan: T1 with contrast, NIfTI (with --mask or --box)")
+    sp.add_argument("--image", help="the new scan: T1 with contrast, NIfTI (alone: the model finds the tumors)")
     sp.add_argument("--mask", help="its tumor mask: an instance mask (value = tumor), or --binary")
     sp.add_argument("--box", help="a box around the tumor instead of a mask: x0,y0,z0,x1,y1,z1 in mm (RAS world)")
     sp.add_argument("--tumor", help="an archived tumor as the query: SCAN_KEY:TUMOR_ID (its own patient excluded)")

@@ -19,18 +19,21 @@ import torch
 
 from tumornet.boxes import voxel_to_mm
 from tumornet.descriptor import RetrievalConfig, compose, head_box_voxels, recipe_of, tumor_parts
+from tumornet.detect import DetectConfig
 from tumornet.errors import InputError
 from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
 from tumornet.network import MultitaskNet
-from tumornet.scans import load_scan
+from tumornet.scans import detect_scan, load_scan
 
 
 def source_hash(rows: Sequence[ManifestRow]) -> str:
     """sha256 over the scan's image and mask file contents (what decides a re-embedding)."""
     h = hashlib.sha256()
     for path in (rows[0].image, rows[0].mask):
+        if path is None:  # no mask: the tumors are found by the model
+            continue
         if not path.is_file():
             raise InputError(f"{path}: file not found", kind="missing_file")
         with open(path, "rb") as f:
@@ -49,17 +52,29 @@ def embed_settings(meta: dict, model_path, *, spacing_mm=None, patch_size: int |
     return spacing, int(patch_size or extra.get("patch_size") or 64), recipe_of(meta)
 
 
+def detect_settings(meta: dict, **overrides) -> DetectConfig:
+    """How tumors are found in scans without a mask: the model's config section `detect` (recorded
+    at training), with overrides (e.g. min_volume_ml) where not None."""
+    base = dict(meta.get("extra", {}).get("config", {}).get("detect") or {})
+    return DetectConfig(**(base | {k: v for k, v in overrides.items() if v is not None}))
+
+
 @torch.no_grad()
 def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], *, spacing_mm, patch_size: int,
-               secret: bytes, file_hash: str | None = None, box_fn=None, recipe=None) -> list[dict]:
+               secret: bytes, file_hash: str | None = None, box_fn=None, recipe=None,
+               detect: DetectConfig | None = None) -> list[dict]:
     """Rows (one scan_id) of a manifest -> shard rows (see embedder.shards.shard_schema).
 
     recipe: (RetrievalConfig, statistics) of the model file (tumornet.descriptor.recipe_of); None:
     the paper's raw RoiPool vector. box_fn (optional): box -> box, applied to each tumor's box
     before its patch is cut and pooled (the robustness evaluation passes the paper's box
-    distortion); rows then carry the box used."""
+    distortion); rows then carry the box used. A scan without a mask (rows[0].mask None) gets its
+    tumors from the segmentation head (tumornet.detect, settings `detect`): rows with
+    source = predicted, labels -1."""
     cfg, stats = recipe or (RetrievalConfig(), None)
-    scan = load_scan(rows, spacing_mm=spacing_mm)
+    predicted = rows[0].mask is None
+    scan = (detect_scan(model, rows, spacing_mm=spacing_mm, cfg=detect) if predicted
+            else load_scan(rows, spacing_mm=spacing_mm))
     image = scan.volume.array
     head = head_box_voxels(image)
     centre_mm = voxel_to_mm(head[0], scan.volume.affine)
@@ -73,11 +88,13 @@ def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
         bbox = t.bbox if box_fn is None else np.asarray(box_fn(t.bbox), dtype=np.int64)
         parts = tumor_parts(model, image, bbox, patch_size=patch_size, spacing_mm=spacing_mm, head=head)
         vector = compose({k: np.asarray(v)[None] for k, v in parts.items()}, cfg, model.schema, stats)[0]
-        row = dict(common, tumor_id=t.tumor_id, source="mask", bbox=bbox.astype(int).tolist(),
+        row = dict(common, tumor_id=t.tumor_id, source="predicted" if predicted else "mask",
+                   bbox=bbox.astype(int).tolist(),
                    bbox_mm=t.bbox_mm.astype(float).tolist(), centroid_mm=t.centroid_mm.astype(float).tolist(),
                    volume_ml=float(t.volume_ml), size_mm=float(t.size_mm), embedding=vector.tolist(),
                    roipool=parts["roipool"].tolist(), task_logits=parts["task_logits"].tolist(),
                    box_log_volume=parts["box_log_volume"], position=parts["position"].tolist(),
+                   seg_log_volume=parts["seg_log_volume"],
                    handcrafted=handcrafted_features(image, scan.instances, t, centre_mm).tolist())
         start = 0
         for k in tasks:

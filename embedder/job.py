@@ -26,14 +26,15 @@ import numpy as np
 
 from trainer.ray_setup import init_ray
 from tumornet.descriptor import RetrievalConfig
+from tumornet.detect import DetectConfig
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.io import atomic_write_text
 from tumornet.keys import keyed_id, read_secret
-from tumornet.manifest import ManifestRow, read_manifest_lenient, redact
+from tumornet.manifest import ManifestRow, folder_cohort, read_manifest_lenient, redact
 from tumornet.runtime import ALLOCATOR_ENV
 
-from .embed import embed_scan, embed_settings, source_hash
+from .embed import detect_settings, embed_scan, embed_settings, source_hash
 from .shards import done_scans, model_shard_schema, write_shard
 
 ERROR_COLUMNS = ("run", "row", "scan_key", "stage", "error_class", "message")  # embed-errors.jsonl, one JSON a line
@@ -42,13 +43,14 @@ HISTORY = 100  # runs kept in embed-report.json
 
 def _row_dict(r: ManifestRow) -> dict:
     return {"row": r.row, "patient_id": r.patient_id, "scan_id": r.scan_id, "image": str(r.image),
-            "mask": str(r.mask), "tumor_id": r.tumor_id, "labels": r.labels,
+            "mask": str(r.mask) if r.mask is not None else None, "tumor_id": r.tumor_id, "labels": r.labels,
             "tumor_values": list(r.tumor_values) if r.tumor_values is not None else None}
 
 
 def _row_of(d: dict) -> ManifestRow:
     return ManifestRow(row=d["row"], patient_id=d["patient_id"], scan_id=d["scan_id"], image=Path(d["image"]),
-                       mask=Path(d["mask"]), tumor_id=d["tumor_id"], labels=d["labels"],
+                       mask=Path(d["mask"]) if d["mask"] is not None else None, tumor_id=d["tumor_id"],
+                       labels=d["labels"],
                        tumor_values=tuple(d["tumor_values"]) if d["tumor_values"] is not None else None)
 
 
@@ -58,7 +60,7 @@ def _failure(e: Exception, rows: list[ManifestRow]) -> tuple[str, str, str]:
     `embed` failure named by its exception type."""
     r = rows[0]
     message = redact(str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}",
-                     (r.patient_id, r.scan_id, str(r.image), str(r.mask)))
+                     (r.patient_id, r.scan_id, str(r.image), str(r.mask or "")))
     if isinstance(e, InputError):
         return "read", e.kind, message
     if isinstance(e, MemoryError):
@@ -83,6 +85,7 @@ class ShardEmbedder:
         self.model_id = meta["model_id"]
         self.recipe = (RetrievalConfig(**job["recipe"]), job["stats"])
         self.schema = model_shard_schema(self.model, self.recipe[0])
+        self.detect = DetectConfig(**job["detect"])
         self.job = job
 
     def __call__(self, batch: dict) -> dict:
@@ -102,7 +105,8 @@ class ShardEmbedder:
                         state = "unchanged"
                     else:
                         new = embed_scan(self.model, self.model_id, rows, spacing_mm=job["spacing_mm"],
-                                         patch_size=job["patch_size"], secret=secret, file_hash=h, recipe=self.recipe)
+                                         patch_size=job["patch_size"], secret=secret, file_hash=h, recipe=self.recipe,
+                                         detect=self.detect)
                         rows_out += new
                         n = len(new)
                 except (Exception, MemoryError) as e:  # a batch job records the failure and goes on
@@ -164,10 +168,13 @@ def _append_history(path: Path, report: dict) -> None:
 
 def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str | Path, secret_file: str | Path,
                   workers: int = 2, threads_per_worker: int = 1, scans_per_shard: int = 8,
-                  spacing_mm=None, patch_size: int | None = None, max_failure_rate: float = 0.05, log=print) -> dict:
-    """Embed every valid scan of the manifest -> the run's report (also in `<out>/embed-report.json`,
-    with the history of earlier runs); invalid manifest rows and failed scans go to
-    `<out>/embed-errors.jsonl`. report["ok"] is False when the failure share exceeds max_failure_rate."""
+                  spacing_mm=None, patch_size: int | None = None, max_failure_rate: float = 0.05,
+                  min_volume_ml: float | None = None, log=print) -> dict:
+    """Embed every valid scan of the manifest (or of a plain folder of NIfTI files: scans without a
+    mask) -> the run's report (also in `<out>/embed-report.json`, with the history of earlier runs);
+    invalid manifest rows and failed scans go to `<out>/embed-errors.jsonl`. report["ok"] is False
+    when the failure share exceeds max_failure_rate. Scans without a mask get their tumors from the
+    segmentation head (the model's `detect` settings; min_volume_ml overrides its minimum)."""
     import ray
 
     if workers < 1 or threads_per_worker < 1 or scans_per_shard < 1:
@@ -178,7 +185,11 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     secret = read_secret(secret_file)
     # row by row: an invalid row skips its scan (recorded), every valid scan is embedded; files are
     # checked per scan by the workers, so a missing or broken file fails that scan, not the night
-    cohort, bad_rows = read_manifest_lenient(manifest, model.schema)
+    if Path(manifest).is_dir():
+        cohort, bad_rows = folder_cohort(manifest, model.schema), []
+    else:
+        cohort, bad_rows = read_manifest_lenient(manifest, model.schema)
+    detect = detect_settings(meta, min_volume_ml=min_volume_ml)
     scans = cohort.scans()
     spacing, patch, recipe = embed_settings(meta, model_path, spacing_mm=spacing_mm, patch_size=patch_size)
     out = Path(out_dir).resolve()
@@ -205,7 +216,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         init_ray()
         job = {"model_path": str(Path(model_path).resolve()), "out_dir": str(out), "secret": secret.hex(),
                "spacing_mm": spacing, "patch_size": patch, "recipe": dataclasses.asdict(recipe[0]),
-               "stats": recipe[1], "threads": threads_per_worker, "stamp": stamp}
+               "stats": recipe[1], "detect": dataclasses.asdict(detect), "threads": threads_per_worker, "stamp": stamp}
         ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
                                   for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
         # max_restarts=0, deliberately: a scan's own failure is caught inside the actor, so an actor

@@ -38,6 +38,7 @@ def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = No
            ("task_logits", pa.list_(pa.float32(), max(logits, 1))),  # the task heads' logits on it
            ("box_log_volume", pa.float32()),  # log of the box volume in ml
            ("position", pa.list_(pa.float32(), 3)),  # the box centre's place in the head, [-1, 1] per axis
+           ("seg_log_volume", pa.float32()),  # log of the segmented volume (ml) of the components the box touches
            ("handcrafted", pa.list_(pa.float32(), len(HANDCRAFTED))),  # tumornet.handcrafted.FEATURES
            ("model_id", pa.string()),
            ("source_hash", pa.string()),  # sha256 of the image and mask files

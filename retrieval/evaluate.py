@@ -96,7 +96,9 @@ def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
     return {"roipool": np.stack(table["roipool"].to_numpy(zero_copy_only=False)),
             "task_logits": np.stack(table["task_logits"].to_numpy(zero_copy_only=False)),
             "box_log_volume": np.asarray(table["box_log_volume"].to_numpy(), dtype=np.float64),
-            "position": np.stack(table["position"].to_numpy(zero_copy_only=False))}
+            "position": np.stack(table["position"].to_numpy(zero_copy_only=False)),
+            **({"seg_log_volume": np.asarray(table["seg_log_volume"].to_numpy(), dtype=np.float64)}
+               if "seg_log_volume" in table.column_names else {})}
 
 
 def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Sequence[int] = K_CURVE,

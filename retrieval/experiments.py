@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from embedder.job import run_embedding
@@ -132,8 +133,8 @@ def read_experiment(path: str | Path) -> dict:
     return d
 
 
-GRID = {"roipool": (0.0, 0.5, 1.0), "tasks": (0.0, 0.5, 1.0, 2.0), "size": (0.5, 1.0, 2.0),
-        "position": (0.5, 1.0, 2.0, 3.0)}
+GRID = {"roipool": (0.0, 0.5, 1.0), "tasks": (0.0, 0.5, 1.0, 2.0), "size": (0.0, 0.5, 1.0, 2.0),
+        "position": (0.5, 1.0, 2.0, 3.0), "seg_size": (0.0, 0.5, 1.0, 2.0)}
 TASK_SCORE = ("tumor_type", "area", "left_right", "front_rear", "upper_lower")
 
 
@@ -143,32 +144,71 @@ def recipe_score(row: Mapping[str, float]) -> float:
     return sum(row[f"acc_{t}"] for t in TASK_SCORE) / len(TASK_SCORE) - 0.02 * row["rmse_size_mm"]
 
 
-def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid: Mapping = GRID) -> list[dict]:
+def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid: Mapping = GRID,
+                draws: int = 0) -> list[dict]:
     """Every retrieval recipe of the grid (RoiPool standardized), scored on the model's validation
-    patients from the shards' parts (no training, no embedding) -> rows, best first."""
+    patients from the shards' parts (no training) -> rows, best first. The parts are standardized
+    with the statistics of the database (training) tumors' parts in the shards, so a part newer than
+    the model file can be scored too. draws > 0: the validation tumors are also embedded that many
+    times from distorted boxes (the paper's eq. 2, retrieval.robustness) and a recipe's score is the
+    mean of its clean and distorted scores (a recipe must survive a rough box)."""
     import itertools
 
-    from tumornet.descriptor import RetrievalConfig
+    import pyarrow as pa
 
+    from tumornet.descriptor import RetrievalConfig, compose, fit_stats
+    from tumornet.labels import LabelSchema
+
+    from .evaluate import load_evaluation, shard_parts
+    from .knn import knn_scores
+    from .robustness import distorted_queries, query_split
+
+    ev = load_evaluation(embeddings, manifest, secret, model, on="validation")
+    schema = LabelSchema.from_dict(ev.meta["tasks"])
+    parts = shard_parts(ev.table)
+    if any(v > 0 for v in grid.get("seg_size", ())) and "seg_log_volume" not in parts:
+        raise InputError(f"{embeddings}: shards without seg_log_volume (written by an older version): embed again")
+    stats = fit_stats([{key: v[i] for key, v in parts.items()} for i in ev.train_rows])
+    distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
+                 for rows in (distorted_queries(model, ev, manifest, secret, draws=draws) if draws else [])]
+    hand = knn_scores(ev.train_hand, ev.test_hand, [k], ev.tasks)[k]
     rows = []
     for values in itertools.product(*grid.values()):
         w = dict(zip(grid, values, strict=True))
         if w["roipool"] == 0 and w["tasks"] == 0:
             continue
         cfg = RetrievalConfig(standardize=True, **w)
-        res = evaluate(embeddings, manifest, secret, model, k=k, ks=[k], on="validation", retrieval=cfg)
-        rows.append({"recipe": w, "score": recipe_score(res["rows"]["learned"]), **res["rows"]})
+        x = compose(parts, cfg, schema, stats)
+        db = ev.train.with_x(x[ev.train_rows])
+        row = {"recipe": w, "learned": knn_scores(db, ev.test.with_x(x[ev.test_rows]), [k], ev.tasks)[k],
+               "handcrafted": hand}
+        row["score"] = recipe_score(row["learned"])
+        if distorted:
+            runs = [knn_scores(db, q.with_x(compose(p, cfg, schema, stats)), [k], ev.tasks)[k] for q, p in distorted]
+            row["distorted"] = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+            row["score"] = (row["score"] + recipe_score(row["distorted"])) / 2
+        rows.append(row)
     return sorted(rows, key=lambda r: -r["score"])
 
 
 def format_grid(rows: list[dict], *, top: int = 10) -> str:
-    """The best `top` recipes of recipe_grid as a Markdown table, with the handcrafted row last."""
+    """The best `top` recipes of recipe_grid as a Markdown table, with the handcrafted row last (and,
+    when the grid scored distorted boxes, their mean accuracy and size RMSE)."""
     keys = [f"acc_{t}" for t in TASK_SCORE] + ["rmse_size_mm"]
-    lines = ["| roipool | tasks | size | position | score | " + " | ".join(keys) + " |",
-             "|---|---|---|---|---|" + "---|" * len(keys)]
+    weights = list(rows[0]["recipe"])
+    robust = "distorted" in rows[0]
+    extra = ["distorted: mean acc", "distorted: size RMSE"] if robust else []
+    lines = ["| " + " | ".join([*weights, "score", *keys, *extra]) + " |",
+             "|" + "---|" * (len(weights) + 1 + len(keys) + len(extra))]
     for r in rows[:top]:
-        w, row = r["recipe"], r["learned"]
-        lines.append(f"| {w['roipool']} | {w['tasks']} | {w['size']} | {w['position']} | {r['score']:.3f} | "
-                     + " | ".join(fmt_metric(row[k], k) for k in keys) + " |")
-    lines.append("| handcrafted | | | | | " + " | ".join(fmt_metric(rows[0]["handcrafted"][k], k) for k in keys) + " |")
+        cells = [str(r["recipe"][w]) for w in weights] + [f"{r['score']:.3f}"]
+        cells += [fmt_metric(r["learned"][k], k) for k in keys]
+        if robust:
+            d = r["distorted"]
+            cells += [f"{np.mean([d[f'acc_{t}'] for t in TASK_SCORE]):.3f}",
+                      fmt_metric(d["rmse_size_mm"], "rmse_size_mm")]
+        lines.append("| " + " | ".join(cells) + " |")
+    hand = rows[0]["handcrafted"]
+    lines.append("| handcrafted |" + " |" * len(weights) + " | "
+                 + " | ".join(fmt_metric(hand[k], k) for k in keys) + " |" + " |" * len(extra))
     return "\n".join(lines)

@@ -20,29 +20,42 @@ from .evaluate import fmt_metric, load_evaluation, metric_keys, metric_label
 from .knn import Split, knn_scores
 
 
-def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draws: int = 3, seed: int = 0,
-               log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1) -> dict:
+def distorted_queries(model_path, ev, manifest, secret: bytes, *, draws: int, seed: int = 0,
+                      log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1) -> list[list[dict]]:
+    """The query tumors of an evaluation (retrieval.evaluate.load_evaluation) embedded `draws` times
+    from distorted boxes -> one list of shard rows per draw (the parts included)."""
     if draws < 1:
         raise InputError(f"--draws: expected >= 1, got {draws}")
-    ev = load_evaluation(emb_dir, manifest, secret, model_path)
     model, meta = load_model(model_path)
     spacing, patch, recipe = embed_settings(meta, model_path)
     scans = read_manifest(manifest, model.schema).scans()
-    clean = knn_scores(ev.train, ev.test, [k], ev.tasks)[k]
-    runs = []
+    out = []
     for d in range(draws):
         rng = np.random.default_rng([seed, d])
         box_fn = partial(distort_box, rng=rng, log2_scale_sd=log2_scale_sd, shift_sd=shift_sd)
-        rows = [r for s in ev.test_scans
-                for r in embed_scan(model, meta["model_id"], scans[s], spacing_mm=spacing, patch_size=patch,
-                                    secret=secret, file_hash="", box_fn=box_fn, recipe=recipe)]
-        q = Split(x=np.array([r["embedding"] for r in rows], dtype=np.float32),
-                  labels={t: np.array([r[f"label_{t}"] for r in rows]) for t in ev.tasks},
-                  size_mm=np.array([r["size_mm"] for r in rows]), patients=np.array([r["patient_key"] for r in rows]))
-        runs.append(knn_scores(ev.train, q, [k], ev.tasks)[k])
+        out.append([r for s in ev.test_scans
+                    for r in embed_scan(model, meta["model_id"], scans[s], spacing_mm=spacing, patch_size=patch,
+                                        secret=secret, file_hash="", box_fn=box_fn, recipe=recipe)])
+    return out
+
+
+def query_split(rows: list[dict], tasks, x: np.ndarray | None = None) -> Split:
+    """Shard rows -> a query Split (their `embedding`, or the vectors x)."""
+    return Split(x=np.array([r["embedding"] for r in rows], dtype=np.float32) if x is None else x,
+                 labels={t: np.array([r[f"label_{t}"] for r in rows]) for t in tasks},
+                 size_mm=np.array([r["size_mm"] for r in rows]), patients=np.array([r["patient_key"] for r in rows]))
+
+
+def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draws: int = 3, seed: int = 0,
+               log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1) -> dict:
+    ev = load_evaluation(emb_dir, manifest, secret, model_path)
+    clean = knn_scores(ev.train, ev.test, [k], ev.tasks)[k]
+    runs = [knn_scores(ev.train, query_split(rows, ev.tasks), [k], ev.tasks)[k]
+            for rows in distorted_queries(model_path, ev, manifest, secret, draws=draws, seed=seed,
+                                          log2_scale_sd=log2_scale_sd, shift_sd=shift_sd)]
     keys = list(clean)
-    return {"model_id": meta["model_id"], "k": k, "draws": draws, "log2_scale_sd": log2_scale_sd, "shift_sd": shift_sd,
-            "test_tumors": len(ev.test.x), "tasks": list(ev.tasks), "clean": clean,
+    return {"model_id": ev.meta["model_id"], "k": k, "draws": draws, "log2_scale_sd": log2_scale_sd,
+            "shift_sd": shift_sd, "test_tumors": len(ev.test.x), "tasks": list(ev.tasks), "clean": clean,
             "distorted_mean": {key: float(np.mean([r[key] for r in runs])) for key in keys},
             "distorted_sd": {key: float(np.std([r[key] for r in runs])) for key in keys}}
 

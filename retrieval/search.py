@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.embed import embed_scan, embed_settings
+from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_to_voxels
 from tumornet.descriptor import compose, tumor_parts
@@ -32,13 +32,18 @@ from .knn import nearest
 QUERY_KEY = b"query-scan-no-patient-key"  # the query's keys are computed, never output
 
 
-def query_rows(image: str | Path, mask: str | Path, *, binary: bool = False, tumor_ids=None) -> list[ManifestRow]:
+def query_rows(image: str | Path, mask: str | Path | None, *, binary: bool = False,
+               tumor_ids=None) -> list[ManifestRow]:
     """The query scan as manifest rows, one per tumor: an instance mask (each value a tumor) or,
-    with binary, every connected component of the non-zero voxels."""
-    image, mask = Path(image).resolve(), Path(mask).resolve()
+    with binary, every connected component of the non-zero voxels; no mask: one row, the tumors
+    found by the model's segmentation head (tumornet.detect)."""
+    image = Path(image).resolve()
+    mask = Path(mask).resolve() if mask is not None else None
     for p in (image, mask):
-        if not p.is_file():
+        if p is not None and not p.is_file():
             raise InputError(f"{p}: file not found")
+    if mask is None:
+        return [ManifestRow(row=0, patient_id="query", scan_id="query", image=image, mask=None, tumor_id=0, labels={})]
     values = None
     if binary:
         raw, _ = read_label_map(mask)
@@ -135,11 +140,14 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[st
 
 
 def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None) -> list[dict]:
-    """A new scan with its tumor mask -> one entry per tumor: its size, predicted labels and hits."""
+    """A new scan with its tumor mask (or none: the tumors the model finds) -> one entry per tumor: its
+    size, predicted labels and hits."""
     model, meta, archive = _archive(model_path, emb_dir)
     spacing, patch, recipe = embed_settings(meta, model_path)
     queries = embed_scan(model, meta["model_id"], rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY,
-                         file_hash="", recipe=recipe)
+                         file_hash="", recipe=recipe, detect=detect_settings(meta))
+    if not queries:
+        raise InputError(f"{rows[0].image}: the model found no tumor in this scan (give --mask or --box)")
     return rank(model, archive, [{"tumor_id": q["tumor_id"], "size_mm": q["size_mm"],
                                 "predicted": _names(model.schema, q, "pred"), "embedding": q["embedding"]}
                                for q in queries], k=k, where=parse_where(where, model.schema))
@@ -202,3 +210,14 @@ def format_search(results: list[dict]) -> str:
             lines.append("| " + " | ".join(cells + [v or "?" for v in h["labels"].values()]) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def held_out_example(manifest, model_path) -> ManifestRow:
+    """The first scan of the model's held-out split: a query to try search with (the demo's)."""
+    from tumornet.manifest import read_manifest
+    from tumornet.split import split_of_model
+
+    _, meta = load_model(model_path)
+    cohort = read_manifest(manifest)
+    _, held_out = split_of_model(cohort, meta, where=str(model_path))
+    return cohort.scans()[held_out[0]][0]

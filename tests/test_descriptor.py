@@ -7,7 +7,15 @@ import torch
 
 from conftest import SECRET
 from embedder.embed import embed_scan
-from tumornet.descriptor import RetrievalConfig, compose, fit_stats, head_box_voxels, tumor_parts, vector_size
+from tumornet.descriptor import (
+    RetrievalConfig,
+    compose,
+    fit_stats,
+    head_box_voxels,
+    segmented_voxels,
+    tumor_parts,
+    vector_size,
+)
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest, write_manifest
@@ -54,7 +62,7 @@ def test_each_part_counts_about_one_between_random_tumors(small_cohort):
     stacked = _stack(parts)
     assert all(np.all(np.abs(p["position"]) < 1.5) for p in parts)  # inside the head: [-1, 1] per axis
     for cfg in (RetrievalConfig(roipool=1.0, standardize=True), RetrievalConfig(roipool=0.0, size=1.0),
-                RetrievalConfig(roipool=0.0, position=1.0)):
+                RetrievalConfig(roipool=0.0, position=1.0), RetrievalConfig(roipool=0.0, seg_size=1.0)):
         x = compose(stacked, cfg, DEFAULT_SCHEMA, stats).astype(np.float64)
         d2 = ((x[:, None] - x[None]) ** 2).sum(-1)
         n = len(x)
@@ -126,3 +134,14 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
     grid = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
                        grid={"roipool": (0.0, 1.0), "tasks": (0.0,), "size": (1.0,), "position": (1.0, 2.0)})
     assert len(grid) == 2 and grid[0]["score"] >= grid[1]["score"]  # roipool 0 with tasks 0 is skipped
+
+
+def test_segmented_size_counts_whole_components_the_box_touches():
+    fg = np.zeros((40, 40, 40), bool)
+    fg[5:15, 5:15, 5:15] = True  # 1000 voxels
+    fg[25:30, 25:30, 25:30] = True  # 125 voxels, apart
+    assert segmented_voxels(fg, [5, 5, 5, 15, 15, 15]) == 1000
+    assert segmented_voxels(fg, [3, 3, 3, 18, 18, 18]) == 1000  # a box too large: the same tumor
+    assert segmented_voxels(fg, [8, 8, 8, 11, 11, 11]) == 1000  # too small, inside it: the whole component
+    assert segmented_voxels(fg, [10, 10, 10, 27, 27, 27]) == 1125  # touching both
+    assert segmented_voxels(fg, [30, 0, 0, 40, 6, 6]) == round(np.pi / 6 * 10 * 6 * 6)  # none: the ellipsoid

@@ -183,6 +183,7 @@ def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):
     import dataclasses
 
     from embedder.job import ShardEmbedder, _row_dict
+    from tumornet.detect import DetectConfig
     from tumornet.descriptor import RetrievalConfig
 
     path, mid = model_file
@@ -190,7 +191,7 @@ def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):
     ids = sorted(scans)[:2]
     job = {"model_path": str(path), "out_dir": str(tmp_path / "o"), "secret": SECRET.hex(), "spacing_mm": 4.0,
            "patch_size": 16, "recipe": dataclasses.asdict(RetrievalConfig()), "stats": None, "threads": 1,
-           "stamp": "t"}
+           "stamp": "t", "detect": dataclasses.asdict(DetectConfig())}
     item = {"job": job, "scans": [{"scan_key": keyed_id(s, SECRET), "done": [],
                                    "rows": [_row_dict(r) for r in scans[s]]} for s in ids]}
     out = ShardEmbedder()({"shard": np.array([3]), "payload": np.array([json.dumps(item)])})

@@ -42,7 +42,7 @@ FILE_CASES = {
     "missing_file": ("read", "missing_file", "file not found"),
 }
 ROW_CASES = {  # bad manifest rows -> what the message says
-    "empty_mask_path": "column 'mask': empty path",
+    "empty_mask_path": "a row without a mask is one scan whose tumors the model finds",
     "escaping_path": "escapes the manifest's folder",
     "unknown_label": "glioblastoma?",
     "duplicate": "already on row",

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .descriptor import RetrievalConfig
+from .detect import DetectConfig
 from .errors import InputError
 from .labels import DEFAULT_SCHEMA, LabelSchema
 from .loss import LossWeights
@@ -132,10 +133,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
 
 SECTIONS = {"data": DataConfig, "phantom": PhantomConfig, "model": NetConfig, "loss": LossWeights,
-            "train": TrainConfig, "distributed": DistributedConfig, "retrieval": RetrievalConfig}
+            "train": TrainConfig, "distributed": DistributedConfig, "retrieval": RetrievalConfig,
+            "detect": DetectConfig}
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:

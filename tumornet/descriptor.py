@@ -5,6 +5,9 @@ The network gives, for a tumor box in a scan (the training patch cut around it):
 - `task_logits`: the task heads' logits on that vector (all tasks' classes, concatenated);
 and the box itself gives:
 - `box_log_volume`: log of the box volume in ml (what a drawn box says of the tumor's size);
+- `seg_log_volume`: log of the volume in ml that the segmentation head calls tumor in the connected
+  components the box touches (whole components, also outside the box): the tumor's size as the
+  network sees it, which a rough box changes little;
 - `position`: the box centre relative to the head's foreground box, scaled so that the head spans
   [-1, 1] per axis (RAS): the tumor's place in the head whatever the scan's orientation, spacing,
   field of view or head size.
@@ -40,15 +43,16 @@ class RetrievalConfig:
     tasks: float = 0.0  # weight of each task head's class probabilities
     size: float = 0.0  # weight of the box's log volume
     position: float = 0.0  # weight of the box centre's place in the head
+    seg_size: float = 0.0  # weight of the segmented log volume in and around the box
 
     def __post_init__(self) -> None:
-        weights = (self.roipool, self.tasks, self.size, self.position)
+        weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size)
         if min(weights) < 0 or max(weights) <= 0:
             raise InputError(f"retrieval: weights must be >= 0 and not all 0, got {weights}")
 
     @property
     def needs_stats(self) -> bool:
-        return self.standardize or self.size > 0 or self.position > 0
+        return self.standardize or self.size > 0 or self.position > 0 or self.seg_size > 0
 
 
 def head_box_voxels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,10 +62,24 @@ def head_box_voxels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (lo + hi) / 2.0, np.maximum((hi - lo) / 2.0, 1.0)
 
 
+def segmented_voxels(foreground: np.ndarray, box) -> int:
+    """Voxels of the connected components (26-neighbourhood) of a binary segmentation that the box
+    (lo0, lo1, lo2, hi0, hi1, hi2) touches, whole; none touched: the box's inscribed ellipsoid."""
+    from scipy import ndimage
+
+    lo, hi = np.asarray(box[:3], int), np.asarray(box[3:], int)
+    inside = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    if not foreground[inside].any():
+        return max(round(np.pi / 6 * np.prod(hi - lo)), 1)
+    labels, _ = ndimage.label(foreground, structure=np.ones((3, 3, 3), bool))
+    touched = np.unique(labels[inside])
+    return int(np.isin(labels, touched[touched > 0]).sum())
+
+
 @torch.no_grad()
 def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None) -> dict:
     """The parts of one tumor box (voxels of `image`, the model's working grid) -> {"roipool" (C,),
-    "task_logits" (sum of classes,), "box_log_volume", "position" (3,)}."""
+    "task_logits" (sum of classes,), "box_log_volume", "position" (3,), "seg_log_volume"}."""
     patch, box = centred_patch(image, bbox, patch_size_for(bbox, patch_size))
     boxes = torch.from_numpy(np.concatenate([[0], box])[None].astype(np.int64))
     was_training = model.training
@@ -69,11 +87,15 @@ def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, 
     res = model(torch.from_numpy(patch[None]).to(model.device), boxes.to(model.device))
     model.train(was_training)
     centre, half = head if head is not None else head_box_voxels(image)
-    volume_ml = float(np.prod(box_size(bbox) * np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
+    voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
+    volume_ml = float(np.prod(box_size(bbox))) * voxel_ml
+    foreground = (res["seg"][0].argmax(0) > 0).cpu().numpy()
+    seg_ml = segmented_voxels(foreground, box) * voxel_ml
     return {"roipool": res["embedding"][0].float().cpu().numpy(),
             "task_logits": torch.cat([res["tasks"][t][0] for t in model.schema.names]).float().cpu().numpy(),
             "box_log_volume": float(np.log(max(volume_ml, 1e-6))),
-            "position": ((box_center(bbox) - centre) / half).astype(np.float32)}
+            "position": ((box_center(bbox) - centre) / half).astype(np.float32),
+            "seg_log_volume": float(np.log(seg_ml))}
 
 
 def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
@@ -81,6 +103,9 @@ def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
     extra = meta.get("extra", {})
     cfg = RetrievalConfig(**(extra.get("config", {}).get("retrieval") or {}))
     return cfg, extra.get("retrieval_stats")
+
+
+STANDARDIZED = ("roipool", "box_log_volume", "position", "seg_log_volume")
 
 
 def fit_stats(parts: Sequence[Mapping]) -> dict:
@@ -93,7 +118,7 @@ def fit_stats(parts: Sequence[Mapping]) -> dict:
         return a.mean(0).tolist(), np.where(sd > 1e-8, sd, 1.0).tolist()
 
     out = {}
-    for key in ("roipool", "box_log_volume", "position"):
+    for key in (k for k in STANDARDIZED if k in parts[0]):
         m, s = ms(np.array([np.atleast_1d(p[key]) for p in parts], dtype=np.float64))
         out[key] = {"mean": m, "sd": s}
     out["tumors"] = len(parts)
@@ -117,6 +142,9 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
         raise InputError("retrieval: this recipe needs the training tumors' statistics (the model file has none)")
 
     def z(key: str) -> np.ndarray:
+        if key not in stats:
+            raise InputError(f"retrieval: the model file has no training statistics of `{key}` (exported before "
+                             "that part existed); train again, or score with statistics from the shards")
         a = np.asarray(parts[key], dtype=np.float64).reshape(len(parts["roipool"]), -1)
         return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
 
@@ -130,9 +158,11 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
         blocks.append(cfg.size * z("box_log_volume") / np.sqrt(2))
     if cfg.position > 0:
         blocks.append(cfg.position * z("position") / np.sqrt(2 * 3))
+    if cfg.seg_size > 0:
+        blocks.append(cfg.seg_size * z("seg_log_volume") / np.sqrt(2))
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
 def vector_size(cfg: RetrievalConfig, channels: int, schema: LabelSchema) -> int:
     return ((channels if cfg.roipool > 0 else 0) + (sum(t.n_classes for t in schema.tasks) if cfg.tasks > 0 else 0)
-            + (1 if cfg.size > 0 else 0) + (3 if cfg.position > 0 else 0))
+            + (1 if cfg.size > 0 else 0) + (3 if cfg.position > 0 else 0) + (1 if cfg.seg_size > 0 else 0))

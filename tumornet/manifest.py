@@ -38,8 +38,8 @@ class ManifestRow:
     patient_id: str
     scan_id: str
     image: Path  # absolute, inside the manifest's folder
-    mask: Path
-    tumor_id: int
+    mask: Path | None  # None: no mask, the tumors are found by the segmentation head (embed only)
+    tumor_id: int  # 0 when there is no mask
     labels: dict[str, int]
     tumor_values: tuple[int, ...] | None = None
 
@@ -107,11 +107,29 @@ def _inside(root: Path, rel: str, *, where: str, check_files: bool) -> Path:
     return full
 
 
-def _parse_row(i: int, raw: dict[str, str], root: Path, schema: LabelSchema, name: str, check_files: bool):
+def _unmasked_row(i: int, raw: dict[str, str], root: Path, schema: LabelSchema, where: str, check_files: bool):
+    """A row with an empty mask cell (embed only): one row for the whole scan, no tumor id, no labels."""
+    filled = [c for c in ("tumor_id", "tumor_values", *schema.names) if raw.get(c, "").strip()]
+    if filled:
+        raise InputError(f"{where}: a row without a mask is one scan whose tumors the model finds; leave "
+                         f"{filled} empty")
+    return ManifestRow(row=i, patient_id=raw["patient_id"].strip(), scan_id=raw["scan_id"].strip(),
+                       image=_inside(root, raw.get("image", "").strip(), where=f"{where} column 'image'",
+                                     check_files=check_files),
+                       mask=None, tumor_id=0, labels={})
+
+
+def _parse_row(i: int, raw: dict[str, str], root: Path, schema: LabelSchema, name: str, check_files: bool,
+               unmasked: bool = False):
     where = f"{name} row {i}"
     for col in ("patient_id", "scan_id"):
         if not raw.get(col, "").strip():
             raise InputError(f"{where} column '{col}': empty")
+    if not raw.get("mask", "").strip():
+        if unmasked:
+            return _unmasked_row(i, raw, root, schema, where, check_files)
+        raise InputError(f"{where} column 'mask': empty path (a scan without a mask can only be embedded, its "
+                         "tumors found by the model: `embed`)")
     tid = raw.get("tumor_id", "").strip()
     try:
         tumor_id = int(float(tid)) if tid and float(tid) == int(float(tid)) else None
@@ -165,7 +183,8 @@ def redact(message: str, cells) -> str:
     return message
 
 
-def _validate(path: Path, schema: LabelSchema, check_files: bool) -> tuple[list[ManifestRow], list[RowError]]:
+def _validate(path: Path, schema: LabelSchema, check_files: bool,
+              unmasked: bool = False) -> tuple[list[ManifestRow], list[RowError]]:
     """Every row checked; -> (valid rows of valid scans, row errors). Table-level problems (no file,
     unreadable, missing or unknown columns, no rows) raise: no row can be trusted then."""
     columns, raw_rows = _read_table(path)
@@ -184,7 +203,7 @@ def _validate(path: Path, schema: LabelSchema, check_files: bool) -> tuple[list[
     for i, raw in enumerate(raw_rows, start=1):
         cells[i] = tuple(raw.get(c, "") for c in ("patient_id", "scan_id", "image", "mask"))
         try:
-            rows.append(_parse_row(i, raw, path.parent, schema, path.name, check_files))
+            rows.append(_parse_row(i, raw, path.parent, schema, path.name, check_files, unmasked))
         except InputError as e:
             errors.append(RowError(row=i, scan_id=raw.get("scan_id", "").strip(), message=str(e), cells=cells[i]))
     first: dict[str, ManifestRow] = {}
@@ -227,10 +246,29 @@ def read_manifest(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA, *, che
 def read_manifest_lenient(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA, *,
                           check_files: bool = False) -> tuple[Cohort, list[RowError]]:
     """Read a manifest row by row (the nightly job): -> (the valid scans, the invalid rows). An
-    invalid row skips its scan; every other scan is kept. Table-level problems still raise."""
+    invalid row skips its scan; every other scan is kept. Table-level problems still raise. A row
+    may leave `mask` empty (with tumor_id and labels): its scan's tumors are found by the model."""
     path = Path(path)
-    rows, errors = _validate(path, schema, check_files)
+    rows, errors = _validate(path, schema, check_files, unmasked=True)
     return Cohort(path, tuple(rows), schema), errors
+
+
+def folder_cohort(folder: str | Path, schema: LabelSchema = DEFAULT_SCHEMA) -> Cohort:
+    """A plain folder of NIfTI files, no manifest: every .nii / .nii.gz below it is one scan without a
+    mask; its path relative to the folder (without the suffix) is its scan and patient id."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)
+                   and p.resolve().is_relative_to(root))  # a link out of the folder is not followed
+    if not files:
+        raise InputError(f"{folder}: no NIfTI file (.nii or .nii.gz) in this folder")
+    rows = []
+    for i, p in enumerate(files, start=1):
+        rel = p.relative_to(root).as_posix()
+        sid = rel.removesuffix(".gz").removesuffix(".nii")
+        rows.append(ManifestRow(row=i, patient_id=sid, scan_id=sid, image=p, mask=None, tumor_id=0, labels={}))
+    return Cohort(root / "(folder)", tuple(rows), schema)
 
 
 def manifest_columns(schema: LabelSchema = DEFAULT_SCHEMA, *, tumor_values: bool = False) -> list[str]:

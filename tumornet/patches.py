@@ -66,10 +66,12 @@ def patch_origin(box, shape, size: int, rng: np.random.Generator | None) -> np.n
     return origin
 
 
-def crop(array: np.ndarray, origin, size: int, fill) -> np.ndarray:
-    """array[origin : origin + size] per axis, padded with `fill` where it leaves the array."""
+def crop(array: np.ndarray, origin, size, fill) -> np.ndarray:
+    """array[origin : origin + size] per axis (size: one int or one per axis), padded with `fill`
+    where it leaves the array."""
     origin = np.asarray(origin)
-    out = np.full((size, size, size), fill, dtype=array.dtype)
+    size = np.broadcast_to(np.asarray(size, dtype=int), 3)
+    out = np.full(tuple(size), fill, dtype=array.dtype)
     src_lo = np.maximum(origin, 0)
     src_hi = np.minimum(origin + size, array.shape)
     if np.any(src_hi <= src_lo):

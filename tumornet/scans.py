@@ -30,6 +30,15 @@ def read_instances(first: ManifestRow, like=None) -> tuple[np.ndarray, np.ndarra
     return mask, affine
 
 
+def load_image(path, scan_id: str, *, spacing_mm=None, normalize: bool = True) -> Volume:
+    """One scan's image alone, resampled to the working grid and normalized (a scan without a mask)."""
+    data, affine = read_nifti(path)
+    image, grid = resample(data, affine, as_spacing(spacing_mm), order=1)
+    if normalize:
+        image = normalize_intensity(image)
+    return Volume(array=image.astype(np.float32), spacing_mm=spacing_of(grid), affine=grid, scan_id=scan_id)
+
+
 def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool = True) -> Scan:
     """Load one scan's image and mask (rows of one scan_id) -> Scan with labelled Tumor records.
 
@@ -37,6 +46,8 @@ def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool =
     the resampled working grid.
     """
     first = rows[0]
+    if first.mask is None:
+        raise InputError(f"{first.image}: this scan has no mask (manifest row {first.row})", kind="no_mask")
     data, affine = read_nifti(first.image)
     mask, _ = read_instances(first, like=(data, affine, first.image))
     if not (mask > 0).any():
@@ -52,4 +63,13 @@ def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool =
     if normalize:
         image = normalize_intensity(image)
     volume = Volume(array=image.astype(np.float32), spacing_mm=spacing_of(grid), affine=grid, scan_id=first.scan_id)
+    return Scan(volume=volume, instances=instances.astype(np.int32), tumors=tuple(tumors))
+
+
+def detect_scan(model, rows: Sequence[ManifestRow], *, spacing_mm, cfg=None) -> Scan:
+    """A scan without a mask: its tumors found by the model's segmentation head (tumornet.detect)."""
+    from .detect import DetectConfig, detect_tumors
+
+    volume = load_image(rows[0].image, rows[0].scan_id, spacing_mm=spacing_mm)
+    instances, tumors = detect_tumors(model, volume, cfg or DetectConfig())
     return Scan(volume=volume, instances=instances.astype(np.int32), tumors=tuple(tumors))

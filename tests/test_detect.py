@@ -1,0 +1,179 @@
+"""Scans without a mask: sliding-window segmentation, found tumors, manifests and folders without
+masks, detection quality, and search by image alone (a small network trained here on bright spheres)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SECRET, blob_subject, write_manifest, write_nifti
+from embedder.embed import embed_scan
+from embedder.shards import model_shard_schema, write_shard
+from retrieval.detection import detection_quality, dice_matrix
+from retrieval.search import query_rows, search
+from tumornet.descriptor import RetrievalConfig
+from tumornet.detect import DetectConfig, tumor_probability, window_origins
+from tumornet.errors import InputError
+from tumornet.export import export_model, load_model
+from tumornet.labels import DEFAULT_SCHEMA
+from tumornet.manifest import folder_cohort, read_manifest, read_manifest_lenient
+from tumornet.network import MultitaskNet, NetConfig
+from tumornet.scans import load_scan
+from tumornet.split import record_split, split_of_model
+from tumornet.volumes import normalize_intensity
+
+SHAPE = (40, 44, 36)
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _subject(seed: int):
+    """Two or three spheres of radius 2-5 voxels (8-20 mm at 2 mm), apart, in a noisy background."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 4))
+    centers = [(8 + 11 * i + int(rng.integers(-1, 2)), int(rng.integers(10, 34)), int(rng.integers(10, 26)))
+               for i in range(n)]
+    radii = sorted((int(r) for r in rng.integers(2, 6, size=n)), reverse=True)
+    return blob_subject(SHAPE, centers, radii, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    """An 8-channel network trained for 150 steps to segment the spheres (seconds on CPU)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    data = [(normalize_intensity(img), (mask > 0).astype(np.int64)) for img, mask in map(_subject, range(8))]
+    model = MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    boxes = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [1, 0, 0, 0, 1, 1, 1]])
+    for _ in range(150):
+        xs, ys = [], []
+        for img, seg in (data[i] for i in rng.integers(len(data), size=2)):
+            o = [int(rng.integers(0, n - 16 + 1)) for n in SHAPE]
+            sl = tuple(slice(a, a + 16) for a in o)
+            xs.append(img[sl][None])
+            ys.append(seg[sl])
+        out = model(torch.from_numpy(np.stack(xs)), boxes)
+        loss = F.cross_entropy(out["seg"], torch.from_numpy(np.stack(ys)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_windows_cover_the_axis_and_end_flush():
+    assert window_origins(40, 48, 0.25) == [0]
+    starts = window_origins(100, 48, 0.25)
+    assert starts == [0, 36, 52]  # every 36 voxels, the last flush with the end
+    covered = np.zeros(100, bool)
+    for s in starts:
+        covered[s:s + 48] = True
+    assert covered.all()
+    with pytest.raises(InputError, match=r"detect\.window"):
+        DetectConfig(window=30)
+
+
+def test_sliding_windows_agree_with_one_pass(segmenter):
+    img, mask = _subject(100)
+    image = normalize_intensity(img)
+    whole = tumor_probability(segmenter, image, window=128)  # one window holds the scan
+    tiled = tumor_probability(segmenter, image, window=16, overlap=0.5)  # 4-5 windows per axis
+    assert whole.shape == tiled.shape == image.shape
+    a, b = whole > 0.5, tiled > 0.5
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
+    found, truth = a, mask > 0
+    assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) > 0.7  # it learned the spheres
+
+
+def _write_cohort(root, seeds, *, masks=True):
+    rows = []
+    for s in seeds:
+        img, mask = _subject(s)
+        write_nifti(root / "img" / f"s{s}.nii.gz", img, AFFINE)
+        if masks:
+            write_nifti(root / "seg" / f"s{s}.nii.gz", mask, AFFINE)
+        for tid in (np.unique(mask[mask > 0]) if masks else [None]):
+            rows.append({"patient_id": f"P{s}", "scan_id": f"S{s}", "image": f"img/s{s}.nii.gz",
+                         "mask": f"seg/s{s}.nii.gz" if masks else "", "tumor_id": "" if tid is None else int(tid)})
+    return write_manifest(root / "manifest.csv", rows)
+
+
+def test_a_scan_without_mask_yields_predicted_rows_whose_largest_is_the_true_one(tmp_path, segmenter):
+    manifest = _write_cohort(tmp_path, [200, 201, 202], masks=False)
+    cohort, errors = read_manifest_lenient(manifest)
+    assert errors == [] and all(r.mask is None and r.tumor_id == 0 for r in cohort.rows)
+    for s, rows in zip((200, 201, 202), cohort.scans().values(), strict=True):
+        out = embed_scan(segmenter, "m", rows, spacing_mm=2.0, patch_size=16, secret=SECRET, file_hash="")
+        assert out and all(r["source"] == "predicted" and r["label_tumor_type"] == -1 for r in out)
+        _img, mask = _subject(s)
+        true_ml = np.bincount(mask.ravel())[1:] * 8 / 1000
+        big = max(out, key=lambda r: r["volume_ml"])
+        centre = np.argwhere(mask == 1 + int(np.argmax(true_ml))).mean(0) * 2.0  # affine: 2 mm, origin 0
+        assert np.linalg.norm(np.asarray(big["centroid_mm"]) - centre) < 3.0
+        assert big["volume_ml"] == pytest.approx(true_ml.max(), rel=0.35)
+
+
+def test_manifest_and_folder_without_masks(tmp_path):
+    img, _ = _subject(1)
+    write_nifti(tmp_path / "a" / "x.nii.gz", img, AFFINE)
+    write_nifti(tmp_path / "a" / "sub" / "y.nii", img, AFFINE)
+    (tmp_path / "a" / "notes.txt").write_text("not a scan")
+    os.symlink(tmp_path / "a" / "x.nii.gz", tmp_path / "outside.nii.gz")
+    os.symlink(tmp_path / "outside.nii.gz", tmp_path / "a" / "link.nii.gz")  # resolves inside: kept
+    cohort = folder_cohort(tmp_path / "a")
+    assert [r.scan_id for r in cohort.rows] == ["link", "sub/y", "x"]
+    assert all(r.mask is None and r.patient_id == r.scan_id for r in cohort.rows)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(InputError, match="no NIfTI file"):
+        folder_cohort(tmp_path / "b")
+    rows = [{"patient_id": "P", "scan_id": "S", "image": "a/x.nii.gz", "mask": "", "tumor_id": ""},
+            {"patient_id": "Q", "scan_id": "T", "image": "a/x.nii.gz", "mask": "", "tumor_id": "",
+             "tumor_type": "metastasis"}]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    cohort, errors = read_manifest_lenient(manifest)
+    assert [r.scan_id for r in cohort.rows] == ["S"]
+    assert len(errors) == 1 and "m.csv row 2" in errors[0].message and "['tumor_type']" in errors[0].message
+    with pytest.raises(InputError, match="row 1 column 'mask': empty path"):
+        read_manifest(manifest, check_files=False)
+
+
+def test_detection_quality_and_search_by_image_alone(tmp_path, segmenter):
+    manifest = _write_cohort(tmp_path, range(300, 310))
+    cohort = read_manifest(manifest)
+    split = record_split(cohort, test_fraction=0.3, seed=0)
+    model_path = tmp_path / "model.pt"
+    mid = export_model(segmenter, model_path, extra={"spacing_mm": [2.0] * 3, "patch_size": 16, "split": split,
+                                                     "run": "test", "steps": 150})
+    res = detection_quality(model_path, manifest)
+    _, held_out = split_of_model(cohort, load_model(model_path)[1], where="test")
+    sizes = [t.size_mm for sid in held_out for t in load_scan(cohort.scans()[sid]).tumors]
+    assert res["scans"] == 3 and res["true_tumors"] == sum(s >= 10.0 for s in sizes)
+    assert res["recall"] >= 0.9 and res["precision"] >= 0.9 and res["largest_matched"] == 1.0
+    only_large = detection_quality(model_path, manifest, min_size_mm=15.0)
+    assert only_large["true_tumors"] == sum(s >= 15.0 for s in sizes)
+
+    scans = list(cohort.scans().values())
+    rows = [r for scan in scans for r in embed_scan(segmenter, mid, scan, spacing_mm=2.0, patch_size=16,
+                                                     secret=SECRET)]
+    write_shard(rows, tmp_path / "emb" / "s.parquet", model_shard_schema(segmenter, RetrievalConfig()))
+    img = tmp_path / "img" / "s300.nii.gz"
+    found = search(model_path, tmp_path / "emb", query_rows(img, None), k=3)
+    masked = search(model_path, tmp_path / "emb", query_rows(img, tmp_path / "seg" / "s300.nii.gz"), k=3)
+    assert len(found) >= 1 and all(len(q["hits"]) == 3 for q in found)
+    # the largest found tumor is the largest masked one: the same size and the same top hit
+    big = max(found, key=lambda q: q["size_mm"])
+    true_big = max(masked, key=lambda q: q["size_mm"])
+    assert big["size_mm"] == pytest.approx(true_big["size_mm"], rel=0.15)
+    assert big["hits"][0]["scan_key"] == true_big["hits"][0]["scan_key"]
+
+
+def test_dice_matrix_by_hand():
+    truth = np.zeros((6, 6, 6), int)
+    found = np.zeros((6, 6, 6), int)
+    truth[0:2, 0:2, 0:2] = 1  # 8 voxels
+    found[0:2, 0:2, 0:1] = 1  # 4 voxels, inside it
+    found[4:6, 4:6, 4:6] = 2  # nowhere near
+    d = dice_matrix(truth, found)
+    assert d.shape == (1, 2)
+    assert d[0, 0] == pytest.approx(2 * 4 / 12) and d[0, 1] == 0.0
