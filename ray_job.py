@@ -120,18 +120,16 @@ def cmd_report(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from embedder.job import run_embedding
+    from embedder.job import failure_message, run_embedding
 
     report = run_embedding(manifest=args.manifest, model_path=args.model, out_dir=args.out,
                            secret_file=args.secret_file, workers=args.workers, threads_per_worker=args.threads,
                            scans_per_shard=args.scans_per_shard, spacing_mm=args.spacing, patch_size=args.patch,
-                           max_failure_rate=args.max_failure_rate, min_volume_ml=args.min_volume_ml)
+                           max_failure_rate=args.max_failure_rate, min_volume_ml=args.min_volume_ml,
+                           gpus_per_worker=args.gpus_per_worker, precision=args.precision)
     if not report["ok"]:
-        why = report["stopped"] or (f"{report['failure_rate']:.1%} of the scans failed, above --max-failure-rate "
-                                    f"{args.max_failure_rate:.1%}")
-        print(f"error: {why} (see {Path(report['out_dir']) / 'embed-errors.jsonl'})", file=sys.stderr)
-        return 1
-    return 0
+        print(f"error: {failure_message(report)}", file=sys.stderr)
+    return 0 if report["ok"] else 1
 
 
 def cmd_index(args) -> None:
@@ -324,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--secret-file", required=True, help="the site's key for patient_key hashes (>= 16 bytes)")
     sp.add_argument("--workers", type=int, default=2, help="Ray Data actors (each loads the model once)")
     sp.add_argument("--threads", type=int, default=1, help="CPUs (torch threads) per actor")
+    sp.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0: CPU); reads stay on CPU")
+    sp.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
     sp.add_argument("--scans-per-shard", type=int, default=8)
     sp.add_argument("--spacing", type=float, help="working voxel size in mm (default: the model's training spacing)")
     sp.add_argument("--patch", type=int, help="patch size in voxels (default: the model's training patch size)")

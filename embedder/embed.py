@@ -18,14 +18,15 @@ import numpy as np
 import torch
 
 from tumornet.boxes import voxel_to_mm
-from tumornet.descriptor import RetrievalConfig, compose, head_box_voxels, recipe_of, tumor_parts
-from tumornet.detect import DetectConfig
+from tumornet.descriptor import RetrievalConfig, compose, head_box_voxels, recipe_of, tumors_parts
+from tumornet.detect import DetectConfig, detect_tumors
 from tumornet.errors import InputError
 from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
 from tumornet.network import MultitaskNet
-from tumornet.scans import detect_scan, load_scan
+from tumornet.scans import Scan, load_image, load_scan
+from tumornet.volumes import Volume
 
 
 def source_hash(rows: Sequence[ManifestRow]) -> str:
@@ -59,22 +60,43 @@ def detect_settings(meta: dict, **overrides) -> DetectConfig:
     return DetectConfig(**(base | {k: v for k, v in overrides.items() if v is not None}))
 
 
-@torch.no_grad()
+def read_scan(rows: Sequence[ManifestRow], *, spacing_mm) -> Scan | Volume:
+    """The CPU part of embedding a scan (decode, resample, normalize; the mask's tumors measured):
+    a Scan, or for a scan without a mask its Volume alone (its tumors are found by the network)."""
+    if rows[0].mask is None:
+        return load_image(rows[0].image, rows[0].scan_id, spacing_mm=spacing_mm)
+    return load_scan(rows, spacing_mm=spacing_mm)
+
+
 def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], *, spacing_mm, patch_size: int,
                secret: bytes, file_hash: str | None = None, box_fn=None, recipe=None,
                detect: DetectConfig | None = None) -> list[dict]:
-    """Rows (one scan_id) of a manifest -> shard rows (see embedder.shards.shard_schema).
+    """Rows (one scan_id) of a manifest -> shard rows (see embedder.shards.shard_schema): read_scan
+    then embed_read."""
+    return embed_read(model, model_id, rows, read_scan(rows, spacing_mm=spacing_mm), spacing_mm=spacing_mm,
+                      patch_size=patch_size, secret=secret, file_hash=file_hash, box_fn=box_fn, recipe=recipe,
+                      detect=detect)
+
+
+@torch.no_grad()
+def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], read: Scan | Volume, *, spacing_mm,
+               patch_size: int, secret: bytes, file_hash: str | None = None, box_fn=None, recipe=None,
+               detect: DetectConfig | None = None) -> list[dict]:
+    """The network's part of embedding a scan read by read_scan -> shard rows.
 
     recipe: (RetrievalConfig, statistics) of the model file (tumornet.descriptor.recipe_of); None:
     the paper's raw RoiPool vector. box_fn (optional): box -> box, applied to each tumor's box
     before its patch is cut and pooled (the robustness evaluation passes the paper's box
-    distortion); rows then carry the box used. A scan without a mask (rows[0].mask None) gets its
-    tumors from the segmentation head (tumornet.detect, settings `detect`): rows with
-    source = predicted, labels -1."""
+    distortion); rows then carry the box used. A scan without a mask (a Volume) gets its tumors from
+    the segmentation head (tumornet.detect, settings `detect`): rows with source = predicted,
+    labels -1. The tumors' patches go through the network together (tumornet.descriptor.tumors_parts)."""
     cfg, stats = recipe or (RetrievalConfig(), None)
-    predicted = rows[0].mask is None
-    scan = (detect_scan(model, rows, spacing_mm=spacing_mm, cfg=detect) if predicted
-            else load_scan(rows, spacing_mm=spacing_mm))
+    predicted = isinstance(read, Volume)
+    if predicted:
+        instances, tumors = detect_tumors(model, read, detect or DetectConfig())
+        scan = Scan(volume=read, instances=instances, tumors=tuple(tumors))
+    else:
+        scan = read
     image = scan.volume.array
     head = head_box_voxels(image)
     centre_mm = voxel_to_mm(head[0], scan.volume.affine)
@@ -83,10 +105,10 @@ def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     common = {"scan_key": keyed_id(rows[0].scan_id, secret), "patient_key": patient_key(rows[0].patient_id, secret),
               "model_id": model_id, "source_hash": source_hash(rows) if file_hash is None else file_hash,
               "embedded_at": now}
+    boxes = [t.bbox if box_fn is None else np.asarray(box_fn(t.bbox), dtype=np.int64) for t in scan.tumors]
+    all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head)
     out = []
-    for t in scan.tumors:
-        bbox = t.bbox if box_fn is None else np.asarray(box_fn(t.bbox), dtype=np.int64)
-        parts = tumor_parts(model, image, bbox, patch_size=patch_size, spacing_mm=spacing_mm, head=head)
+    for t, bbox, parts in zip(scan.tumors, boxes, all_parts, strict=True):
         vector = compose({k: np.asarray(v)[None] for k, v in parts.items()}, cfg, model.schema, stats)[0]
         row = dict(common, tumor_id=t.tumor_id, source="predicted" if predicted else "mask",
                    bbox=bbox.astype(int).tolist(),

@@ -34,8 +34,9 @@ from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import ManifestRow, folder_cohort, read_manifest_lenient, redact
 from tumornet.runtime import ALLOCATOR_ENV
 
-from .embed import detect_settings, embed_scan, embed_settings, source_hash
+from .embed import detect_settings, embed_read, embed_settings, read_scan, source_hash
 from .shards import done_scans, model_shard_schema, write_shard
+from .transfer import from_bytes, pack, to_bytes, unpack
 
 ERROR_COLUMNS = ("run", "row", "scan_key", "stage", "error_class", "message")  # embed-errors.jsonl, one JSON a line
 HISTORY = 100  # runs kept in embed-report.json
@@ -68,11 +69,55 @@ def _failure(e: Exception, rows: list[ManifestRow]) -> tuple[str, str, str]:
     return "embed", type(e).__name__, message
 
 
+def decode_shard(row: dict) -> dict:
+    """Ray Data map, a CPU task: one shard's scans read (decode, resample, normalize, the masks'
+    tumors measured; embedder.embed.read_scan) -> the shard with each scan's state and the read
+    scans' arrays (embedder.transfer). A scan already embedded from the same files is `unchanged`;
+    one that cannot be read is `failed` here, named and classified (the job goes on)."""
+    item = json.loads(row["payload"])
+    job, arrays, scans = item["job"], {}, []
+    for n, scan in enumerate(item["scans"]):
+        rows = [_row_of(d) for d in scan["rows"]]
+        entry = {"scan_key": scan["scan_key"], "rows": scan["rows"], "state": "read"}
+        try:
+            entry["hash"] = source_hash(rows)
+            if entry["hash"] in scan["done"]:
+                entry["state"] = "unchanged"
+            else:
+                entry["read"] = pack(read_scan(rows, spacing_mm=job["spacing_mm"]), arrays, f"s{n}")
+        except (Exception, MemoryError) as e:  # a batch job records the failure and goes on
+            entry["state"], entry["fail"] = "failed", _failure(e, rows)
+        scans.append(entry)
+    return {"shard": row["shard"], "payload": json.dumps({"job": job, "scans": scans}), "arrays": to_bytes(arrays)}
+
+
+def check_precision(on_gpu: bool, precision: str) -> None:
+    """fp32 anywhere; bf16 / fp16 on CUDA only (on CPU bf16 is hundreds of times slower)."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise InputError(f"--precision: expected fp32, bf16 or fp16, got {precision!r}")
+    if precision != "fp32" and not on_gpu:
+        raise InputError(f"--precision {precision}: reduced precision is for GPU embedding only (pass "
+                         "--gpus-per-worker); on CPU the job runs in fp32")
+
+
+def inference_precision(device, precision: str):
+    """The autocast context of the network's forward passes on `device` (see check_precision)."""
+    import contextlib
+
+    import torch
+
+    check_precision(torch.device(device).type == "cuda", precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 class ShardEmbedder:
-    """A Ray Data actor: embeds and writes one shard per call. It takes no constructor arguments
-    (Ray Data would put them in the object store, and Ray warns about that for restartable actors):
-    each item carries the job's settings (paths, spacing, recipe: small JSON) and its scans'
-    manifest rows; the model is loaded once, at the first item, and kept."""
+    """A Ray Data actor: runs the network on one decoded shard per call (on its GPU when the job
+    asks for GPUs) and writes the shard. It takes no constructor arguments (Ray Data would put them
+    in the object store, and Ray warns about that for restartable actors): each item carries the
+    job's settings (paths, spacing, recipe: small JSON) and its scans; the model is loaded once, at
+    the first item, and kept."""
 
     def __init__(self):
         self.model = None
@@ -82,6 +127,10 @@ class ShardEmbedder:
 
         torch.set_num_threads(job["threads"])
         self.model, meta = load_model(job["model_path"])
+        if job["gpus"] > 0:
+            if not torch.cuda.is_available():
+                raise RuntimeError("the job asked for GPUs but this actor sees no CUDA device")
+            self.model.to("cuda")
         self.model_id = meta["model_id"]
         self.recipe = (RetrievalConfig(**job["recipe"]), job["stats"])
         self.schema = model_shard_schema(self.model, self.recipe[0])
@@ -90,27 +139,33 @@ class ShardEmbedder:
 
     def __call__(self, batch: dict) -> dict:
         status = {k: [] for k in ("shard", "scan_key", "row", "status", "tumors", "stage", "error_class", "message")}
-        for shard, payload in zip(batch["shard"], batch["payload"], strict=True):
+        if "arrays" not in batch:  # a CPU job: this actor reads the shard itself (one stage)
+            decoded = [decode_shard({"shard": sh, "payload": p}) for sh, p in zip(batch["shard"], batch["payload"],
+                                                                                   strict=True)]
+            batch = {k: [d[k] for d in decoded] for k in ("shard", "payload", "arrays")}
+        for shard, payload, blob in zip(batch["shard"], batch["payload"], batch["arrays"], strict=True):
             item = json.loads(payload)
             if self.model is None:
                 self._setup(item["job"])
-            job, secret = self.job, bytes.fromhex(self.job["secret"])
+            job, secret, arrays = self.job, bytes.fromhex(self.job["secret"]), from_bytes(blob)
             rows_out = []
             for scan in item["scans"]:
                 rows = [_row_of(d) for d in scan["rows"]]
-                state, n, fail = "embedded", 0, ("", "", "")
-                try:
-                    h = source_hash(rows)
-                    if h in scan["done"]:
-                        state = "unchanged"
-                    else:
-                        new = embed_scan(self.model, self.model_id, rows, spacing_mm=job["spacing_mm"],
-                                         patch_size=job["patch_size"], secret=secret, file_hash=h, recipe=self.recipe,
-                                         detect=self.detect)
+                state, n, fail = scan["state"], 0, tuple(scan.get("fail", ("", "", "")))
+                if state == "read":
+                    state = "embedded"
+                    try:
+                        with inference_precision(self.model.device, job["precision"]):
+                            new = embed_read(self.model, self.model_id, rows, unpack(scan["read"], arrays),
+                                             spacing_mm=job["spacing_mm"], patch_size=job["patch_size"],
+                                             secret=secret, file_hash=scan["hash"], recipe=self.recipe,
+                                             detect=self.detect)
                         rows_out += new
                         n = len(new)
-                except (Exception, MemoryError) as e:  # a batch job records the failure and goes on
-                    state, fail = "failed", _failure(e, rows)
+                    except (Exception, MemoryError) as e:  # recorded, the job goes on
+                        state, fail = "failed", _failure(e, rows)
+                        if fail[0] == "read":
+                            fail = ("embed", *fail[1:])
                 values = (int(shard), scan["scan_key"], rows[0].row, state, n, *fail)
                 for k, v in zip(status, values, strict=True):
                     status[k].append(v)
@@ -166,19 +221,36 @@ def _append_history(path: Path, report: dict) -> None:
     atomic_write_text(path, json.dumps({"last": report, "runs": [*runs, report][-HISTORY:]}, indent=2))
 
 
+def failure_message(report: dict) -> str:
+    """Why a run's report is not ok, in words."""
+    why = report["stopped"] or (f"{report['failure_rate']:.1%} of the scans failed, above --max-failure-rate "
+                                f"{report['max_failure_rate']:.1%}")
+    return f"{why} (see {Path(report['out_dir']) / 'embed-errors.jsonl'})"
+
+
 def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str | Path, secret_file: str | Path,
                   workers: int = 2, threads_per_worker: int = 1, scans_per_shard: int = 8,
                   spacing_mm=None, patch_size: int | None = None, max_failure_rate: float = 0.05,
-                  min_volume_ml: float | None = None, log=print) -> dict:
+                  min_volume_ml: float | None = None, gpus_per_worker: float = 0.0, precision: str = "fp32",
+                  log=print) -> dict:
     """Embed every valid scan of the manifest (or of a plain folder of NIfTI files: scans without a
     mask) -> the run's report (also in `<out>/embed-report.json`, with the history of earlier runs);
     invalid manifest rows and failed scans go to `<out>/embed-errors.jsonl`. report["ok"] is False
     when the failure share exceeds max_failure_rate. Scans without a mask get their tumors from the
-    segmentation head (the model's `detect` settings; min_volume_ml overrides its minimum)."""
+    segmentation head (the model's `detect` settings; min_volume_ml overrides its minimum).
+
+    `workers` actors run the network (ShardEmbedder), each with `threads_per_worker` CPUs and
+    `gpus_per_worker` GPUs (0: CPU, fp32; > 0: CUDA, in `precision` fp32 / bf16 / fp16). With GPUs,
+    CPU tasks read each shard's scans (decode, resample: decode_shard) and feed the actors, so a GPU
+    never waits on gzip; on CPU the actors read their shards themselves (CPU tasks beside actors
+    that hold every CPU would never be scheduled)."""
     import ray
 
     if workers < 1 or threads_per_worker < 1 or scans_per_shard < 1:
         raise InputError("embed: workers, threads per worker and scans per shard must be >= 1")
+    if gpus_per_worker < 0:
+        raise InputError(f"--gpus-per-worker: expected >= 0, got {gpus_per_worker}")
+    check_precision(gpus_per_worker > 0, precision)
     if not 0.0 <= max_failure_rate <= 1.0:
         raise InputError(f"--max-failure-rate: expected a share in [0, 1], got {max_failure_rate}")
     model, meta = load_model(model_path)  # validated here, before any worker starts
@@ -216,7 +288,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         init_ray()
         job = {"model_path": str(Path(model_path).resolve()), "out_dir": str(out), "secret": secret.hex(),
                "spacing_mm": spacing, "patch_size": patch, "recipe": dataclasses.asdict(recipe[0]),
-               "stats": recipe[1], "detect": dataclasses.asdict(detect), "threads": threads_per_worker, "stamp": stamp}
+               "stats": recipe[1], "detect": dataclasses.asdict(detect), "gpus": gpus_per_worker,
+               "precision": precision, "threads": threads_per_worker, "stamp": stamp}
         ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
                                   for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
         # max_restarts=0, deliberately: a scan's own failure is caught inside the actor, so an actor
@@ -227,8 +300,10 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         # the pin ray < 2.64 in pyproject.toml and this one deprecation notice filtered here)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            if gpus_per_worker > 0:  # reads in CPU tasks, so that a GPU never waits on gzip
+                ds = ds.map(decode_shard, num_cpus=1, runtime_env={"env_vars": ALLOCATOR_ENV})
             stream = ds.map_batches(
-                ShardEmbedder, batch_size=1, num_cpus=threads_per_worker,
+                ShardEmbedder, batch_size=1, num_cpus=threads_per_worker, num_gpus=gpus_per_worker,
                 compute=ray.data.ActorPoolStrategy(size=min(workers, len(chunks))),
                 runtime_env={"env_vars": ALLOCATOR_ENV}, max_restarts=0,
             ).iter_rows()

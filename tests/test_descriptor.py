@@ -14,6 +14,7 @@ from tumornet.descriptor import (
     head_box_voxels,
     segmented_voxels,
     tumor_parts,
+    tumors_parts,
     vector_size,
 )
 from tumornet.errors import InputError
@@ -145,3 +146,16 @@ def test_segmented_size_counts_whole_components_the_box_touches():
     assert segmented_voxels(fg, [8, 8, 8, 11, 11, 11]) == 1000  # too small, inside it: the whole component
     assert segmented_voxels(fg, [10, 10, 10, 27, 27, 27]) == 1125  # touching both
     assert segmented_voxels(fg, [30, 0, 0, 40, 6, 6]) == round(np.pi / 6 * 10 * 6 * 6)  # none: the ellipsoid
+
+
+def test_tumors_of_a_scan_in_one_batch_give_the_same_parts(small_cohort):
+    model = _model()
+    rows = max(read_manifest(small_cohort).scans().values(), key=len)
+    scan = load_scan(rows, spacing_mm=4.0)
+    boxes = [t.bbox for t in scan.tumors] + [scan.tumors[0].bbox + np.array([0, 0, 0, 9, 9, 9])]  # a larger patch
+    assert len(boxes) >= 3
+    together = tumors_parts(model, scan.volume.array, boxes, patch_size=16, spacing_mm=4.0, batch=2)
+    for box, parts in zip(boxes, together, strict=True):
+        alone = tumor_parts(model, scan.volume.array, box, patch_size=16, spacing_mm=4.0)
+        for key in alone:
+            np.testing.assert_allclose(parts[key], alone[key], rtol=1e-4, atol=1e-5)

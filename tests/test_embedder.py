@@ -1,5 +1,6 @@
 """Archive embedding: per-scan rows, the shard format, and the Ray Data job (marked ray + slow)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -14,7 +15,7 @@ from embedder.embed import embed_scan
 from embedder.job import run_embedding
 from embedder.shards import read_embeddings, shard_files, shard_schema, write_shard
 from tumornet.errors import InputError
-from tumornet.export import export_model
+from tumornet.export import export_model, load_model
 from tumornet.keys import keyed_id, patient_key, read_secret
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest
@@ -179,23 +180,74 @@ def test_embed_command_names_bad_input(tmp_path, small_cohort, model_file, secre
 
 
 def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):
-    """The actor's call, as Ray Data makes it: settings and rows travel in the item, no constructor arguments."""
+    """The two stages' calls, as Ray Data makes them: settings and rows travel in the item, the read
+    scans' arrays between the stages, no constructor arguments; a scan that cannot be read fails in
+    the CPU stage and the other scans are embedded."""
     import dataclasses
 
-    from embedder.job import ShardEmbedder, _row_dict
-    from tumornet.detect import DetectConfig
+    from embedder.job import ShardEmbedder, _row_dict, decode_shard
     from tumornet.descriptor import RetrievalConfig
+    from tumornet.detect import DetectConfig
 
     path, mid = model_file
     scans = read_manifest(small_cohort).scans()
-    ids = sorted(scans)[:2]
+    ids = sorted(scans)[:3]
     job = {"model_path": str(path), "out_dir": str(tmp_path / "o"), "secret": SECRET.hex(), "spacing_mm": 4.0,
            "patch_size": 16, "recipe": dataclasses.asdict(RetrievalConfig()), "stats": None, "threads": 1,
-           "stamp": "t", "detect": dataclasses.asdict(DetectConfig())}
-    item = {"job": job, "scans": [{"scan_key": keyed_id(s, SECRET), "done": [],
-                                   "rows": [_row_dict(r) for r in scans[s]]} for s in ids]}
-    out = ShardEmbedder()({"shard": np.array([3]), "payload": np.array([json.dumps(item)])})
-    assert list(out["status"]) == ["embedded", "embedded"] and list(out["row"]) == [scans[s][0].row for s in ids]
+           "stamp": "t", "detect": dataclasses.asdict(DetectConfig()), "gpus": 0, "precision": "fp32"}
+    rows = {s: [_row_dict(r) for r in scans[s]] for s in ids}
+    rows[ids[2]] = [dict(r, image=str(tmp_path / "gone.nii.gz")) for r in rows[ids[2]]]
+    item = {"job": job, "scans": [{"scan_key": keyed_id(s, SECRET), "done": [], "rows": rows[s]} for s in ids]}
+    decoded = decode_shard({"shard": 3, "payload": json.dumps(item)})
+    assert isinstance(decoded["arrays"], bytes) and decoded["shard"] == 3
+    out = ShardEmbedder()({k: np.array([v], dtype=object) for k, v in decoded.items()})
+    assert list(out["status"]) == ["embedded", "embedded", "failed"]
+    assert list(out["row"]) == [scans[s][0].row for s in ids]
+    assert (out["stage"][2], out["error_class"][2]) == ("read", "missing_file") and "gone" not in out["message"][2]
     (shard,) = shard_files(tmp_path / "o")
     assert shard.name == f"{mid}-t-00003.parquet"
-    assert pq.read_table(shard).num_rows == sum(len(scans[s]) for s in ids) == int(out["tumors"].sum())
+    table = pq.read_table(shard)
+    assert table.num_rows == sum(len(scans[s]) for s in ids[:2]) == int(out["tumors"].sum())
+    direct = [r for s in ids[:2] for r in embed_scan(load_model(path)[0], mid, scans[s], spacing_mm=4.0, patch_size=16,
+                                                       secret=SECRET)]
+    np.testing.assert_allclose(np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
+                               np.array([r["embedding"] for r in direct]), rtol=1e-5, atol=1e-6)
+
+
+def test_reduced_precision_is_for_gpus_only():
+    from embedder.job import check_precision, inference_precision
+
+    check_precision(False, "fp32")
+    check_precision(True, "bf16")
+    with pytest.raises(InputError, match="reduced precision is for GPU embedding only"):
+        check_precision(False, "bf16")
+    with pytest.raises(InputError, match="expected fp32, bf16 or fp16"):
+        check_precision(True, "fp8")
+    with pytest.raises(InputError, match="GPU embedding only"):
+        inference_precision("cpu", "fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_embedding_matches_cpu(small_cohort, model_file):
+    """The actor's GPU path: the same rows as on CPU in fp32, close in bf16; detection runs on CUDA."""
+    from embedder.embed import embed_read, read_scan
+    from embedder.job import inference_precision
+
+    path, mid = model_file
+    rows = next(iter(read_manifest(small_cohort).scans().values()))
+    read = read_scan(rows, spacing_mm=4.0)
+    cpu_model = load_model(path)[0]
+    gpu_model = load_model(path)[0].to("cuda")
+    kw = {"spacing_mm": 4.0, "patch_size": 16, "secret": SECRET, "file_hash": ""}
+    cpu = embed_read(cpu_model, mid, rows, read, **kw)
+    gpu = embed_read(gpu_model, mid, rows, read, **kw)
+    for a, b in zip(cpu, gpu, strict=True):
+        np.testing.assert_allclose(a["embedding"], b["embedding"], rtol=1e-3, atol=1e-4)
+    with inference_precision(gpu_model.device, "bf16"):
+        half = embed_read(gpu_model, mid, rows, read, **kw)
+    for a, b in zip(cpu, half, strict=True):
+        assert np.linalg.norm(np.subtract(a["roipool"], b["roipool"])) <= 0.05 * np.linalg.norm(a["roipool"]) + 1e-3
+    unmasked = [dataclasses.replace(rows[0], mask=None, tumor_id=0, labels={})]
+    found = embed_read(gpu_model, mid, unmasked, read_scan(unmasked, spacing_mm=4.0), **kw)
+    assert all(r["source"] == "predicted" for r in found)

@@ -77,25 +77,44 @@ def segmented_voxels(foreground: np.ndarray, box) -> int:
 
 
 @torch.no_grad()
-def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None) -> dict:
-    """The parts of one tumor box (voxels of `image`, the model's working grid) -> {"roipool" (C,),
-    "task_logits" (sum of classes,), "box_log_volume", "position" (3,), "seg_log_volume"}."""
-    patch, box = centred_patch(image, bbox, patch_size_for(bbox, patch_size))
-    boxes = torch.from_numpy(np.concatenate([[0], box])[None].astype(np.int64))
-    was_training = model.training
-    model.eval()
-    res = model(torch.from_numpy(patch[None]).to(model.device), boxes.to(model.device))
-    model.train(was_training)
+def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None,
+                 batch: int = 8) -> list[dict]:
+    """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
+    per box: {"roipool" (C,), "task_logits" (sum of classes,), "box_log_volume", "position" (3,),
+    "seg_log_volume"}. Each box gets the training patch centred on it (larger for a larger tumor);
+    patches of one size go through the network together, up to `batch` at a time (the same numbers
+    as one at a time: eval mode)."""
     centre, half = head if head is not None else head_box_voxels(image)
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
-    volume_ml = float(np.prod(box_size(bbox))) * voxel_ml
-    foreground = (res["seg"][0].argmax(0) > 0).cpu().numpy()
-    seg_ml = segmented_voxels(foreground, box) * voxel_ml
-    return {"roipool": res["embedding"][0].float().cpu().numpy(),
-            "task_logits": torch.cat([res["tasks"][t][0] for t in model.schema.names]).float().cpu().numpy(),
-            "box_log_volume": float(np.log(max(volume_ml, 1e-6))),
-            "position": ((box_center(bbox) - centre) / half).astype(np.float32),
-            "seg_log_volume": float(np.log(seg_ml))}
+    cut = [centred_patch(image, b, patch_size_for(b, patch_size)) for b in bboxes]
+    out: list[dict | None] = [None] * len(cut)
+    was_training = model.training
+    model.eval()
+    try:
+        for size in sorted({p.shape[-1] for p, _ in cut}):
+            same = [i for i, (p, _) in enumerate(cut) if p.shape[-1] == size]
+            for at in range(0, len(same), batch):
+                idx = same[at:at + batch]
+                x = torch.from_numpy(np.stack([cut[i][0] for i in idx])).to(model.device)
+                boxes = torch.from_numpy(np.array([[n, *cut[i][1]] for n, i in enumerate(idx)], dtype=np.int64))
+                res = model(x, boxes.to(model.device))
+                foreground = (res["seg"].argmax(1) > 0).cpu().numpy()
+                logits = torch.cat([res["tasks"][t] for t in model.schema.names], dim=1).float().cpu().numpy()
+                emb = res["embedding"].float().cpu().numpy()
+                for n, i in enumerate(idx):
+                    bbox = bboxes[i]
+                    out[i] = {"roipool": emb[n], "task_logits": logits[n],
+                              "box_log_volume": float(np.log(max(float(np.prod(box_size(bbox))) * voxel_ml, 1e-6))),
+                              "position": ((box_center(bbox) - centre) / half).astype(np.float32),
+                              "seg_log_volume": float(np.log(segmented_voxels(foreground[n], cut[i][1]) * voxel_ml))}
+    finally:
+        model.train(was_training)
+    return out
+
+
+def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None) -> dict:
+    """The parts of one tumor box (see tumors_parts)."""
+    return tumors_parts(model, image, [bbox], patch_size=patch_size, spacing_mm=spacing_mm, head=head)[0]
 
 
 def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:

@@ -64,12 +64,3 @@ def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool =
         image = normalize_intensity(image)
     volume = Volume(array=image.astype(np.float32), spacing_mm=spacing_of(grid), affine=grid, scan_id=first.scan_id)
     return Scan(volume=volume, instances=instances.astype(np.int32), tumors=tuple(tumors))
-
-
-def detect_scan(model, rows: Sequence[ManifestRow], *, spacing_mm, cfg=None) -> Scan:
-    """A scan without a mask: its tumors found by the model's segmentation head (tumornet.detect)."""
-    from .detect import DetectConfig, detect_tumors
-
-    volume = load_image(rows[0].image, rows[0].scan_id, spacing_mm=spacing_mm)
-    instances, tumors = detect_tumors(model, volume, cfg or DetectConfig())
-    return Scan(volume=volume, instances=instances.astype(np.int32), tumors=tuple(tumors))
