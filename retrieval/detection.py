@@ -69,7 +69,10 @@ def detection_quality(model_path, manifest, *, on: str = "test", min_size_mm: fl
 
 
 def format_detection(res: dict) -> str:
+    def share(v, fmt: str) -> str:  # null in a JSON read back, NaN fresh: nothing to count
+        return "n/a" if v is None or v != v else format(v, fmt)
+
     return (f"Detection on {res['scans']} {res['on']} scans (tumors >= {res['min_size_mm']:g} mm, match: Dice >= "
-            f"{res['min_dice']:g}): recall {res['recall']:.2f} of {res['true_tumors']} true tumors, precision "
-            f"{res['precision']:.2f} of {res['found_tumors']} found; largest tumor found in "
-            f"{res['largest_matched']:.0%} of the scans")
+            f"{res['min_dice']:g}): recall {share(res['recall'], '.2f')} of {res['true_tumors']} true tumors, "
+            f"precision {share(res['precision'], '.2f')} of {res['found_tumors']} found; largest tumor found in "
+            f"{share(res['largest_matched'], '.0%')} of the scans")

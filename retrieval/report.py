@@ -25,6 +25,7 @@ from tumornet.manifest import read_manifest
 from tumornet.scans import load_scan
 
 from . import figures
+from .detection import format_detection
 from .evaluate import ROWS, fmt_metric, load_evaluation, metric_keys, metric_label, plain
 from .knn import neighbours
 
@@ -134,7 +135,8 @@ def build_report(*, model, embeddings, manifest, secret: bytes, out_dir, evaluat
     results = {"model_id": meta["model_id"], "k": k, "tasks": tasks,
                "train_tumors": evaluation["train_tumors"], "test_tumors": evaluation["test_tumors"],
                "rows": evaluation["rows"], "k_curve": evaluation["k_curve"],
-               "robustness": evaluation.get("robustness"), "experiments": list(experiments), "provenance": prov}
+               "robustness": evaluation.get("robustness"), "detection": evaluation.get("detection"),
+               "experiments": list(experiments), "provenance": prov}
     types = ev.test.labels.get("tumor_type", np.full(len(ev.test.x), MISSING))
     type_names = schema["tumor_type"].classes if "tumor_type" in schema else ()
     parts = {
@@ -147,6 +149,8 @@ def build_report(*, model, embeddings, manifest, secret: bytes, out_dir, evaluat
             f"<h3>{html.escape(e['title'])}</h3>{experiment_table(e)}" for e in experiments)
             + ("<h3>Robustness to distorted boxes (Tab. 4, eq. 2)</h3>" + robustness_table(evaluation["robustness"])
                if evaluation.get("robustness") else "")
+            + ("<h3>Tumors found without masks</h3><p>" + html.escape(format_detection(evaluation["detection"]))
+               + "</p>" if evaluation.get("detection") else "")
             + ("" if experiments else "<p>No width or ablation experiment in this report: run "
                "<code>ray_job.py experiment</code> and pass its tables with <code>--experiment</code>.</p>")),
         "tsne": ("t-SNE of the held-out embeddings (Fig. 5)",

@@ -177,3 +177,12 @@ def test_dice_matrix_by_hand():
     d = dice_matrix(truth, found)
     assert d.shape == (1, 2)
     assert d[0, 0] == pytest.approx(2 * 4 / 12) and d[0, 1] == 0.0
+
+
+def test_detection_line_reads_back_from_json():
+    from retrieval.detection import format_detection
+
+    res = {"scans": 2, "on": "test", "min_size_mm": 10.0, "min_dice": 0.3, "true_tumors": 0, "found_tumors": 0,
+           "recall": None, "precision": float("nan"), "largest_matched": 0.5}
+    assert format_detection(res) == ("Detection on 2 test scans (tumors >= 10 mm, match: Dice >= 0.3): recall n/a of 0 "
+                                     "true tumors, precision n/a of 0 found; largest tumor found in 50% of the scans")

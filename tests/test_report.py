@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import SECRET
+from retrieval.detection import detection_quality
 from retrieval.evaluate import evaluate
 from retrieval.report import SECTIONS, build_report
 from retrieval.robustness import robustness
@@ -27,6 +28,7 @@ def report(archive, small_cohort, tmp_path_factory):
     (archive / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     ev = evaluate(archive / "emb", small_cohort, SECRET, archive / "model.pt", k=5, ks=[1, 5, 10])
     ev["robustness"] = robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, k=5, draws=1)
+    ev["detection"] = detection_quality(archive / "model.pt", small_cohort)
     exp = {"title": "Channel width (paper Tab. 2)", "k": 5, "tasks": ev["tasks"],
            "rows": [{"variant": "c8", "model_id": ev["model_id"], "steps": 0, "wall_s": 1.0, "split": ev["split"],
                      **{r: ev["rows"][r] for r in ("learned", "handcrafted", "no_embedding")}}]}
@@ -53,6 +55,8 @@ def test_report_and_results_hold_every_section_and_no_patient_id(report):
                 assert v is None or 0 <= v <= 1
         assert res["rows"][row]["rmse_size_mm"] > 0
     assert res["k"] == 5 and res["robustness"]["draws"] == 1 and res["experiments"][0]["rows"][0]["variant"] == "c8"
+    assert res["detection"]["scans"] == ev["detection"]["scans"] > 0
+    assert f"Detection on {ev['detection']['scans']} test scans" in text
     assert res["provenance"]["model_id"] == ev["model_id"] and res["provenance"]["versions"]["torch"]
 
 
