@@ -75,3 +75,34 @@ def test_collate_adds_batch_index():
     assert batch["image"].shape == (2, 1, 16, 16, 16)
     assert batch["boxes"][:, 0].tolist() == [0] * len(a.boxes) + [1] * len(b.boxes)
     assert len(batch["labels"]["tumor_type"]) == len(batch["boxes"])
+
+
+def test_a_patch_anywhere_holds_only_whole_tumors_and_trains_without_boxes():
+    """train.background_fraction: patches anywhere in the scan, most without a tumor; a batch without
+    any box still gives a finite loss (segmentation only) and gradients."""
+    import torch
+
+    from tumornet.labels import DEFAULT_SCHEMA
+    from tumornet.loss import multitask_loss
+    from tumornet.network import MultitaskNet, NetConfig
+
+    image, inst, tumors = _scan()
+    kinds = {"none": 0, "some": 0}
+    for seed in range(40):
+        s = make_sample(image, inst, tumors, None, 16, np.random.default_rng(seed), TASKS, Augment(box_jitter=True))
+        assert s.image.shape == (1, 16, 16, 16) and len(s.boxes) == len(s.labels["tumor_type"])
+        for b, t in zip(s.boxes, s.labels["tumor_type"], strict=True):  # a box only for a tumor wholly inside
+            assert t in (0, 2) and np.all(b[3:] > b[:3])
+        kinds["some" if len(s.boxes) else "none"] += 1
+    assert kinds["none"] > 0 and kinds["some"] > 0
+    empty = [make_sample(image, inst, tumors, None, 16, np.random.default_rng(seed), TASKS) for seed in range(40)]
+    empty = [s for s in empty if len(s.boxes) == 0][:2]
+    batch = collate(empty)
+    assert batch["boxes"].shape == (0, 7)
+    model = MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA)
+    out = model(torch.from_numpy(batch["image"]), torch.from_numpy(batch["boxes"]))
+    labels = {k: torch.from_numpy(v) for k, v in batch["labels"].items()}
+    loss = multitask_loss(out, torch.from_numpy(batch["seg"]), labels)
+    loss["total"].backward()
+    assert torch.isfinite(loss["total"]) and float(loss["total"]) == pytest.approx(float(loss["seg"]))
+    assert model.seg_head.conv2.weight.grad is not None

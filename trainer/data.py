@@ -39,8 +39,10 @@ class PatchStream:
             i = int(rng.integers(len(self.scans)))
             image, instances = self.arrays[i]
             tumors = self.scans[i].tumors
-            samples.append(make_sample(image, instances, tumors, int(rng.integers(len(tumors))),
-                                       self.cfg.patch_size, rng, self.tasks, self.augment))
+            anywhere = self.cfg.background_fraction > 0 and rng.random() < self.cfg.background_fraction
+            index = None if anywhere else int(rng.integers(len(tumors)))
+            samples.append(make_sample(image, instances, tumors, index, self.cfg.patch_size, rng, self.tasks,
+                                       self.augment))
         return collate(samples)
 
     def _run(self, start: int, end: int) -> None:

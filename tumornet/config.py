@@ -74,6 +74,9 @@ class TrainConfig:
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
     box_jitter: bool = False
+    # share of training patches placed anywhere in the scan, with or without a tumor (0: the paper's
+    # sampling, every patch around a tumor): the segmentation then sees background, for detection
+    background_fraction: float = 0.0
     prefetch: int = 4  # batches prepared ahead by a background thread
     cache_dir: str | None = None  # preprocessed scans; None = ~/.cache/tumornet/scans
     fail_at_step: int | None = None  # inject one worker failure at this step (fault-tolerance tests)
@@ -86,6 +89,8 @@ class TrainConfig:
             raise InputError(f"train.patch_size: must be >= 8 voxels, got {self.patch_size}")
         if self.lr <= 0:
             raise InputError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.background_fraction < 1.0:
+            raise InputError(f"train.background_fraction: must be in [0, 1), got {self.background_fraction}")
 
     def lr_at(self, epoch: int) -> float:
         """Step schedule: lr x gamma^(number of milestones <= epoch)."""

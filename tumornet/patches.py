@@ -103,10 +103,15 @@ def centred_patch(image: np.ndarray, bbox, size: int) -> tuple[np.ndarray, np.nd
     return img[None].astype(np.float32), _inside_patch(shift_box(bbox, -origin), size)
 
 
-def make_sample(image: np.ndarray, instances: np.ndarray, tumors: Sequence[TumorBox], index: int, size: int,
+def make_sample(image: np.ndarray, instances: np.ndarray, tumors: Sequence[TumorBox], index: int | None, size: int,
                 rng: np.random.Generator | None, tasks: Sequence[str], augment: Augment | None = None) -> Sample:
-    """The patch around tumor `index` of a scan (rng None: centred, deterministic, no augmentation)."""
-    origin = patch_origin(tumors[index].bbox, image.shape, size, rng)
+    """The patch around tumor `index` of a scan (rng None: centred, deterministic, no augmentation);
+    index None: a patch anywhere in the scan (rng needed), holding the tumors that lie wholly inside
+    it, maybe none."""
+    if index is None:
+        origin = np.array([rng.integers(0, max(n - size, 0) + 1) for n in image.shape], dtype=np.int64)
+    else:
+        origin = patch_origin(tumors[index].bbox, image.shape, size, rng)
     img = crop(image, origin, size, float(image.min()))
     seg = (crop(instances, origin, size, 0) > 0).astype(np.int64)
     patch_box = make_box(origin, origin + size)
@@ -115,7 +120,7 @@ def make_sample(image: np.ndarray, instances: np.ndarray, tumors: Sequence[Tumor
         inside = np.all(box_lo(t.bbox) >= box_lo(patch_box)) and np.all(box_hi(t.bbox) <= box_hi(patch_box))
         if inside or i == index:
             chosen.append((_inside_patch(shift_box(t.bbox, -origin), size), t.labels))
-    boxes = np.stack([b for b, _ in chosen]).astype(np.int64)
+    boxes = np.stack([b for b, _ in chosen]).astype(np.int64) if chosen else np.zeros((0, 6), np.int64)
     labels = {k: np.array([lab.get(k, MISSING) for _, lab in chosen], dtype=np.int64) for k in tasks}
     if rng is not None and augment is not None:
         if augment.flip_lr and rng.random() < 0.5:
@@ -126,7 +131,7 @@ def make_sample(image: np.ndarray, instances: np.ndarray, tumors: Sequence[Tumor
                 labels["left_right"] = np.where(lr == MISSING, MISSING, 1 - lr)
         img = img * rng.uniform(1 - augment.intensity_scale, 1 + augment.intensity_scale) + rng.uniform(
             -augment.intensity_shift, augment.intensity_shift)
-        if augment.box_jitter:
+        if augment.box_jitter and len(boxes):
             boxes = np.stack([_inside_patch(distort_box(b, rng), size) for b in boxes])
     return Sample(image=img[None].astype(np.float32), seg=seg, boxes=boxes, labels=labels)
 
