@@ -122,11 +122,11 @@ def cmd_report(args) -> None:
 def cmd_embed(args) -> None:
     from embedder.job import failure_message, run_embedding
 
+    e = _config(args).embed  # the config's section `embed`, then the options given
+    e = replace(e, **{k: v for k in vars(e) if (v := getattr(args, k)) is not None})
     report = run_embedding(manifest=args.manifest, model_path=args.model, out_dir=args.out,
-                           secret_file=args.secret_file, workers=args.workers, threads_per_worker=args.threads,
-                           scans_per_shard=args.scans_per_shard, spacing_mm=args.spacing, patch_size=args.patch,
-                           max_failure_rate=args.max_failure_rate, min_volume_ml=args.min_volume_ml,
-                           gpus_per_worker=args.gpus_per_worker, precision=args.precision)
+                           secret_file=args.secret_file, spacing_mm=args.spacing, patch_size=args.patch,
+                           min_volume_ml=args.min_volume_ml, **vars(e))
     if not report["ok"]:
         print(f"error: {failure_message(report)}", file=sys.stderr)
     return 0 if report["ok"] else 1
@@ -313,22 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--summary", help="the cohort summary JSON (`summary --out`) for the provenance")
     sp.set_defaults(func=cmd_report)
 
-    sp = sub.add_parser("embed", help="Ray Data: embed every tumor of an archive into Parquet shards (incremental)")
+    sp = with_config(sub.add_parser("embed", help="Ray Data: embed every tumor of an archive into Parquet shards"))
     sp.add_argument("--model", required=True, help="model.pt exported by training")
     sp.add_argument("--manifest", required=True, help="the archive's manifest (CSV / Parquet), or a folder of NIfTI "
                     "files (scans without masks: the model finds the tumors)")
     sp.add_argument("--min-volume-ml", type=float, help="smallest tumor found in a scan without mask (config detect)")
     sp.add_argument("--out", required=True, help="folder of the embedding shards (re-runs add to it)")
     sp.add_argument("--secret-file", required=True, help="the site's key for patient_key hashes (>= 16 bytes)")
-    sp.add_argument("--workers", type=int, default=2, help="Ray Data actors (each loads the model once)")
-    sp.add_argument("--threads", type=int, default=1, help="CPUs (torch threads) per actor")
-    sp.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0: CPU); reads stay on CPU")
-    sp.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
-    sp.add_argument("--scans-per-shard", type=int, default=8)
+    sp.add_argument("--workers", type=int, help="Ray Data actors, each loads the model once (config embed: 2)")
+    sp.add_argument("--threads", type=int, dest="threads_per_worker", help="CPUs (torch threads) per actor (1)")
+    sp.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (0: CPU); reads stay on CPU")
+    sp.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast on GPU (fp32)")
+    sp.add_argument("--scans-per-shard", type=int, help="scans per shard file (8)")
     sp.add_argument("--spacing", type=float, help="working voxel size in mm (default: the model's training spacing)")
     sp.add_argument("--patch", type=int, help="patch size in voxels (default: the model's training patch size)")
-    sp.add_argument("--max-failure-rate", type=float, default=0.05,
-                    help="exit 1 when more than this share of the scans failed or were skipped (default 0.05)")
+    sp.add_argument("--max-failure-rate", type=float, help="exit 1 above this share of failed or skipped scans (0.05)")
     sp.set_defaults(func=cmd_embed)
 
     sp = sub.add_parser("index", help="build or update the FAISS index beside the shards (search then uses it)")

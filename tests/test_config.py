@@ -121,3 +121,15 @@ def test_worker_env_reaches_the_trainer_after_the_allocator_settings(monkeypatch
         run_training(cfg, manifest=small_cohort)
     assert seen["env_vars"] == {**ALLOCATOR_ENV, **WORKER_LOGGING, "NCCL_DEBUG": "INFO", "MALLOC_ARENA_MAX": "4"}
     assert ALLOCATOR_ENV["MALLOC_ARENA_MAX"] == "1" and ALLOCATOR_ENV["MALLOC_MMAP_MAX_"] == "0"
+
+
+def test_embed_section_and_options_over_it():
+    from ray_job import build_parser
+    from tumornet.config import load_config
+
+    assert load_config("paper", []).embed.gpus_per_worker == 1 and load_config("demo", []).embed.workers == 2
+    with pytest.raises(InputError, match="reduced precision is for GPU embedding only"):
+        load_config("demo", ["embed.precision=bf16"])
+    args = build_parser().parse_args(["embed", "--model", "m", "--manifest", "x", "--out", "o", "--secret-file", "k",
+                                      "--threads", "3"])
+    assert args.threads_per_worker == 3 and args.workers is None  # None: the config's value

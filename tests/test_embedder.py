@@ -176,7 +176,7 @@ def test_embed_command_names_bad_input(tmp_path, small_cohort, model_file, secre
     assert main([*base, "--model", str(path), "--secret-file", str(tmp_path / "no.key")]) == 2
     assert "no.key: secret file not found" in capsys.readouterr().err
     assert main([*base, "--model", str(path), "--secret-file", str(secret_file), "--workers", "0"]) == 2
-    assert "workers, threads per worker and scans per shard must be >= 1" in capsys.readouterr().err
+    assert "workers, threads_per_worker and scans_per_shard must be >= 1" in capsys.readouterr().err
 
 
 def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):

@@ -128,6 +128,28 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """The archive embedding job (`ray_job.py embed`; its options override these)."""
+
+    workers: int = 2  # Ray Data actors, each loads the model once
+    threads_per_worker: int = 1  # CPUs (torch threads) per actor
+    gpus_per_worker: float = 0.0  # 0: CPU, fp32; > 0: CUDA, reads in CPU tasks
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on GPU only)
+    scans_per_shard: int = 8
+    max_failure_rate: float = 0.05  # exit 1 above this share of failed or skipped scans
+
+    def __post_init__(self) -> None:
+        if min(self.workers, self.threads_per_worker, self.scans_per_shard) < 1 or self.gpus_per_worker < 0:
+            raise InputError("embed: workers, threads_per_worker and scans_per_shard must be >= 1, "
+                             "gpus_per_worker >= 0")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise InputError(f"embed.precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision != "fp32" and self.gpus_per_worker == 0:
+            raise InputError(f"embed.precision {self.precision}: reduced precision is for GPU embedding only "
+                             "(set embed.gpus_per_worker); on CPU the job runs in fp32")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     name: str = "run"
     tasks: LabelSchema = DEFAULT_SCHEMA
@@ -139,11 +161,12 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
 
 SECTIONS = {"data": DataConfig, "phantom": PhantomConfig, "model": NetConfig, "loss": LossWeights,
             "train": TrainConfig, "distributed": DistributedConfig, "retrieval": RetrievalConfig,
-            "detect": DetectConfig}
+            "detect": DetectConfig, "embed": EmbedConfig}
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:
