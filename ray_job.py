@@ -162,7 +162,7 @@ def cmd_evaluate(args) -> None:
         from retrieval.robustness import format_robustness, robustness
 
         res["robustness"] = robustness(args.model, args.embeddings, args.manifest, secret, k=args.k,
-                                       draws=args.draws, seed=args.seed)
+                                       draws=args.draws, seed=args.seed, on=args.on)
         print()
         print(format_robustness(res["robustness"]))
     write_evaluation(res, args.out or Path(args.embeddings) / "evaluation.json")

@@ -47,15 +47,16 @@ def query_split(rows: list[dict], tasks, x: np.ndarray | None = None) -> Split:
 
 
 def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draws: int = 3, seed: int = 0,
-               log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1) -> dict:
-    ev = load_evaluation(emb_dir, manifest, secret, model_path)
+               log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1, on: str = "test") -> dict:
+    """`on`: the queries, the held-out test patients or the validation patients (as `evaluate --on`)."""
+    ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on)
     clean = knn_scores(ev.train, ev.test, [k], ev.tasks)[k]
     runs = [knn_scores(ev.train, query_split(rows, ev.tasks), [k], ev.tasks)[k]
             for rows in distorted_queries(model_path, ev, manifest, secret, draws=draws, seed=seed,
                                           log2_scale_sd=log2_scale_sd, shift_sd=shift_sd)]
     keys = list(clean)
     return {"model_id": ev.meta["model_id"], "k": k, "draws": draws, "log2_scale_sd": log2_scale_sd,
-            "shift_sd": shift_sd, "test_tumors": len(ev.test.x), "tasks": list(ev.tasks), "clean": clean,
+            "shift_sd": shift_sd, "on": on, "test_tumors": len(ev.test.x), "tasks": list(ev.tasks), "clean": clean,
             "distorted_mean": {key: float(np.mean([r[key] for r in runs])) for key in keys},
             "distorted_sd": {key: float(np.std([r[key] for r in runs])) for key in keys}}
 

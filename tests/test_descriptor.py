@@ -107,7 +107,8 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
     statistics, and on="validation" searches the validation patients among the training ones."""
     from embedder.shards import model_shard_schema, write_shard
     from retrieval.evaluate import evaluate, load_evaluation
-    from retrieval.experiments import recipe_grid
+    from retrieval.experiments import recipe_grid, recipe_score
+    from retrieval.robustness import robustness
     from tumornet.export import export_model
     from tumornet.split import patient_sides, record_split
 
@@ -135,6 +136,12 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
     grid = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
                        grid={"roipool": (0.0, 1.0), "tasks": (0.0,), "size": (1.0,), "position": (1.0, 2.0)})
     assert len(grid) == 2 and grid[0]["score"] >= grid[1]["score"]  # roipool 0 with tasks 0 is skipped
+    robust = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3, draws=1,
+                         grid={"roipool": (1.0,), "tasks": (0.0,), "size": (1.0,), "position": (1.0,)})
+    (row,) = robust
+    assert row["score"] == pytest.approx((recipe_score(row["learned"]) + recipe_score(row["distorted"])) / 2)
+    rob = robustness(path, tmp_path / "emb", small_cohort, SECRET, k=3, draws=1, on="validation")
+    assert rob["on"] == "validation" and rob["test_tumors"] == n_val
 
 
 def test_segmented_size_counts_whole_components_the_box_touches():
