@@ -29,8 +29,10 @@ from tumornet.scans import Scan, load_image, load_scan
 from tumornet.volumes import Volume
 
 
-def source_hash(rows: Sequence[ManifestRow]) -> str:
-    """sha256 over the scan's image and mask file contents (what decides a re-embedding)."""
+def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
+    """sha256 over the scan's image and mask file contents, then the embedding settings (the job's
+    settings_fingerprint): what decides a re-embedding. A changed file or a changed recipe, spacing,
+    patch size or detection setting with the same weights (model id) embeds the scan again."""
     h = hashlib.sha256()
     for path in (rows[0].image, rows[0].mask):
         if path is None:  # no mask: the tumors are found by the model
@@ -40,7 +42,19 @@ def source_hash(rows: Sequence[ManifestRow]) -> str:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
+    h.update(settings.encode())
     return h.hexdigest()
+
+
+def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
+    """What besides the weights and the files decides a shard row: spacing, patch size, the retrieval
+    recipe and its statistics, the detection settings (16 hex chars)."""
+    import dataclasses
+    import json
+
+    text = json.dumps([spacing, patch, dataclasses.asdict(recipe[0]), recipe[1], dataclasses.asdict(detect)],
+                      sort_keys=True, default=float)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def embed_settings(meta: dict, model_path, *, spacing_mm=None, patch_size: int | None = None):

@@ -34,7 +34,7 @@ from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import ManifestRow, folder_cohort, read_manifest_lenient, redact
 from tumornet.runtime import ALLOCATOR_ENV
 
-from .embed import detect_settings, embed_read, embed_settings, read_scan, source_hash
+from .embed import detect_settings, embed_read, embed_settings, read_scan, settings_fingerprint, source_hash
 from .shards import done_scans, model_shard_schema, write_shard
 from .transfer import from_bytes, pack, to_bytes, unpack
 
@@ -80,7 +80,7 @@ def decode_shard(row: dict) -> dict:
         rows = [_row_of(d) for d in scan["rows"]]
         entry = {"scan_key": scan["scan_key"], "rows": scan["rows"], "state": "read"}
         try:
-            entry["hash"] = source_hash(rows)
+            entry["hash"] = source_hash(rows, job["settings"])
             if entry["hash"] in scan["done"]:
                 entry["state"] = "unchanged"
             else:
@@ -289,7 +289,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         job = {"model_path": str(Path(model_path).resolve()), "out_dir": str(out), "secret": secret.hex(),
                "spacing_mm": spacing, "patch_size": patch, "recipe": dataclasses.asdict(recipe[0]),
                "stats": recipe[1], "detect": dataclasses.asdict(detect), "gpus": gpus_per_worker,
-               "precision": precision, "threads": threads_per_worker, "stamp": stamp}
+               "precision": precision, "threads": threads_per_worker, "stamp": stamp,
+               "settings": settings_fingerprint(spacing, patch, recipe, detect)}
         ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
                                   for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
         # max_restarts=0, deliberately: a scan's own failure is caught inside the actor, so an actor

@@ -41,7 +41,7 @@ def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = No
            ("seg_log_volume", pa.float32()),  # log of the segmented volume (ml) of the components the box touches
            ("handcrafted", pa.list_(pa.float32(), len(HANDCRAFTED))),  # tumornet.handcrafted.FEATURES
            ("model_id", pa.string()),
-           ("source_hash", pa.string()),  # sha256 of the image and mask files
+           ("source_hash", pa.string()),  # sha256 of the image and mask files and the embedding settings
            ("embedded_at", pa.timestamp("s", tz="UTC"))]
     )
 
@@ -142,11 +142,14 @@ def compact_shards(out_dir: str | Path, *, rows_per_file: int = 200_000, log=pri
 
 
 def done_scans(out_dir: str | Path, model_id: str) -> set[tuple[str, str]]:
-    """(scan_key, source_hash) pairs that `model_id` has already embedded into `out_dir`."""
-    done: set[tuple[str, str]] = set()
-    for f in shard_files(Path(out_dir)):
-        t = pq.read_table(f, columns=["scan_key", "model_id", "source_hash"])
-        for scan, mid, h in zip(*(t[c].to_pylist() for c in ("scan_key", "model_id", "source_hash")), strict=True):
-            if mid == model_id:
-                done.add((scan, h))
-    return done
+    """(scan_key, source_hash) of each scan's newest rows that `model_id` embedded into `out_dir`
+    (only the newest: files or settings changed and changed back are embedded again, since readers
+    see the newest rows)."""
+    cols = ["scan_key", "model_id", "source_hash", "embedded_at", "tumor_id"]
+    tables = [pq.read_table(f, columns=cols) for f in shard_files(Path(out_dir))]
+    tables = [t.filter(pa.compute.equal(t["model_id"], model_id)) for t in tables]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return set()
+    t = newest_rows(pa.concat_tables(tables))
+    return set(zip(t["scan_key"].to_pylist(), t["source_hash"].to_pylist(), strict=True))

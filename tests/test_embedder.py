@@ -139,6 +139,13 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     again = run_embedding(**kw)
     assert (again["embedded"], again["unchanged"], again["failed"]) == (0, len(cohort.scans()), 0)
     assert len(shard_files(out)) == -(-len(cohort.scans()) // 8)
+    # the same weights with other embedding settings (here the patch size): every scan again, and
+    # the next run with those settings embeds nothing
+    other = run_embedding(**kw, patch_size=24)
+    assert (other["embedded"], other["unchanged"]) == (len(cohort.scans()), 0)
+    assert run_embedding(**kw, patch_size=24)["unchanged"] == len(cohort.scans())
+    assert read_embeddings(out, model_id=mid).num_rows == n_tumors  # the newest rows only
+    run_embedding(**kw)  # back to the model's own settings for what follows
 
     # one scan's image is corrupted, another's replaced: the first is recorded, the second re-embedded
     scans = sorted(cohort.scans())
@@ -159,7 +166,7 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert errors[1]["error_class"] == "missing_file" and errors[1]["message"] == "<mask>: file not found"
     assert str(archive) not in json.dumps(errors)
     history = json.loads((out / "embed-report.json").read_text())
-    assert [r["failed"] for r in history["runs"]] == [0, 0, 2] and history["last"] == third
+    assert [r["failed"] for r in history["runs"]] == [0, 0, 0, 0, 0, 2] and history["last"] == third
     latest = read_embeddings(out, model_id=mid)
     assert latest.num_rows == n_tumors  # the re-embedded scan's old rows are superseded; failed scans keep theirs
     hashes = zip(latest["scan_key"].to_pylist(), latest["source_hash"].to_pylist(), strict=True)
@@ -194,7 +201,8 @@ def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):
     ids = sorted(scans)[:3]
     job = {"model_path": str(path), "out_dir": str(tmp_path / "o"), "secret": SECRET.hex(), "spacing_mm": 4.0,
            "patch_size": 16, "recipe": dataclasses.asdict(RetrievalConfig()), "stats": None, "threads": 1,
-           "stamp": "t", "detect": dataclasses.asdict(DetectConfig()), "gpus": 0, "precision": "fp32"}
+           "stamp": "t", "detect": dataclasses.asdict(DetectConfig()), "gpus": 0, "precision": "fp32",
+           "settings": "s"}
     rows = {s: [_row_dict(r) for r in scans[s]] for s in ids}
     rows[ids[2]] = [dict(r, image=str(tmp_path / "gone.nii.gz")) for r in rows[ids[2]]]
     item = {"job": job, "scans": [{"scan_key": keyed_id(s, SECRET), "done": [], "rows": rows[s]} for s in ids]}
