@@ -23,7 +23,7 @@ from embedder.shards import read_embeddings
 from tumornet.descriptor import RetrievalConfig, compose
 from tumornet.errors import InputError
 from tumornet.export import load_model
-from tumornet.io import atomic_write_text
+from tumornet.io import atomic_write_text, read_json_record
 from tumornet.keys import keyed_id
 from tumornet.labels import LabelSchema
 from tumornet.manifest import read_manifest
@@ -174,13 +174,4 @@ def write_evaluation(res: dict, path: str | Path) -> None:
 
 def read_evaluation(path: str | Path) -> dict:
     """An evaluation written by `write_evaluation` (`ray_job.py evaluate --out`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: evaluation file not found (written by `ray_job.py evaluate --out`)")
-    try:
-        res = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: not an evaluation JSON ({e})") from None
-    if not isinstance(res, dict) or not {"rows", "k_curve", "tasks", "k"} <= set(res):
-        raise InputError(f"{p}: not an evaluation (expected keys rows, k_curve, tasks, k)")
-    return res
+    return read_json_record(path, "evaluation", ("rows", "k_curve", "tasks", "k"), "ray_job.py evaluate --out")

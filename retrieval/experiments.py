@@ -22,7 +22,7 @@ from embedder.job import run_embedding
 from trainer.launch import run_training
 from tumornet.config import Config, config_to_dict, find_config, with_overrides
 from tumornet.errors import InputError
-from tumornet.io import atomic_write_text
+from tumornet.io import atomic_write_text, read_json_record
 
 from .evaluate import evaluate, fmt_metric, metric_label, plain
 
@@ -121,16 +121,7 @@ def format_experiment(exp: dict) -> str:
 
 
 def read_experiment(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: experiment table not found (written by `ray_job.py experiment`)")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: not an experiment table ({e})") from None
-    if not isinstance(d, dict) or not {"title", "k", "tasks", "rows"} <= set(d):
-        raise InputError(f"{p}: not an experiment table (expected keys title, k, tasks, rows)")
-    return d
+    return read_json_record(path, "experiment table", ("title", "k", "tasks", "rows"), "ray_job.py experiment")
 
 
 GRID = {"roipool": (0.0, 0.5, 1.0), "tasks": (0.0, 0.5, 1.0, 2.0), "size": (0.0, 0.5, 1.0, 2.0),

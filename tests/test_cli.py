@@ -88,8 +88,10 @@ def test_new_readers_name_the_bad_file(tmp_path, capsys):
     from tumornet.errors import InputError
     from tumornet.keys import ensure_secret, read_secret
 
+    with pytest.raises(InputError, match=r"gone\.json: evaluation not found \(written by `ray_job.py evaluate"):
+        read_evaluation(tmp_path / "gone.json")
     (tmp_path / "e.json").write_text("{not json")
-    with pytest.raises(InputError, match=r"e\.json: not an evaluation JSON"):
+    with pytest.raises(InputError, match=r"e\.json: not an evaluation \(Expecting"):
         read_evaluation(tmp_path / "e.json")
     (tmp_path / "e2.json").write_text('{"rows": {}}')
     with pytest.raises(InputError, match=r"e2\.json: not an evaluation \(expected keys"):

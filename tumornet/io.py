@@ -3,17 +3,21 @@
 `atomic_write` writes to a unique temporary file in the target's folder, then renames it over the
 target (atomic on POSIX); a crash or a second concurrent writer never leaves a half-written file,
 and the temporary file is removed when writing fails. `write_table_csv` is the one CSV writer of
-manifests (synthetic cohort, public layouts, tests).
+manifests (synthetic cohort, public layouts, tests); `read_json_record` reads back a JSON record
+that a command wrote, checked.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+from .errors import InputError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -42,3 +46,21 @@ def write_table_csv(path: str | Path, rows: Iterable[dict], columns: Sequence[st
     w.writeheader()
     w.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+
+def read_json_record(path: str | Path, what: str, keys: Sequence[str], written_by: str) -> dict:
+    """A JSON object with at least `keys`, written by `written_by`; every problem names the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: {what} not found (written by `{written_by}`)")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: not {_article(what)} {what} ({e})") from None
+    if not isinstance(d, dict) or not set(keys) <= set(d):
+        raise InputError(f"{p}: not {_article(what)} {what} (expected keys {', '.join(keys)})")
+    return d
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
