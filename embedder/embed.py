@@ -10,8 +10,10 @@ search compares (for the paper's recipe: the RoiPool vector itself).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,9 +51,6 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
     """What besides the weights and the files decides a shard row: spacing, patch size, the retrieval
     recipe and its statistics, the detection settings (16 hex chars)."""
-    import dataclasses
-    import json
-
     text = json.dumps([spacing, patch, dataclasses.asdict(recipe[0]), recipe[1], dataclasses.asdict(detect)],
                       sort_keys=True, default=float)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

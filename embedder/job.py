@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.ray_setup import init_ray
+from tumornet.config import EmbedConfig, check_precision
 from tumornet.descriptor import RetrievalConfig
 from tumornet.detect import DetectConfig
 from tumornet.errors import InputError
@@ -55,17 +56,18 @@ def _row_of(d: dict) -> ManifestRow:
                        tumor_values=tuple(d["tumor_values"]) if d["tumor_values"] is not None else None)
 
 
-def _failure(e: Exception, rows: list[ManifestRow]) -> tuple[str, str, str]:
-    """-> (stage, error class, message without the scan's paths and ids): bad input files are
-    `read` failures with the input's own class (missing_file, truncated, ...); anything else is an
+def _failure(e: Exception, rows: list[ManifestRow], stage: str = "read") -> tuple[str, str, str]:
+    """-> (stage, error class, message without the scan's paths and ids): an InputError (bad input
+    files: missing_file, truncated, ...) or a MemoryError is a failure of `stage` (the stage it
+    happened in: read, or embed for the network's part) with its own class; anything else is an
     `embed` failure named by its exception type."""
     r = rows[0]
     message = redact(str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}",
                      (r.patient_id, r.scan_id, str(r.image), str(r.mask or "")))
     if isinstance(e, InputError):
-        return "read", e.kind, message
+        return stage, e.kind, message
     if isinstance(e, MemoryError):
-        return "read", "out_of_memory", message or "out of memory"
+        return stage, "out_of_memory", message or "out of memory"
     return "embed", type(e).__name__, message
 
 
@@ -89,15 +91,6 @@ def decode_shard(row: dict) -> dict:
             entry["state"], entry["fail"] = "failed", _failure(e, rows)
         scans.append(entry)
     return {"shard": row["shard"], "payload": json.dumps({"job": job, "scans": scans}), "arrays": to_bytes(arrays)}
-
-
-def check_precision(on_gpu: bool, precision: str) -> None:
-    """fp32 anywhere; bf16 / fp16 on CUDA only (on CPU bf16 is hundreds of times slower)."""
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise InputError(f"--precision: expected fp32, bf16 or fp16, got {precision!r}")
-    if precision != "fp32" and not on_gpu:
-        raise InputError(f"--precision {precision}: reduced precision is for GPU embedding only (pass "
-                         "--gpus-per-worker); on CPU the job runs in fp32")
 
 
 def inference_precision(device, precision: str):
@@ -163,9 +156,7 @@ class ShardEmbedder:
                         rows_out += new
                         n = len(new)
                     except (Exception, MemoryError) as e:  # recorded, the job goes on
-                        state, fail = "failed", _failure(e, rows)
-                        if fail[0] == "read":
-                            fail = ("embed", *fail[1:])
+                        state, fail = "failed", _failure(e, rows, stage="embed")
                 values = (int(shard), scan["scan_key"], rows[0].row, state, n, *fail)
                 for k, v in zip(status, values, strict=True):
                     status[k].append(v)
@@ -246,13 +237,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     that hold every CPU would never be scheduled)."""
     import ray
 
-    if workers < 1 or threads_per_worker < 1 or scans_per_shard < 1:
-        raise InputError("embed: workers, threads per worker and scans per shard must be >= 1")
-    if gpus_per_worker < 0:
-        raise InputError(f"--gpus-per-worker: expected >= 0, got {gpus_per_worker}")
-    check_precision(gpus_per_worker > 0, precision)
-    if not 0.0 <= max_failure_rate <= 1.0:
-        raise InputError(f"--max-failure-rate: expected a share in [0, 1], got {max_failure_rate}")
+    EmbedConfig(workers=workers, threads_per_worker=threads_per_worker, gpus_per_worker=gpus_per_worker,
+                precision=precision, scans_per_shard=scans_per_shard, max_failure_rate=max_failure_rate)  # checked
     model, meta = load_model(model_path)  # validated here, before any worker starts
     secret = read_secret(secret_file)
     # row by row: an invalid row skips its scan (recorded), every valid scan is embedded; files are

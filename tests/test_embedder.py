@@ -223,7 +223,8 @@ def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):
 
 
 def test_reduced_precision_is_for_gpus_only():
-    from embedder.job import check_precision, inference_precision
+    from embedder.job import inference_precision
+    from tumornet.config import check_precision
 
     check_precision(False, "fp32")
     check_precision(True, "bf16")

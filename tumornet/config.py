@@ -142,11 +142,19 @@ class EmbedConfig:
         if min(self.workers, self.threads_per_worker, self.scans_per_shard) < 1 or self.gpus_per_worker < 0:
             raise InputError("embed: workers, threads_per_worker and scans_per_shard must be >= 1, "
                              "gpus_per_worker >= 0")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise InputError(f"embed.precision: expected fp32, bf16 or fp16, got {self.precision!r}")
-        if self.precision != "fp32" and self.gpus_per_worker == 0:
-            raise InputError(f"embed.precision {self.precision}: reduced precision is for GPU embedding only "
-                             "(set embed.gpus_per_worker); on CPU the job runs in fp32")
+        check_precision(self.gpus_per_worker > 0, self.precision)
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise InputError(f"embed.max_failure_rate (--max-failure-rate): expected a share in [0, 1], got "
+                             f"{self.max_failure_rate}")
+
+
+def check_precision(on_gpu: bool, precision: str) -> None:
+    """fp32 anywhere; bf16 / fp16 on CUDA only (on CPU bf16 is hundreds of times slower)."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise InputError(f"embed.precision (--precision): expected fp32, bf16 or fp16, got {precision!r}")
+    if precision != "fp32" and not on_gpu:
+        raise InputError(f"embed.precision {precision}: reduced precision is for GPU embedding only (set "
+                         "embed.gpus_per_worker, --gpus-per-worker); on CPU the job runs in fp32")
 
 
 @dataclass(frozen=True, kw_only=True)

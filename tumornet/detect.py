@@ -4,9 +4,9 @@ Sliding-window inference over the whole scan on the model's working grid (the ne
 convolutional): windows of `window` voxels per axis (an axis shorter than that is one window, its
 length rounded up to a multiple of 4; at 2 mm a head is one window of 128) overlapping by `overlap`
 (the last window of an axis flush with its end), the tumor probability (1 - P(background)) averaged
-where windows overlap, thresholded,
-split into 26-connected components, and components under `min_volume_ml` dropped. Each component
-becomes a Tumor record (tumor_id 1 = the largest), measured on the working grid, without labels.
+where windows overlap, thresholded, split into 26-connected components, and components under
+`min_volume_ml` dropped. Each component becomes a Tumor record (tumor_id 1 = the largest), measured
+on the working grid, without labels.
 Pure torch / numpy: the embedding job and `search --image` call it per scan.
 """
 

@@ -247,7 +247,8 @@ def read_manifest_lenient(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA
                           check_files: bool = False) -> tuple[Cohort, list[RowError]]:
     """Read a manifest row by row (the nightly job): -> (the valid scans, the invalid rows). An
     invalid row skips its scan; every other scan is kept. Table-level problems still raise. A row
-    may leave `mask` empty (with tumor_id and labels): its scan's tumors are found by the model."""
+    may leave `mask` empty (and then tumor_id and the labels too): one row for a scan whose tumors
+    the model finds."""
     path = Path(path)
     rows, errors = _validate(path, schema, check_files, unmasked=True)
     return Cohort(path, tuple(rows), schema), errors

@@ -30,13 +30,18 @@ def read_instances(first: ManifestRow, like=None) -> tuple[np.ndarray, np.ndarra
     return mask, affine
 
 
-def load_image(path, scan_id: str, *, spacing_mm=None, normalize: bool = True) -> Volume:
-    """One scan's image alone, resampled to the working grid and normalized (a scan without a mask)."""
-    data, affine = read_nifti(path)
-    image, grid = resample(data, affine, as_spacing(spacing_mm), order=1)
+def _on_grid(data: np.ndarray, affine: np.ndarray, spacing, scan_id: str, normalize: bool) -> Volume:
+    """An image resampled to the working grid (linear) and, by default, brain-normalized."""
+    image, grid = resample(data, affine, spacing, order=1)
     if normalize:
         image = normalize_intensity(image)
     return Volume(array=image.astype(np.float32), spacing_mm=spacing_of(grid), affine=grid, scan_id=scan_id)
+
+
+def load_image(path, scan_id: str, *, spacing_mm=None, normalize: bool = True) -> Volume:
+    """One scan's image alone, resampled to the working grid and normalized (a scan without a mask)."""
+    data, affine = read_nifti(path)
+    return _on_grid(data, affine, as_spacing(spacing_mm), scan_id, normalize)
 
 
 def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool = True) -> Scan:
@@ -53,14 +58,11 @@ def load_scan(rows: Sequence[ManifestRow], *, spacing_mm=None, normalize: bool =
     if not (mask > 0).any():
         raise InputError(f"{first.mask}: empty mask (no tumor voxel)", kind="empty_mask")
     spacing = as_spacing(spacing_mm)
-    image, grid = resample(data, affine, spacing, order=1)
+    volume = _on_grid(data, affine, spacing, first.scan_id, normalize)
     instances, _ = resample(mask, affine, spacing, order=0)
     tumors = measure_tumors(
-        mask, affine, scan_id=first.scan_id, grid_affine=grid, grid_shape=image.shape,
+        mask, affine, scan_id=first.scan_id, grid_affine=volume.affine, grid_shape=volume.shape,
         tumor_ids=[r.tumor_id for r in rows], labels={r.tumor_id: r.labels for r in rows},
         where=f"{first.mask} (manifest rows {[r.row for r in rows]})",
     )
-    if normalize:
-        image = normalize_intensity(image)
-    volume = Volume(array=image.astype(np.float32), spacing_mm=spacing_of(grid), affine=grid, scan_id=first.scan_id)
     return Scan(volume=volume, instances=instances.astype(np.int32), tumors=tuple(tumors))
