@@ -39,9 +39,9 @@ def distorted_queries(model_path, ev, manifest, secret: bytes, *, draws: int, se
     return out
 
 
-def query_split(rows: list[dict], tasks, x: np.ndarray | None = None) -> Split:
-    """Shard rows -> a query Split (their `embedding`, or the vectors x)."""
-    return Split(x=np.array([r["embedding"] for r in rows], dtype=np.float32) if x is None else x,
+def query_split(rows: list[dict], tasks) -> Split:
+    """Shard rows -> a query Split of their `embedding`s."""
+    return Split(x=np.array([r["embedding"] for r in rows], dtype=np.float32),
                  labels={t: np.array([r[f"label_{t}"] for r in rows]) for t in tasks},
                  size_mm=np.array([r["size_mm"] for r in rows]), patients=np.array([r["patient_key"] for r in rows]))
 

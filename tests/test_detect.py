@@ -127,6 +127,8 @@ def test_manifest_and_folder_without_masks(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(InputError, match="no NIfTI file"):
         folder_cohort(tmp_path / "b")
+    with pytest.raises(InputError, match=r"m\.csv: not a folder"):
+        folder_cohort(tmp_path / "m.csv")
     rows = [{"patient_id": "P", "scan_id": "S", "image": "a/x.nii.gz", "mask": "", "tumor_id": ""},
             {"patient_id": "Q", "scan_id": "T", "image": "a/x.nii.gz", "mask": "", "tumor_id": "",
              "tumor_type": "metastasis"}]
@@ -166,6 +168,10 @@ def test_detection_quality_and_search_by_image_alone(tmp_path, segmenter):
     true_big = max(masked, key=lambda q: q["size_mm"])
     assert big["size_mm"] == pytest.approx(true_big["size_mm"], rel=0.15)
     assert big["hits"][0]["scan_key"] == true_big["hits"][0]["scan_key"]
+    # a scan without any sphere: nothing found, and the error says what to give instead
+    write_nifti(tmp_path / "empty.nii.gz", 100 + np.random.default_rng(5).normal(0, 5, SHAPE), AFFINE)
+    with pytest.raises(InputError, match=r"empty\.nii\.gz: the model found no tumor in this scan \(give --mask"):
+        search(model_path, tmp_path / "emb", query_rows(tmp_path / "empty.nii.gz", None), k=3)
 
 
 def test_dice_matrix_by_hand():
