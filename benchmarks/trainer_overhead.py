@@ -56,7 +56,7 @@ def bare_loop(cfg, manifest: str, warmup: int, steps: int, blocks: int) -> list[
         x, seg, boxes = torch.from_numpy(b["image"]), torch.from_numpy(b["seg"]), torch.from_numpy(b["boxes"])
         labels = {k: torch.from_numpy(v) for k, v in b["labels"].items()}
         opt.zero_grad(set_to_none=True)
-        multitask_loss(model(x, boxes), seg, labels, cfg.loss)["total"].backward()
+        multitask_loss(model(x, boxes, torch.from_numpy(b["frame"])), seg, labels, cfg.loss)["total"].backward()
         opt.step()
     rates.append(steps * cfg.train.batch_size / (time.perf_counter() - t_start))
     stream.close()

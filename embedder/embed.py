@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tumornet.boxes import voxel_to_mm
-from tumornet.descriptor import RetrievalConfig, compose, head_box_voxels, recipe_of, tumors_parts
+from tumornet.descriptor import RetrievalConfig, compose, recipe_of, tumors_parts
 from tumornet.detect import DetectConfig, detect_tumors
 from tumornet.errors import InputError
 from tumornet.handcrafted import handcrafted_features
@@ -28,7 +28,7 @@ from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
 from tumornet.network import MultitaskNet
 from tumornet.scans import Scan, load_image, load_scan
-from tumornet.volumes import Volume
+from tumornet.volumes import Volume, head_box_voxels
 
 
 def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:

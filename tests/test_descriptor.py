@@ -11,7 +11,6 @@ from tumornet.descriptor import (
     RetrievalConfig,
     compose,
     fit_stats,
-    head_box_voxels,
     segmented_voxels,
     tumor_parts,
     tumors_parts,
@@ -22,13 +21,14 @@ from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest, write_manifest
 from tumornet.network import MultitaskNet, NetConfig
 from tumornet.scans import load_scan
+from tumornet.volumes import head_box_voxels
 
 RECIPE = RetrievalConfig(roipool=0.5, standardize=True, tasks=1.0, size=1.0, position=1.0)
 
 
-def _model():
+def _model(coords: bool = False):
     torch.manual_seed(0)
-    return MultitaskNet(NetConfig(channels=8, blocks=1), DEFAULT_SCHEMA).eval()
+    return MultitaskNet(NetConfig(channels=8, blocks=1, coords=coords), DEFAULT_SCHEMA).eval()
 
 
 def _parts(small_cohort, model):
@@ -76,10 +76,11 @@ def test_each_part_counts_about_one_between_random_tumors(small_cohort):
     assert np.allclose(one.reshape(len(parts), -1)[:, :3].sum(1), 1 / np.sqrt(2), atol=1e-5)
 
 
-def test_an_lps_copy_of_a_scan_gives_the_same_vectors(small_cohort, tmp_path):
-    """Position and size come from the canonical (RAS) working grid: the scan's storage orientation
-    does not change them."""
-    model = _model()
+@pytest.mark.parametrize("coords", [False, True])
+def test_an_lps_copy_of_a_scan_gives_the_same_vectors(small_cohort, tmp_path, coords):
+    """Position, size and coordinate channels come from the canonical (RAS) working grid: the
+    scan's storage orientation does not change them."""
+    model = _model(coords)
     cohort = read_manifest(small_cohort)
     rows = next(r for r in cohort.scans().values() if len(r) > 1)
     for name, src in (("img", rows[0].image), ("msk", rows[0].mask)):

@@ -53,8 +53,8 @@ def test_embed_scan_gives_the_roipool_vector_of_each_tumor(small_cohort):
     scan = load_scan(rows, spacing_mm=4.0)
     assert [r["tumor_id"] for r in out] == [t.tumor_id for t in scan.tumors] and len(out) == len(rows)
     for r, t in zip(out, scan.tumors, strict=True):
-        patch, box = centred_patch(scan.volume.array, t.bbox, patch_size_for(t.bbox, 16))
-        expected = model.embed(patch, box)[0]
+        patch, box, frame = centred_patch(scan.volume.array, t.bbox, patch_size_for(t.bbox, 16))
+        expected = model.embed(patch, box, frame)[0]
         assert np.allclose(r["embedding"], expected.numpy(), atol=1e-5) and len(r["embedding"]) == 8
         assert r["bbox"] == t.bbox.tolist() and r["size_mm"] == pytest.approx(t.size_mm)
         assert all(0 <= r[f"pred_{k}"] < DEFAULT_SCHEMA[k].n_classes for k in DEFAULT_SCHEMA.names)

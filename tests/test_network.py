@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA, LabelSchema
-from tumornet.network import Backbone, MultitaskNet, NetConfig, ResBlock, roi_pool
+from tumornet.network import Backbone, MultitaskNet, NetConfig, ResBlock, coordinate_channels, roi_pool
+from tumornet.patches import mirrored_frame, patch_frame
 
 torch.manual_seed(0)
 
@@ -165,3 +167,27 @@ def test_segmentation_starts_at_the_tumor_prior(seg_classes):
     assert float(bias[0]) == 0 and torch.allclose(bias[1:], torch.full((seg_classes - 1,), expected))
     assert float(net.seg_head.skip.bias.abs().max()) == 0
     assert p[0.01] < 0.05 < 0.3 < p[0.0]  # tumor probability at the start: about the prior vs about uniform
+
+
+def test_coordinate_channels_follow_the_frame_and_its_mirror():
+    frame = patch_frame([2, 3, 4], (np.array([10.0, 10.0, 10.0]), np.array([5.0, 10.0, 20.0])))
+    c = coordinate_channels(torch.from_numpy(np.stack([frame, mirrored_frame(frame, 6)])), (6, 7, 8))
+    assert c.shape == (2, 3, 6, 7, 8)
+    i, j, k = 4, 5, 6
+    assert c[0, :, i, j, k].tolist() == pytest.approx([(2 + i - 10) / 5, (3 + j - 10) / 10, (4 + k - 10) / 20])
+    # the flipped patch's voxel i is the original's voxel 5 - i, mirrored (x -> -x)
+    assert torch.allclose(c[1, 0], -c[0, 0].flip(0)) and torch.equal(c[1, 1:], c[0, 1:])
+
+
+def test_a_network_with_coordinates_reads_the_frame():
+    torch.manual_seed(0)
+    net = MultitaskNet(NetConfig(channels=8, blocks=1, coords=True), DEFAULT_SCHEMA).eval()
+    assert net.backbone.stem[0][0].in_channels == 4
+    x, boxes = torch.randn(1, 1, 12, 12, 12), torch.tensor([[0, 2, 2, 2, 8, 8, 8]])
+    with pytest.raises(ValueError, match="coordinate channels"):
+        net(x, boxes)
+    left = torch.tensor([[-0.8, 0.0, 0.0, 0.05, 0.05, 0.05]])
+    right = torch.tensor([[0.2, 0.0, 0.0, 0.05, 0.05, 0.05]])
+    a, b = net(x, boxes, left)["embedding"], net(x, boxes, right)["embedding"]
+    assert not torch.allclose(a, b, atol=1e-4)  # the same image elsewhere in the head: another vector
+    assert torch.allclose(a, net.embed(x[0], boxes[:, 1:], left[0]), atol=1e-6)

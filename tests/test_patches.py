@@ -3,7 +3,8 @@ import pytest
 
 from tumornet.boxes import make_box
 from tumornet.labels import MISSING
-from tumornet.patches import Augment, TumorBox, collate, crop, make_sample, patch_origin
+from tumornet.patches import Augment, TumorBox, collate, crop, make_sample, patch_frame, patch_origin
+from tumornet.volumes import head_box_voxels
 
 TASKS = ("tumor_type", "left_right")
 
@@ -48,8 +49,12 @@ def test_lr_flip_swaps_left_right_label_and_mirrors_image_seg_and_boxes():
             assert np.array_equal(s.seg, same.seg[::-1]) and np.array_equal(s.image, same.image[:, ::-1])
             lo, hi = same.boxes[0][0], same.boxes[0][3]
             assert s.boxes[0].tolist() == [20 - hi, *same.boxes[0][1:3], 20 - lo, *same.boxes[0][4:6]]
+            # the mirror image of the head: x -> -x, the patch's first voxel is the old last one
+            assert s.frame[0] == pytest.approx(-(same.frame[0] + 19 * same.frame[3]))
+            assert np.array_equal(s.frame[1:], same.frame[1:])
         else:
             assert np.array_equal(s.seg, same.seg) and np.array_equal(s.boxes, same.boxes)
+            assert np.array_equal(s.frame, same.frame)
         assert s.labels["tumor_type"][0] == 0
         mask_x = np.argwhere(s.seg > 0)[:, 0]
         assert s.boxes[0][0] == mask_x.min() and s.boxes[0][3] == mask_x.max() + 1
@@ -106,3 +111,17 @@ def test_a_patch_anywhere_holds_only_whole_tumors_and_trains_without_boxes():
     loss["total"].backward()
     assert torch.isfinite(loss["total"]) and float(loss["total"]) == pytest.approx(float(loss["seg"]))
     assert model.seg_head.conv2.weight.grad is not None
+
+
+def test_a_patch_frame_places_its_voxels_in_the_head():
+    image, inst, tumors = _scan()
+    head = (np.array([20.0, 18.0, 15.0]), np.array([10.0, 9.0, 5.0]))
+    s = make_sample(image, inst, tumors, 1, 16, None, TASKS, head=head)
+    origin = patch_origin(tumors[1].bbox, image.shape, 16, None)
+    assert s.frame.dtype == np.float32
+    assert np.allclose(s.frame, [*((origin - head[0]) / head[1]), 0.1, 1 / 9, 0.2])
+    assert np.allclose(patch_frame([20, 18, 15], head)[:3], 0.0)  # the head's centre is 0
+    assert np.allclose(collate([s, s])["frame"], [s.frame, s.frame])
+    # no head given: the scan's own head box (volumes.head_box_voxels)
+    assert np.allclose(make_sample(image, inst, tumors, 1, 16, None, TASKS).frame,
+                       patch_frame(origin, head_box_voxels(image)))

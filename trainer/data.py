@@ -16,6 +16,7 @@ import numpy as np
 from tumornet.cache import CachedScan
 from tumornet.config import TrainConfig
 from tumornet.patches import Augment, collate, make_sample
+from tumornet.volumes import head_box_voxels
 
 
 class PatchStream:
@@ -25,6 +26,7 @@ class PatchStream:
             raise ValueError(f"worker {rank} has no training scan: use fewer workers or more scans")
         self.scans, self.cfg, self.tasks, self.rank = list(scans), cfg, list(tasks), rank
         self.arrays = [s.arrays() for s in self.scans]
+        self.heads = [head_box_voxels(np.asarray(image)) for image, _ in self.arrays]  # the patches' frames
         self.augment = Augment(flip_lr=cfg.flip_lr, intensity_scale=cfg.intensity_scale,
                                intensity_shift=cfg.intensity_shift, box_jitter=cfg.box_jitter)
         self.queue: queue.Queue = queue.Queue(maxsize=max(cfg.prefetch, 1))
@@ -42,7 +44,7 @@ class PatchStream:
             anywhere = self.cfg.background_fraction > 0 and rng.random() < self.cfg.background_fraction
             index = None if anywhere else int(rng.integers(len(tumors)))
             samples.append(make_sample(image, instances, tumors, index, self.cfg.patch_size, rng, self.tasks,
-                                       self.augment))
+                                       self.augment, self.heads[i]))
         return collate(samples)
 
     def _run(self, start: int, end: int) -> None:
@@ -77,8 +79,9 @@ def validation_batches(scans: Sequence[CachedScan], cfg: TrainConfig, tasks: Seq
     samples = []
     for s in scans:
         image, instances = s.arrays()
+        head = head_box_voxels(np.asarray(image))
         for i in range(len(s.tumors)):
-            samples.append(make_sample(image, instances, s.tumors, i, cfg.patch_size, None, tasks))
+            samples.append(make_sample(image, instances, s.tumors, i, cfg.patch_size, None, tasks, head=head))
             if len(samples) == cfg.batch_size:
                 yield collate(samples)
                 samples = []

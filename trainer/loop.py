@@ -22,13 +22,14 @@ import torch
 
 from tumornet.cache import prepare_scan
 from tumornet.config import Config, config_from_dict, config_to_dict
-from tumornet.descriptor import fit_stats, head_box_voxels, tumor_parts
+from tumornet.descriptor import fit_stats, tumor_parts
 from tumornet.export import export_model, model_id
 from tumornet.loss import as_float32, multitask_loss
 from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet
 from tumornet.runtime import tune_cpu_allocator
 from tumornet.split import record_split, split_scan_ids
+from tumornet.volumes import head_box_voxels
 
 from .data import PatchStream, validation_batches
 from .metrics import MetricsWriter, add_sums, validation_metrics, validation_sums
@@ -62,8 +63,10 @@ def split_scans(cfg: Config, manifest: str) -> tuple[dict, list[str], list[str]]
 
 
 def _to(batch: dict, device, dtype=torch.float32):
+    """-> (image, seg, boxes, labels, frames) on the device."""
     return (torch.from_numpy(batch["image"]).to(device=device, dtype=dtype), torch.from_numpy(batch["seg"]).to(device),
-            torch.from_numpy(batch["boxes"]), {k: torch.from_numpy(v).to(device) for k, v in batch["labels"].items()})
+            torch.from_numpy(batch["boxes"]), {k: torch.from_numpy(v).to(device) for k, v in batch["labels"].items()},
+            torch.from_numpy(batch["frame"]).to(device))
 
 
 def _metric_name(term: str) -> str:
@@ -89,8 +92,8 @@ def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
     engine.eval()
     with torch.no_grad():
         for batch in validation_batches(scans, cfg.train, tasks):
-            x, seg, boxes, labels = _to(batch, device, dtype)
-            out = as_float32(engine(x, boxes))
+            x, seg, boxes, labels, frame = _to(batch, device, dtype)
+            out = as_float32(engine(x, boxes, frame))
             sums = add_sums(sums, validation_sums(out, seg, labels, multitask_loss(out, seg, labels, cfg.loss), tasks))
     engine.train()
     return validation_metrics(_all_reduce(sums, device), tasks)
@@ -182,8 +185,8 @@ def train_func(loop_config: dict) -> None:
             epoch = step // t.batches_per_epoch
             for g in opt.param_groups:
                 g["lr"] = t.lr_at(epoch)
-            x, seg, boxes, labels = _to(batch, device, dtype)
-            terms = multitask_loss(as_float32(engine(x, boxes)), seg, labels, cfg.loss)
+            x, seg, boxes, labels, frame = _to(batch, device, dtype)
+            terms = multitask_loss(as_float32(engine(x, boxes, frame)), seg, labels, cfg.loss)
             engine.backward(terms["total"])
             engine.step()
             if inject_failure:

@@ -33,7 +33,7 @@ from .boxes import box_center, box_size
 from .errors import InputError
 from .labels import LabelSchema
 from .patches import centred_patch, patch_size_for
-from .volumes import foreground_voxels
+from .volumes import head_box_voxels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,13 +53,6 @@ class RetrievalConfig:
     @property
     def needs_stats(self) -> bool:
         return self.standardize or self.size > 0 or self.position > 0 or self.seg_size > 0
-
-
-def head_box_voxels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Robust foreground box of a (normalized or raw) scan in voxels -> (centre, half size) per axis:
-    voxels above the mean with holes filled, 0.5-99.5th coordinate percentiles."""
-    lo, hi = np.percentile(foreground_voxels(image), [0.5, 99.5], axis=0)
-    return (lo + hi) / 2.0, np.maximum((hi - lo) / 2.0, 1.0)
 
 
 def segmented_voxels(foreground: np.ndarray, box) -> int:
@@ -84,20 +77,21 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     "seg_log_volume"}. Each box gets the training patch centred on it (larger for a larger tumor);
     patches of one size go through the network together, up to `batch` at a time (the same numbers
     as one at a time: eval mode)."""
-    centre, half = head if head is not None else head_box_voxels(image)
+    centre, half = head = head if head is not None else head_box_voxels(image)
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
-    cut = [centred_patch(image, b, patch_size_for(b, patch_size)) for b in bboxes]
+    cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
     out: list[dict | None] = [None] * len(cut)
     was_training = model.training
     model.eval()
     try:
-        for size in sorted({p.shape[-1] for p, _ in cut}):
-            same = [i for i, (p, _) in enumerate(cut) if p.shape[-1] == size]
+        for size in sorted({c[0].shape[-1] for c in cut}):
+            same = [i for i, c in enumerate(cut) if c[0].shape[-1] == size]
             for at in range(0, len(same), batch):
                 idx = same[at:at + batch]
                 x = torch.from_numpy(np.stack([cut[i][0] for i in idx])).to(model.device)
                 boxes = torch.from_numpy(np.array([[n, *cut[i][1]] for n, i in enumerate(idx)], dtype=np.int64))
-                res = model(x, boxes.to(model.device))
+                frames = torch.from_numpy(np.stack([cut[i][2] for i in idx]))
+                res = model(x, boxes.to(model.device), frames)
                 foreground = (res["seg"].argmax(1) > 0).cpu().numpy()
                 logits = torch.cat([res["tasks"][t] for t in model.schema.names], dim=1).float().cpu().numpy()
                 emb = res["embedding"].float().cpu().numpy()

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .patches import crop
+from .patches import crop, patch_frame
 from .tumors import Tumor, instances_from_binary, measure_tumors
-from .volumes import Volume
+from .volumes import Volume, head_box_voxels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,13 +64,15 @@ def tumor_probability(model, image: np.ndarray, *, window: int = 128, overlap: f
     total = np.zeros(image.shape, np.float32)
     count = np.zeros(image.shape, np.float32)
     fill = float(image.min())
+    head = head_box_voxels(image) if model.cfg.coords else None  # the windows' frames (coordinate channels)
     dummy = torch.tensor([[0, 0, 0, 0, 1, 1, 1]], dtype=torch.int64, device=model.device)  # heads unused
     try:
         for origin in itertools.product(*(window_origins(n, w, overlap) for n, w in zip(image.shape, size,
                                                                                           strict=True))):
             patch = crop(image, origin, size, fill)
             x = torch.from_numpy(patch[None, None].astype(np.float32)).to(model.device)
-            seg = model(x, dummy)["seg"][0].float()
+            frame = None if head is None else torch.from_numpy(patch_frame(origin, head)[None])
+            seg = model(x, dummy, frame)["seg"][0].float()
             p = (1.0 - torch.softmax(seg, 0)[0]).cpu().numpy()
             lo = np.asarray(origin)
             hi = np.minimum(lo + size, image.shape)

@@ -1,7 +1,7 @@
 """The handcrafted baseline: eight numbers per tumor that a radiologist's tool would compute.
 
     log volume (ml) | centroid x, y, z (mm, RAS, relative to the centre of the head's foreground
-    box, tumornet.descriptor.head_box_voxels) | tumor intensity mean, sd, 10th and 90th
+    box, tumornet.volumes.head_box_voxels) | tumor intensity mean, sd, 10th and 90th
     percentile on the brain-normalized image (z-scores over the head's foreground)
 
 The retrieval evaluation standardizes them on the training split and searches them with the same

@@ -1,6 +1,6 @@
 """The paper's multitask network, in one pure-torch file (nanoGPT style).
 
-    x (B, 1, D, H, W)
+    x (B, 1, D, H, W) [+ 3 coordinate channels from each patch's frame when `coords`]
       -> stem: two 3x3x3 conv + norm + ReLU at input resolution        (B, c_stem, D, H, W)
       -> MaxPool x4 (ceil mode: any size, odd too)                      (B, c_stem, D/4, H/4, W/4)
       -> ResBlocks (3x3x3, padding 1)                                   (B, c_deep, D/4, H/4, W/4)
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +44,9 @@ class NetConfig:
     # 160 with the prior). 0 = PyTorch's default initialization.
     seg_prior: float = 0.01
     in_channels: int = 1
+    # 3 more input channels: each voxel's place in the head (RAS, the head's foreground box spanning
+    # [-1, 1]; patches.patch_frame), so features and RoiPool can carry where a tumor is
+    coords: bool = False
     skip: bool = True
     channels_last: bool = True  # channels_last_3d memory format: 1.5-2x faster convolutions on CPU
 
@@ -102,7 +106,7 @@ class ResBlock(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: NetConfig):
         super().__init__()
-        self.stem = nn.Sequential(conv_norm_relu(cfg.in_channels, cfg.c_stem, cfg.norm),
+        self.stem = nn.Sequential(conv_norm_relu(cfg.in_channels + 3 * cfg.coords, cfg.c_stem, cfg.norm),
                                   conv_norm_relu(cfg.c_stem, cfg.c_stem, cfg.norm))
         blocks = [ResBlock(cfg.c_stem, cfg.c_deep, cfg.norm)]
         blocks += [ResBlock(cfg.c_deep, cfg.c_deep, cfg.norm) for _ in range(cfg.blocks - 1)]
@@ -175,6 +179,19 @@ def roi_pool(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return _RoiMaxPool.apply(features, boxes)
 
 
+def coordinate_channels(frame: torch.Tensor, size) -> torch.Tensor:
+    """Frames (B, 6) (start xyz, step xyz: patches.patch_frame) -> (B, 3, D, H, W): each voxel's
+    place in the head, per axis."""
+    b = frame.shape[0]
+    axes = []
+    for a, n in enumerate(size):
+        v = frame[:, a, None] + frame[:, 3 + a, None] * torch.arange(n, device=frame.device, dtype=frame.dtype)
+        shape = [b, 1, 1, 1]
+        shape[1 + a] = n
+        axes.append(v.reshape(shape).expand(b, *size))
+    return torch.stack(axes, dim=1)
+
+
 @torch.no_grad()
 def init_prior(head: ResBlock, prior: float) -> None:
     """Start a head's softmax at P(background) = 1 - prior, the rest shared by the tumor classes
@@ -199,26 +216,36 @@ class MultitaskNet(nn.Module):
         self.memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)  # weights too: contiguous weights cost 1.4x a step
 
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor) -> dict:
-        """x (B, 1, D, H, W), boxes (N, 7) -> {"seg": (B, n_seg, D, H, W), "embedding": (N, C),
-        "tasks": {task: (N, n_classes)}}."""
-        f = self.backbone(x.contiguous(memory_format=self.memory_format))
+    def features(self, x: torch.Tensor, frame: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, 1, D, H, W) [, frames (B, 6)] -> the feature map (B, C, D, H, W)."""
+        if self.cfg.coords:
+            if frame is None:
+                raise ValueError("this network reads coordinate channels (model.coords): pass each patch's frame")
+            x = torch.cat([x, coordinate_channels(frame.to(device=x.device, dtype=x.dtype), x.shape[2:])], dim=1)
+        return self.backbone(x.contiguous(memory_format=self.memory_format))
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor, frame: torch.Tensor | None = None) -> dict:
+        """x (B, 1, D, H, W), boxes (N, 7), frame (B, 6) (needed with `coords`) -> {"seg": (B, n_seg,
+        D, H, W), "embedding": (N, C), "tasks": {task: (N, n_classes)}}."""
+        f = self.features(x, frame)
         emb = roi_pool(f, boxes)
         return {"seg": self.seg_head(f), "embedding": emb,
                 "tasks": {name: head(emb) for name, head in self.task_heads.items()}}
 
     @torch.no_grad()
-    def embed(self, volume: torch.Tensor, boxes) -> torch.Tensor:
-        """Retrieval embeddings: one volume or patch (D, H, W) / (1, D, H, W), boxes (n, 6) -> (n, C)."""
+    def embed(self, volume: torch.Tensor, boxes, frame=None) -> torch.Tensor:
+        """Retrieval embeddings: one volume or patch (D, H, W) / (1, D, H, W), boxes (n, 6) [, its
+        frame (6,)] -> (n, C)."""
         x = torch.as_tensor(volume, dtype=torch.float32)
         while x.ndim < 5:
             x = x.unsqueeze(0)
         b = torch.as_tensor(boxes, dtype=torch.long).reshape(-1, 6)
         b = torch.cat([torch.zeros((len(b), 1), dtype=torch.long), b], dim=1)
+        f = None if frame is None else torch.as_tensor(np.asarray(frame, dtype=np.float32)).reshape(1, 6)
         was_training = self.training
         self.eval()
         try:
-            return roi_pool(self.backbone(x.to(self.device).contiguous(memory_format=self.memory_format)), b)
+            return roi_pool(self.features(x.to(self.device), f), b)
         finally:
             self.train(was_training)
 

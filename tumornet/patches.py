@@ -10,6 +10,11 @@ Augmentation (training only): a left-right flip with probability 1/2 that also s
 `left_right` label (no other flip: the anatomy labels front/rear and upper/lower are not
 symmetric), and a random intensity scale and shift. `distort_box` (paper eq. 2) can jitter the
 boxes given to RoiPool.
+
+Every patch carries its coordinate frame (`patch_frame`): where its voxels lie in the head, for
+networks that read coordinate channels (`model.coords`). The head's robust foreground box spans
+[-1, 1] per axis of the canonical RAS grid, so the frame means the same in a scan of any
+orientation, spacing, field of view or head size; a left-right flip mirrors it (x -> -x).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 from .boxes import box_hi, box_lo, distort_box, make_box, shift_box
 from .labels import MISSING
+from .volumes import head_box_voxels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +44,7 @@ class Sample:
     seg: np.ndarray  # (P, P, P) int64: 1 tumor, 0 background
     boxes: np.ndarray  # (n, 6) int64, patch coordinates
     labels: dict[str, np.ndarray]  # task -> (n,) int64, -1 missing
+    frame: np.ndarray  # (6,) float32: the patch's coordinate frame (patch_frame)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,24 +102,43 @@ def patch_size_for(bbox, trained: int) -> int:
     return max(trained, -(-need // 4) * 4)
 
 
-def centred_patch(image: np.ndarray, bbox, size: int) -> tuple[np.ndarray, np.ndarray]:
+def patch_frame(origin, head) -> np.ndarray:
+    """The coordinate frame of a patch whose first voxel is `origin` (voxels of the scan), with the
+    scan's head box `head` = (centre, half size) (volumes.head_box_voxels): (start (3), step (3)),
+    so that voxel i of axis a lies at start[a] + i * step[a] in head units."""
+    centre, half = (np.asarray(v, dtype=np.float64) for v in head)
+    return np.concatenate([(np.asarray(origin, dtype=np.float64) - centre) / half, 1.0 / half]).astype(np.float32)
+
+
+def mirrored_frame(frame: np.ndarray, size: int) -> np.ndarray:
+    """The frame of a patch of `size` voxels flipped left-right (axis 0): the mirror image of the
+    head, x -> -x."""
+    out = np.array(frame, dtype=np.float32)
+    out[0] = -(frame[0] + (size - 1) * frame[3])
+    return out
+
+
+def centred_patch(image: np.ndarray, bbox, size: int, head=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The deterministic patch around one box (as for validation) -> (image (1, P, P, P) float32,
-    the box in patch coordinates)."""
+    the box in patch coordinates, the patch's frame); head: the scan's head box (found when None)."""
     origin = patch_origin(bbox, image.shape, size, None)
     img = crop(image, origin, size, float(image.min()))
-    return img[None].astype(np.float32), _inside_patch(shift_box(bbox, -origin), size)
+    frame = patch_frame(origin, head_box_voxels(image) if head is None else head)
+    return img[None].astype(np.float32), _inside_patch(shift_box(bbox, -origin), size), frame
 
 
 def make_sample(image: np.ndarray, instances: np.ndarray, tumors: Sequence[TumorBox], index: int | None, size: int,
-                rng: np.random.Generator | None, tasks: Sequence[str], augment: Augment | None = None) -> Sample:
+                rng: np.random.Generator | None, tasks: Sequence[str], augment: Augment | None = None,
+                head=None) -> Sample:
     """The patch around tumor `index` of a scan (rng None: centred, deterministic, no augmentation);
     index None: a patch anywhere in the scan (rng needed), holding the tumors that lie wholly inside
-    it, maybe none."""
+    it, maybe none. head: the scan's head box for the patch's frame (found when None)."""
     if index is None:
         origin = np.array([rng.integers(0, max(n - size, 0) + 1) for n in image.shape], dtype=np.int64)
     else:
         origin = patch_origin(tumors[index].bbox, image.shape, size, rng)
     img = crop(image, origin, size, float(image.min()))
+    frame = patch_frame(origin, head_box_voxels(image) if head is None else head)
     seg = (crop(instances, origin, size, 0) > 0).astype(np.int64)
     patch_box = make_box(origin, origin + size)
     chosen = []
@@ -124,7 +150,7 @@ def make_sample(image: np.ndarray, instances: np.ndarray, tumors: Sequence[Tumor
     labels = {k: np.array([lab.get(k, MISSING) for _, lab in chosen], dtype=np.int64) for k in tasks}
     if rng is not None and augment is not None:
         if augment.flip_lr and rng.random() < 0.5:
-            img, seg = img[::-1].copy(), seg[::-1].copy()
+            img, seg, frame = img[::-1].copy(), seg[::-1].copy(), mirrored_frame(frame, size)
             boxes = np.concatenate([size - boxes[:, 3:4], boxes[:, 1:3], size - boxes[:, 0:1], boxes[:, 4:6]], axis=1)
             if "left_right" in labels:
                 lr = labels["left_right"]
@@ -133,11 +159,12 @@ def make_sample(image: np.ndarray, instances: np.ndarray, tumors: Sequence[Tumor
             -augment.intensity_shift, augment.intensity_shift)
         if augment.box_jitter and len(boxes):
             boxes = np.stack([_inside_patch(distort_box(b, rng), size) for b in boxes])
-    return Sample(image=img[None].astype(np.float32), seg=seg, boxes=boxes, labels=labels)
+    return Sample(image=img[None].astype(np.float32), seg=seg, boxes=boxes, labels=labels, frame=frame)
 
 
 def collate(samples: Sequence[Sample]) -> dict:
-    """-> numpy batch: image (B, 1, P, P, P), seg (B, P, P, P), boxes (N, 7) with batch index, labels."""
+    """-> numpy batch: image (B, 1, P, P, P), seg (B, P, P, P), boxes (N, 7) with batch index, labels,
+    frame (B, 6)."""
     boxes = np.concatenate([np.concatenate([np.full((len(s.boxes), 1), b), s.boxes], axis=1)
                             for b, s in enumerate(samples)]).astype(np.int64)
     return {
@@ -145,4 +172,5 @@ def collate(samples: Sequence[Sample]) -> dict:
         "seg": np.stack([s.seg for s in samples]),
         "boxes": boxes,
         "labels": {k: np.concatenate([s.labels[k] for s in samples]) for k in samples[0].labels},
+        "frame": np.stack([s.frame for s in samples]),
     }

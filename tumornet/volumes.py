@@ -162,6 +162,13 @@ def foreground_voxels(array: np.ndarray, *, limit: int = 200_000) -> np.ndarray:
     return vox[:: len(vox) // limit] if len(vox) > limit else vox
 
 
+def head_box_voxels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Robust foreground box of a (normalized or raw) scan in voxels -> (centre, half size) per axis:
+    voxels above the mean with holes filled, 0.5-99.5th coordinate percentiles."""
+    lo, hi = np.percentile(foreground_voxels(image), [0.5, 99.5], axis=0)
+    return (lo + hi) / 2.0, np.maximum((hi - lo) / 2.0, 1.0)
+
+
 def load_volume(path: str | Path, *, scan_id: str, spacing_mm=None, normalize: bool = True) -> Volume:
     data, affine = read_nifti(path)
     data, affine = resample(data, affine, as_spacing(spacing_mm), order=1)
