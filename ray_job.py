@@ -58,11 +58,11 @@ def _manifest(cfg, given: str | None) -> str:
     return manifest
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _int_list(text: str, flag: str, kind=int) -> list:
     try:
-        return [int(v) for v in text.split(",")]
+        return [kind(v) for v in text.split(",")]
     except ValueError:
-        raise InputError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        raise InputError(f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}") from None
 
 
 def cmd_train(args) -> None:
@@ -149,15 +149,17 @@ def cmd_evaluate(args) -> None:
     from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
     from tumornet.keys import read_secret
 
+    ts = _int_list(args.detect_thresholds, "--detect-thresholds", float) if args.detect_thresholds else None
     secret = read_secret(args.secret_file)
     res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_int_list(args.ks, "--ks"),
                    on=args.on)
     print(format_evaluation(res))
     if args.detection:
-        from retrieval.detection import detection_quality, format_detection
+        from retrieval.detection import detection_sweep, format_detection
 
-        res["detection"] = detection_quality(args.model, args.manifest, on=args.on)
-        print(format_detection(res["detection"]))
+        rows = detection_sweep(args.model, args.manifest, on=args.on, thresholds=ts)  # the model's own first
+        res["detection"], res["detection_sweep"] = rows[0], rows
+        print("\n".join(format_detection(r) for r in rows))
     if args.robustness:
         from retrieval.robustness import format_robustness, robustness
 
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the queries: the held-out test patients, or the validation patients (to choose a recipe on)")
     sp.add_argument("--robustness", action="store_true", help="also score held-out tumors with distorted boxes (eq. 2)")
     sp.add_argument("--detection", action="store_true", help="also score the tumors found without masks (recall)")
+    sp.add_argument("--detect-thresholds", help="--detection at these thresholds too (e.g. 0.2,0.3,0.5)")
     sp.add_argument("--draws", type=int, default=3, help="distortions of every held-out tumor (for --robustness)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the distortions (for --robustness)")
     sp.set_defaults(func=cmd_evaluate)

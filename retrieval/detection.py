@@ -9,10 +9,12 @@ matches; precision: the share of found components of at least that size that mat
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from embedder.embed import detect_settings, embed_settings
-from tumornet.detect import detect_tumors
+from tumornet.detect import tumor_probability, tumors_from_probability
 from tumornet.export import load_model
 from tumornet.manifest import read_manifest
 from tumornet.scans import load_scan
@@ -31,44 +33,68 @@ def dice_matrix(truth: np.ndarray, found: np.ndarray) -> np.ndarray:
     return d[1:, 1:]
 
 
-def detection_quality(model_path, manifest, *, on: str = "test", min_size_mm: float = 10.0, min_dice: float = 0.3,
-                      min_volume_ml: float | None = None) -> dict:
+def _counts(scan, found: np.ndarray, tumors, min_size_mm: float, min_dice: float) -> np.ndarray:
+    """One scan -> [true tumors >= min size, of them matched, found >= min size, of them matching,
+    largest true tumor matched by the largest found]."""
+    d = dice_matrix(scan.instances, found)
+    c = np.zeros(5, dtype=np.int64)
+    for t in scan.tumors:  # a tumor too thin for the working grid has no row of d: missed
+        if t.size_mm >= min_size_mm:
+            c[0] += 1
+            c[1] += bool(d.shape[1] and t.tumor_id <= d.shape[0] and d[t.tumor_id - 1].max() >= min_dice)
+    for t in tumors:
+        if t.size_mm >= min_size_mm:
+            c[2] += 1
+            c[3] += bool(d.shape[0] and d[:, t.tumor_id - 1].max() >= min_dice)
+    biggest = max(scan.tumors, key=lambda t: t.volume_ml).tumor_id
+    c[4] += bool(tumors and d.shape[0] >= biggest and d[biggest - 1, 0] >= min_dice)  # found id 1: the largest
+    return c
+
+
+def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, min_size_mm: float = 10.0,
+                    min_dice: float = 0.3, min_volume_ml: float | None = None) -> list[dict]:
+    """Detection quality at the model's `detect.threshold` and at each of `thresholds`, the tumor
+    probability computed once per scan -> one record per threshold, the model's own first. Choose a threshold on the
+    validation split (`on="validation"`), then set it in the config's `detect` section."""
     model, meta = load_model(model_path)
     spacing, _, _ = embed_settings(meta, model_path)
     cfg = detect_settings(meta, min_volume_ml=min_volume_ml)
+    cfgs = [cfg, *(replace(cfg, threshold=float(t)) for t in thresholds or () if float(t) != cfg.threshold)]
     cohort = read_manifest(manifest, model.schema)
     _, scan_ids = split_of_model(cohort, meta, where=str(model_path), on=on)
     scans = cohort.scans()
     voxel_mm3 = None
-    true_big = true_hit = found_big = found_hit = largest = 0
+    counts = np.zeros((len(cfgs), 5), dtype=np.int64)
     for sid in scan_ids:
         scan = load_scan(scans[sid], spacing_mm=spacing)
         voxel_mm3 = abs(float(np.linalg.det(scan.volume.affine[:3, :3])))
-        found, tumors = detect_tumors(model, scan.volume, cfg)
-        d = dice_matrix(scan.instances, found)
-        for t in scan.tumors:  # a tumor too thin for the working grid has no row of d: missed
-            if t.size_mm >= min_size_mm:
-                true_big += 1
-                true_hit += bool(d.shape[1] and t.tumor_id <= d.shape[0] and d[t.tumor_id - 1].max() >= min_dice)
-        for t in tumors:
-            if t.size_mm >= min_size_mm:
-                found_big += 1
-                found_hit += bool(d.shape[0] and d[:, t.tumor_id - 1].max() >= min_dice)
-        biggest = max(scan.tumors, key=lambda t: t.volume_ml).tumor_id
-        largest += bool(tumors and d.shape[0] >= biggest and d[biggest - 1, 0] >= min_dice)  # found id 1: largest
-    return {"model_id": meta["model_id"], "on": on, "scans": len(scan_ids), "min_size_mm": min_size_mm,
-            "min_dice": min_dice, "threshold": cfg.threshold, "min_volume_ml": cfg.min_volume_ml,
-            "voxel_mm3": voxel_mm3, "true_tumors": true_big, "found_tumors": found_big,
-            "recall": true_hit / true_big if true_big else float("nan"),
-            "precision": found_hit / found_big if found_big else float("nan"),
-            "largest_matched": largest / len(scan_ids) if scan_ids else float("nan")}
+        prob = tumor_probability(model, scan.volume.array, window=cfg.window, overlap=cfg.overlap)
+        for j, c in enumerate(cfgs):
+            counts[j] += _counts(scan, *tumors_from_probability(prob, scan.volume, c), min_size_mm, min_dice)
+    out = []
+    for c, (true_big, true_hit, found_big, found_hit, largest) in zip(cfgs, counts.tolist(), strict=True):
+        out.append({"model_id": meta["model_id"], "on": on, "scans": len(scan_ids), "min_size_mm": min_size_mm,
+                    "min_dice": min_dice, "threshold": c.threshold, "min_volume_ml": c.min_volume_ml,
+                    "voxel_mm3": voxel_mm3, "true_tumors": true_big, "found_tumors": found_big,
+                    "recall": true_hit / true_big if true_big else float("nan"),
+                    "precision": found_hit / found_big if found_big else float("nan"),
+                    "largest_matched": largest / len(scan_ids) if scan_ids else float("nan")})
+    return out
+
+
+def detection_quality(model_path, manifest, *, on: str = "test", min_size_mm: float = 10.0, min_dice: float = 0.3,
+                      min_volume_ml: float | None = None) -> dict:
+    """Detection quality at the model's own detection settings (see detection_sweep)."""
+    return detection_sweep(model_path, manifest, on=on, min_size_mm=min_size_mm, min_dice=min_dice,
+                           min_volume_ml=min_volume_ml)[0]
 
 
 def format_detection(res: dict) -> str:
     def share(v, fmt: str) -> str:  # null in a JSON read back, NaN fresh: nothing to count
         return "n/a" if v is None or v != v else format(v, fmt)
 
-    return (f"Detection on {res['scans']} {res['on']} scans (tumors >= {res['min_size_mm']:g} mm, match: Dice >= "
-            f"{res['min_dice']:g}): recall {share(res['recall'], '.2f')} of {res['true_tumors']} true tumors, "
-            f"precision {share(res['precision'], '.2f')} of {res['found_tumors']} found; largest tumor found in "
+    return (f"Detection on {res['scans']} {res['on']} scans at threshold {res['threshold']:g} (tumors >= "
+            f"{res['min_size_mm']:g} mm, match: Dice >= {res['min_dice']:g}): recall {share(res['recall'], '.2f')} "
+            f"of {res['true_tumors']} true tumors, precision {share(res['precision'], '.2f')} of "
+            f"{res['found_tumors']} found; largest tumor found in "
             f"{share(res['largest_matched'], '.0%')} of the scans")

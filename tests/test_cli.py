@@ -105,5 +105,8 @@ def test_new_readers_name_the_bad_file(tmp_path, capsys):
     assert len(read_secret(key)) == 64 and ensure_secret(key).read_text() == key.read_text()
     assert main(["search", "--model", "m.pt", "--embeddings", "e", "--image", "x.nii.gz", "--box", "1,2,3"]) == 2
     assert "--box: expected 6 comma-separated numbers" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "m.pt", "--embeddings", "e", "--manifest", "x.csv", "--secret-file", "k",
+                 "--detection", "--detect-thresholds", "0.3,high"]) == 2
+    assert "--detect-thresholds: expected comma-separated floats, got '0.3,high'" in capsys.readouterr().err
     assert main(["compact", "--embeddings", str(tmp_path)]) == 2
     assert "no embedding shards" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import SECRET, blob_subject, write_manifest, write_nifti
 from embedder.embed import embed_scan
 from embedder.shards import model_shard_schema, write_shard
-from retrieval.detection import detection_quality, dice_matrix
+from retrieval.detection import detection_quality, detection_sweep, dice_matrix
 from retrieval.search import query_rows, search
 from tumornet.descriptor import RetrievalConfig
 from tumornet.detect import DetectConfig, tumor_probability, window_origins
@@ -154,6 +154,10 @@ def test_detection_quality_and_search_by_image_alone(tmp_path, segmenter):
     assert res["recall"] >= 0.9 and res["precision"] >= 0.9 and res["largest_matched"] == 1.0
     only_large = detection_quality(model_path, manifest, min_size_mm=15.0)
     assert only_large["true_tumors"] == sum(s >= 15.0 for s in sizes)
+    # a threshold sweep (the probability computed once per scan): the model's own threshold first
+    sweep = detection_sweep(model_path, manifest, thresholds=[0.05, 0.5, 0.9999999])
+    assert [r["threshold"] for r in sweep] == [0.5, 0.05, 0.9999999] and sweep[0] == res
+    assert sweep[2]["recall"] < res["recall"] and sweep[2]["true_tumors"] == res["true_tumors"]
 
     scans = list(cohort.scans().values())
     rows = [r for scan in scans for r in embed_scan(segmenter, mid, scan, spacing_mm=2.0, patch_size=16,
@@ -189,6 +193,7 @@ def test_detection_line_reads_back_from_json():
     from retrieval.detection import format_detection
 
     res = {"scans": 2, "on": "test", "min_size_mm": 10.0, "min_dice": 0.3, "true_tumors": 0, "found_tumors": 0,
-           "recall": None, "precision": float("nan"), "largest_matched": 0.5}
-    assert format_detection(res) == ("Detection on 2 test scans (tumors >= 10 mm, match: Dice >= 0.3): recall n/a of 0 "
-                                     "true tumors, precision n/a of 0 found; largest tumor found in 50% of the scans")
+           "recall": None, "precision": float("nan"), "largest_matched": 0.5, "threshold": 0.5}
+    assert format_detection(res) == ("Detection on 2 test scans at threshold 0.5 (tumors >= 10 mm, match: Dice >= "
+                                     "0.3): recall n/a of 0 true tumors, precision n/a of 0 found; largest tumor "
+                                     "found in 50% of the scans")

@@ -88,6 +88,12 @@ def detect_tumors(model, volume: Volume, cfg: DetectConfig = DetectConfig()) -> 
     """A normalized scan on the model's grid -> (instance mask on that grid, Tumor records, largest
     first, labels empty)."""
     prob = tumor_probability(model, volume.array, window=cfg.window, overlap=cfg.overlap)
+    return tumors_from_probability(prob, volume, cfg)
+
+
+def tumors_from_probability(prob: np.ndarray, volume: Volume, cfg: DetectConfig) -> tuple[np.ndarray, list[Tumor]]:
+    """A scan's tumor probability (tumor_probability) -> (instance mask, Tumor records, largest first):
+    threshold, 26-connected components, components under the minimum volume dropped."""
     voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
     min_voxels = max(1, math.ceil(cfg.min_volume_ml / voxel_ml)) if voxel_ml > 0 else 1
     instances = instances_from_binary(prob > cfg.threshold, min_voxels=min_voxels)
