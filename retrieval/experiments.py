@@ -125,7 +125,7 @@ def read_experiment(path: str | Path) -> dict:
 
 
 GRID = {"roipool": (0.0, 0.5, 1.0), "tasks": (0.0, 0.5, 1.0, 2.0), "size": (0.0, 0.5, 1.0, 2.0),
-        "position": (0.5, 1.0, 2.0, 3.0), "seg_size": (0.0, 0.5, 1.0, 2.0)}
+        "position": (0.5, 1.0, 2.0, 3.0), "seg_size": (0.0, 0.5, 1.0, 2.0), "heads": ("network", "refit")}
 TASK_SCORE = ("tumor_type", "area", "left_right", "front_rear", "upper_lower")
 
 
@@ -147,7 +147,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
 
     import pyarrow as pa
 
-    from tumornet.descriptor import RetrievalConfig, compose, fit_stats
+    from tumornet.descriptor import RetrievalConfig, compose, fit_heads, fit_stats
     from tumornet.labels import LabelSchema
 
     from .evaluate import load_evaluation, shard_parts
@@ -160,14 +160,15 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     if any(v > 0 for v in grid.get("seg_size", ())) and "seg_log_volume" not in parts:
         raise InputError(f"{embeddings}: shards without seg_log_volume (written by an older version): embed again")
     stats = fit_stats([{key: v[i] for key, v in parts.items()} for i in ev.train_rows])
+    stats["heads"] = fit_heads({key: v[ev.train_rows] for key, v in parts.items()}, ev.train.labels, schema, stats)
     distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
                  for rows in (distorted_queries(model, ev, manifest, secret, draws=draws) if draws else [])]
     hand = knn_scores(ev.train_hand, ev.test_hand, [k], ev.tasks)[k]
     rows = []
     for values in itertools.product(*grid.values()):
         w = dict(zip(grid, values, strict=True))
-        if w["roipool"] == 0 and w["tasks"] == 0:
-            continue
+        if (w["roipool"] == 0 and w["tasks"] == 0) or (w.get("tasks") == 0 and w.get("heads") == "refit"):
+            continue  # nothing to retrieve by / the same vector as with the network's heads
         cfg = RetrievalConfig(standardize=True, **w)
         x = compose(parts, cfg, schema, stats)
         db = ev.train.with_x(x[ev.train_rows])

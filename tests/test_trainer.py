@@ -11,6 +11,8 @@ import yaml
 from conftest import DASHBOARD_PORT
 from tumornet.config import load_config
 from tumornet.export import load_model
+from tumornet.manifest import read_manifest
+from tumornet.split import split_of_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +56,11 @@ def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, smal
     assert state["step"] == 9 and meta["model_id"] == state["model_id"]
     assert state["config"]["model"]["channels"] == 8 and state["tasks"]["tumor_type"][0] == "metastasis"
     assert model.embed(torch.randn(16, 16, 16), [[2, 2, 2, 8, 8, 8]]).shape == (1, 8)
+    # the retrieval statistics and refit heads, from every training scan (not one worker's half)
+    stats, cohort = meta["extra"]["retrieval_stats"], read_manifest(small_cohort)
+    n_train = sum(len(cohort.scans()[sid]) for sid in split_of_model(cohort, meta, where="t")[0])
+    assert stats["tumors"] == n_train and set(stats["heads"]) == set(model.schema.names)
+    assert len(stats["heads"]["tumor_type"]["coef"][0]) == 8 + 3 + 1  # RoiPool, position, size
 
 
 def test_resume_gives_identical_weights(ray_head, tmp_path, small_cohort):

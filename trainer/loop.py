@@ -22,8 +22,9 @@ import torch
 
 from tumornet.cache import prepare_scan
 from tumornet.config import Config, config_from_dict, config_to_dict
-from tumornet.descriptor import fit_stats, tumor_parts
+from tumornet.descriptor import fit_heads, fit_stats, tumor_parts
 from tumornet.export import export_model, model_id
+from tumornet.labels import MISSING
 from tumornet.loss import as_float32, multitask_loss
 from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet
@@ -99,20 +100,26 @@ def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
     return validation_metrics(_all_reduce(sums, device), tasks)
 
 
-def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int = 300) -> dict:
-    """The training tumors' statistics of the retrieval parts (tumornet.descriptor.fit_stats), from
-    this rank's training scans (the first `max_tumors` tumors): stored in the model file, so that
-    embed and search standardize the same way."""
-    parts = []
-    for s in scans:
+def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int = 400) -> dict:
+    """The training tumors' statistics of the retrieval parts (tumornet.descriptor.fit_stats) and the
+    task heads refit on them (fit_heads), from the training scans (at most `max_tumors` tumors, every
+    k-th scan): stored in the model file, so that embed and search compose the same vectors."""
+    scans = list(scans)
+    total = sum(len(s.tumors) for s in scans)
+    step = max(1, -(-total // max_tumors))  # scans spread over the whole list, not its start
+    parts, labels = [], {t: [] for t in cfg.tasks.names}
+    for s in scans[::step]:
         image = np.asarray(s.arrays()[0])
         head = head_box_voxels(image)
         for t in s.tumors:
             parts.append(tumor_parts(model, image, t.bbox, patch_size=cfg.train.patch_size,
                                      spacing_mm=cfg.data.spacing_mm, head=head))
-            if len(parts) >= max_tumors:
-                return fit_stats(parts)
-    return fit_stats(parts)
+            for task in labels:
+                labels[task].append(t.labels.get(task, MISSING))
+    stats = fit_stats(parts)
+    stacked = {k: np.stack([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
+    stats["heads"] = fit_heads(stacked, {k: np.asarray(v) for k, v in labels.items()}, cfg.tasks, stats)
+    return stats
 
 
 def failure_injector(cfg: Config, rank: int, world: int, run_dir: Path):
@@ -233,8 +240,9 @@ def train_func(loop_config: dict) -> None:
                                for k, v in engine.module.state_dict().items()})
         spacing = [float(v) for v in np.broadcast_to(cfg.data.spacing_mm, 3)]
         cohort = read_manifest(loop_config["manifest"], cfg.tasks)
+        all_train = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=cache_dir) for s in train_ids]
         extra = {"spacing_mm": spacing, "patch_size": t.patch_size, "steps": total, "run": run_dir.name,
-                 "config": config_to_dict(cfg), "retrieval_stats": retrieval_stats(final, mine, cfg),
+                 "config": config_to_dict(cfg), "retrieval_stats": retrieval_stats(final, all_train, cfg),
                  "split": record_split(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
                                        validation_fraction=cfg.data.validation_fraction)}
         export_model(final, run_dir / "model.pt", extra=extra)

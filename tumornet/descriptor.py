@@ -44,15 +44,21 @@ class RetrievalConfig:
     size: float = 0.0  # weight of the box's log volume
     position: float = 0.0  # weight of the box centre's place in the head
     seg_size: float = 0.0  # weight of the segmented log volume in and around the box
+    # the `tasks` part's probabilities: from the network's task heads, or from heads refit at export on
+    # the training tumors' RoiPool vector, position and box size (fit_heads, stored in the model file)
+    heads: str = "network"
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size)
         if min(weights) < 0 or max(weights) <= 0:
             raise InputError(f"retrieval: weights must be >= 0 and not all 0, got {weights}")
+        if self.heads not in ("network", "refit"):
+            raise InputError(f"retrieval.heads: expected network or refit, got {self.heads!r}")
 
     @property
     def needs_stats(self) -> bool:
-        return self.standardize or self.size > 0 or self.position > 0 or self.seg_size > 0
+        return (self.standardize or self.size > 0 or self.position > 0 or self.seg_size > 0
+                or (self.tasks > 0 and self.heads == "refit"))
 
 
 def segmented_voxels(foreground: np.ndarray, box) -> int:
@@ -138,13 +144,71 @@ def fit_stats(parts: Sequence[Mapping]) -> dict:
     return out
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def _softmax_blocks(logits: np.ndarray, schema: LabelSchema) -> list[np.ndarray]:
     out, start = [], 0
     for t in schema.tasks:
-        z = logits[..., start:start + t.n_classes]
-        e = np.exp(z - z.max(-1, keepdims=True))
-        out.append(e / e.sum(-1, keepdims=True))
+        out.append(_softmax(logits[..., start:start + t.n_classes]))
         start += t.n_classes
+    return out
+
+
+HEAD_INPUTS = ("roipool", "position", "box_log_volume")  # what the refit heads read, z-scored
+
+
+def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
+    if key not in stats:
+        raise InputError(f"retrieval: the model file has no training statistics of `{key}` (exported before "
+                         "that part existed); train again, or score with statistics from the shards")
+    a = np.asarray(parts[key], dtype=np.float64).reshape(len(parts["roipool"]), -1)
+    return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
+
+
+def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], schema: LabelSchema,
+              stats: Mapping, *, c: float = 1.0) -> dict:
+    """Task heads refit on training tumors: per task, a multinomial logistic regression (L2, inverse
+    strength `c`) on the z-scored RoiPool vector, position and box log volume (HEAD_INPUTS) of the
+    tumors that have that label -> plain lists for the model file ({task: {classes, coef, intercept}};
+    a task with one class seen predicts it; with none, uniform). The network's own heads read the
+    RoiPool vector alone, so they must infer where the box is from its content; these see it."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([_z(parts, k, stats) for k in HEAD_INPUTS], axis=1)
+    out = {}
+    for t in schema.tasks:
+        y = np.asarray(labels[t.name])
+        known = y >= 0
+        classes = sorted({int(v) for v in y[known]})
+        if len(classes) < 2:
+            coef, intercept = np.zeros((len(classes), x.shape[1])), np.zeros(len(classes))
+        else:
+            clf = LogisticRegression(C=c, max_iter=5000).fit(x[known], y[known])
+            coef, intercept = clf.coef_, clf.intercept_
+            if len(classes) == 2:  # sklearn's binary form: one row for class 1 -> a row per class
+                coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+        out[t.name] = {"classes": classes, "coef": np.asarray(coef).tolist(),
+                       "intercept": np.asarray(intercept).tolist()}
+    return out
+
+
+def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping) -> list[np.ndarray]:
+    """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
+    if "heads" not in stats:
+        raise InputError("retrieval.heads: refit needs the heads refit on the training tumors, and the model file "
+                         "has none (exported before they existed): train again, or use heads: network")
+    x = np.concatenate([_z(parts, k, stats) for k in HEAD_INPUTS], axis=1)
+    out = []
+    for t in schema.tasks:
+        h = stats["heads"][t.name]
+        p = np.full((len(x), t.n_classes), 1.0 / t.n_classes)
+        if h["classes"]:
+            p[:] = 0.0
+            p[:, h["classes"]] = _softmax(x @ np.asarray(h["coef"]).T + np.asarray(h["intercept"]))
+        out.append(p)
     return out
 
 
@@ -155,18 +219,16 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
         raise InputError("retrieval: this recipe needs the training tumors' statistics (the model file has none)")
 
     def z(key: str) -> np.ndarray:
-        if key not in stats:
-            raise InputError(f"retrieval: the model file has no training statistics of `{key}` (exported before "
-                             "that part existed); train again, or score with statistics from the shards")
-        a = np.asarray(parts[key], dtype=np.float64).reshape(len(parts["roipool"]), -1)
-        return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
+        return _z(parts, key, stats)
 
     blocks = []
     roi = np.asarray(parts["roipool"], dtype=np.float64)
     if cfg.roipool > 0:
         blocks.append(cfg.roipool * (z("roipool") / np.sqrt(2 * roi.shape[1]) if cfg.standardize else roi))
     if cfg.tasks > 0:
-        blocks += [cfg.tasks * p / np.sqrt(2) for p in _softmax_blocks(np.asarray(parts["task_logits"]), schema)]
+        probs = (refit_probabilities(parts, schema, stats) if cfg.heads == "refit"
+                 else _softmax_blocks(np.asarray(parts["task_logits"]), schema))
+        blocks += [cfg.tasks * p / np.sqrt(2) for p in probs]
     if cfg.size > 0:
         blocks.append(cfg.size * z("box_log_volume") / np.sqrt(2))
     if cfg.position > 0:
