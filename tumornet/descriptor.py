@@ -13,6 +13,11 @@ and the box itself gives:
   field of view or head size.
 None of these needs a mask: a box is enough (the paper's query).
 
+The `tasks` part is each task's class probabilities: from the network's own heads (a linear layer on
+the RoiPool vector, which must guess where the box is from its content), or, with `heads: refit`, from
+heads refit at export on the training tumors' RoiPool vector, position and box size (`fit_heads`:
+one multinomial logistic regression per task, stored in the model file), which know where it is.
+
 `compose` turns these parts into one vector with the weights of `RetrievalConfig` (config section
 `retrieval`). Every part is scaled so that two random training tumors differ by about 1 in
 squared distance per part (the RoiPool dims, the log volume and the position z-scored with the
