@@ -9,10 +9,19 @@ from tumornet.labels import DEFAULT_SCHEMA
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "site.yaml", "site-gpu.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.tasks == DEFAULT_SCHEMA and cfg.phantom.patients > 0
+
+
+def test_site_recipe_scaled_up_for_gpu_nodes_is_the_papers_training():
+    """site-gpu = the paper's training with the site's retrieval recipe; paper keeps the paper's."""
+    paper, site, gpu = (load_config(CONFIGS / f"{n}.yaml") for n in ("paper", "site", "site-gpu"))
+    assert gpu.retrieval == site.retrieval and gpu.retrieval.heads == "refit"
+    assert (gpu.train, gpu.model, gpu.loss, gpu.data, gpu.distributed) == (
+        paper.train, paper.model, paper.loss, paper.data, paper.distributed)
+    assert paper.retrieval.roipool == 1.0 and not paper.retrieval.standardize and paper.retrieval.tasks == 0.0
 
 
 @pytest.mark.parametrize("name", ["demo", "paper"])
