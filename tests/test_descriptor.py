@@ -142,6 +142,11 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
     grid = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
                        grid={"roipool": (0.0, 1.0), "tasks": (0.0,), "size": (1.0,), "position": (1.0, 2.0)})
     assert len(grid) == 2 and grid[0]["score"] >= grid[1]["score"]  # roipool 0 with tasks 0 is skipped
+    heads = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
+                        grid={"roipool": (1.0,), "tasks": (0.0, 1.0), "size": (1.0,), "position": (1.0,),
+                              "heads": ("network", "refit")})  # refit heads fit on the shards' training rows
+    assert sorted((r["recipe"]["tasks"], r["recipe"]["heads"]) for r in heads) == [
+        (0.0, "network"), (1.0, "network"), (1.0, "refit")]  # refit without a tasks part: the same vector
     robust = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3, draws=1,
                          grid={"roipool": (1.0,), "tasks": (0.0,), "size": (1.0,), "position": (1.0,)})
     (row,) = robust
