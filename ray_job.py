@@ -62,7 +62,8 @@ def _int_list(text: str, flag: str, kind=int) -> list:
     try:
         return [kind(v) for v in text.split(",")]
     except ValueError:
-        raise InputError(f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise InputError(f"{flag}: expected comma-separated {what}, got {text!r}") from None
 
 
 def cmd_train(args) -> None:
