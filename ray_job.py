@@ -58,7 +58,7 @@ def _manifest(cfg, given: str | None) -> str:
     return manifest
 
 
-def _int_list(text: str, flag: str, kind=int) -> list:
+def _number_list(text: str, flag: str, kind=int) -> list:  # comma-separated ints (or floats)
     try:
         return [kind(v) for v in text.split(",")]
     except ValueError:
@@ -79,7 +79,7 @@ def cmd_experiment(args) -> None:
 
     cfg = _config(args)
     if args.kind == "widths":
-        variants, title = width_variants(_int_list(args.channels, "--channels")), "Channel width (paper Tab. 2)"
+        variants, title = width_variants(_number_list(args.channels, "--channels")), "Channel width (paper Tab. 2)"
     elif args.kind == "ablation":
         variants, title = read_variants(args.variants or "ablation"), "Task ablation (paper Tab. 3)"
     else:
@@ -150,9 +150,9 @@ def cmd_evaluate(args) -> None:
     from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
     from tumornet.keys import read_secret
 
-    ts = _int_list(args.detect_thresholds, "--detect-thresholds", float) if args.detect_thresholds else None
+    ts = _number_list(args.detect_thresholds, "--detect-thresholds", float) if args.detect_thresholds else None
     secret = read_secret(args.secret_file)
-    res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_int_list(args.ks, "--ks"),
+    res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_number_list(args.ks, "--ks"),
                    on=args.on)
     print(format_evaluation(res))
     if args.detection:
@@ -192,7 +192,7 @@ def cmd_search(args) -> None:
         results = search_box(args.model, args.embeddings, args.image, _floats(args.box, "--box", 6), k=args.k,
                              where=args.where)
     else:
-        tumor_ids = _int_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
+        tumor_ids = _number_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
         rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
         results = search(args.model, args.embeddings, rows, k=args.k, where=args.where)
     print(json.dumps(results, indent=2) if args.json else format_search(results))

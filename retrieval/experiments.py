@@ -139,10 +139,11 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
                 draws: int = 0) -> list[dict]:
     """Every retrieval recipe of the grid (RoiPool standardized), scored on the model's validation
     patients from the shards' parts (no training) -> rows, best first. The parts are standardized
-    with the statistics of the database (training) tumors' parts in the shards, so a part newer than
-    the model file can be scored too. draws > 0: the validation tumors are also embedded that many
-    times from distorted boxes (the paper's eq. 2, retrieval.robustness) and a recipe's score is the
-    mean of its clean and distorted scores (a recipe must survive a rough box)."""
+    with the statistics of the database (training) tumors' parts in the shards, and `heads: refit`
+    uses heads refit on them, so a part newer than the model file can be scored too. draws > 0: the
+    validation tumors are also embedded that many times from distorted boxes (the paper's eq. 2,
+    retrieval.robustness) and a recipe's score is the mean of its clean and distorted scores (a
+    recipe must survive a rough box)."""
     import itertools
 
     import pyarrow as pa
@@ -167,7 +168,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     rows = []
     for values in itertools.product(*grid.values()):
         w = dict(zip(grid, values, strict=True))
-        if (w["roipool"] == 0 and w["tasks"] == 0) or (w.get("tasks") == 0 and w.get("heads") == "refit"):
+        if (w["roipool"] == 0 and w["tasks"] == 0) or (w["tasks"] == 0 and w.get("heads") == "refit"):
             continue  # nothing to retrieve by / the same vector as with the network's heads
         cfg = RetrievalConfig(standardize=True, **w)
         x = compose(parts, cfg, schema, stats)

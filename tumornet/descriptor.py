@@ -223,23 +223,21 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
     if cfg.needs_stats and not stats:
         raise InputError("retrieval: this recipe needs the training tumors' statistics (the model file has none)")
 
-    def z(key: str) -> np.ndarray:
-        return _z(parts, key, stats)
-
     blocks = []
     roi = np.asarray(parts["roipool"], dtype=np.float64)
     if cfg.roipool > 0:
-        blocks.append(cfg.roipool * (z("roipool") / np.sqrt(2 * roi.shape[1]) if cfg.standardize else roi))
+        scaled = _z(parts, "roipool", stats) / np.sqrt(2 * roi.shape[1]) if cfg.standardize else roi
+        blocks.append(cfg.roipool * scaled)
     if cfg.tasks > 0:
         probs = (refit_probabilities(parts, schema, stats) if cfg.heads == "refit"
                  else _softmax_blocks(np.asarray(parts["task_logits"]), schema))
         blocks += [cfg.tasks * p / np.sqrt(2) for p in probs]
     if cfg.size > 0:
-        blocks.append(cfg.size * z("box_log_volume") / np.sqrt(2))
+        blocks.append(cfg.size * _z(parts, "box_log_volume", stats) / np.sqrt(2))
     if cfg.position > 0:
-        blocks.append(cfg.position * z("position") / np.sqrt(2 * 3))
+        blocks.append(cfg.position * _z(parts, "position", stats) / np.sqrt(2 * 3))
     if cfg.seg_size > 0:
-        blocks.append(cfg.seg_size * z("seg_log_volume") / np.sqrt(2))
+        blocks.append(cfg.seg_size * _z(parts, "seg_log_volume", stats) / np.sqrt(2))
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
