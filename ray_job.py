@@ -151,6 +151,8 @@ def cmd_evaluate(args) -> None:
     from tumornet.keys import read_secret
 
     ts = _number_list(args.detect_thresholds, "--detect-thresholds", float) if args.detect_thresholds else None
+    if ts and not all(0 < t < 1 for t in ts):
+        raise InputError(f"--detect-thresholds: each must be in (0, 1), got {args.detect_thresholds!r}")
     secret = read_secret(args.secret_file)
     res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_number_list(args.ks, "--ks"),
                    on=args.on)
