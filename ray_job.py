@@ -91,12 +91,12 @@ def cmd_experiment(args) -> None:
 
 def cmd_recipe_grid(args) -> None:
     from retrieval.evaluate import plain
-    from retrieval.experiments import format_grid, recipe_grid
+    from retrieval.experiments import GRID, format_grid, read_grid, recipe_grid
     from tumornet.io import atomic_write_text
     from tumornet.keys import read_secret
 
     rows = recipe_grid(args.model, args.embeddings, args.manifest, read_secret(args.secret_file), k=args.k,
-                       draws=args.draws)
+                       draws=args.draws, grid=read_grid(args.grid) if args.grid else GRID)
     print(format_grid(rows, top=args.top))
     if args.out:
         atomic_write_text(args.out, json.dumps(plain(rows), indent=2))
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=5)
     sp.add_argument("--top", type=int, default=10, help="rows printed (all are written with --out)")
     sp.add_argument("--draws", type=int, default=0, help="also score distorted boxes, this many draws (eq. 2)")
+    sp.add_argument("--grid", help="YAML: retrieval key -> values to try (default: the third round's grid)")
     sp.add_argument("--out", help="JSON of every recipe's scores")
     sp.set_defaults(func=cmd_recipe_grid)
 

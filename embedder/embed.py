@@ -129,7 +129,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
                    volume_ml=float(t.volume_ml), size_mm=float(t.size_mm), embedding=vector.tolist(),
                    roipool=parts["roipool"].tolist(), task_logits=parts["task_logits"].tolist(),
                    box_log_volume=parts["box_log_volume"], position=parts["position"].tolist(),
-                   seg_log_volume=parts["seg_log_volume"],
+                   seg_log_volume=parts["seg_log_volume"], roimean=parts["roimean"].tolist(),
+                   context=parts["context"].tolist(),
                    handcrafted=handcrafted_features(image, scan.instances, t, centre_mm).tolist())
         start = 0
         for k in tasks:

@@ -39,6 +39,8 @@ def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = No
            ("box_log_volume", pa.float32()),  # log of the box volume in ml
            ("position", pa.list_(pa.float32(), 3)),  # the box centre's place in the head, [-1, 1] per axis
            ("seg_log_volume", pa.float32()),  # log of the segmented volume (ml) of the components the box touches
+           ("roimean", pa.list_(pa.float32(), channels)),  # the feature map's mean over the box
+           ("context", pa.list_(pa.float32(), channels)),  # its mean over a shell around the box
            ("handcrafted", pa.list_(pa.float32(), len(HANDCRAFTED))),  # tumornet.handcrafted.FEATURES
            ("model_id", pa.string()),
            ("source_hash", pa.string()),  # sha256 of the image and mask files and the embedding settings

@@ -98,7 +98,9 @@ def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
             "box_log_volume": np.asarray(table["box_log_volume"].to_numpy(), dtype=np.float64),
             "position": np.stack(table["position"].to_numpy(zero_copy_only=False)),
             **({"seg_log_volume": np.asarray(table["seg_log_volume"].to_numpy(), dtype=np.float64)}
-               if "seg_log_volume" in table.column_names else {})}
+               if "seg_log_volume" in table.column_names else {}),
+            **{k: np.stack(table[k].to_numpy(zero_copy_only=False)) for k in ("roimean", "context")
+               if k in table.column_names and table[k].null_count == 0}}
 
 
 def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Sequence[int] = K_CURVE,

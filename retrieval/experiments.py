@@ -126,6 +126,33 @@ def read_experiment(path: str | Path) -> dict:
 
 GRID = {"roipool": (0.0, 0.5, 1.0), "tasks": (0.0, 0.5, 1.0, 2.0), "size": (0.0, 0.5, 1.0, 2.0),
         "position": (0.5, 1.0, 2.0, 3.0), "seg_size": (0.0, 0.5, 1.0, 2.0), "heads": ("network", "refit")}
+NEWER_PARTS = {"seg_size": "seg_log_volume", "roimean": "roimean", "context": "context"}  # weight -> shard column
+
+
+def read_grid(path: str | Path) -> dict[str, tuple]:
+    """A YAML grid: retrieval key -> list of values (e.g. `roimean: [0, 0.5, 1]`), for recipe-grid.
+    Keys are those of the `retrieval` config section but `standardize` (a grid standardizes); a key
+    left out takes the default GRID's values, or the config default where GRID has none."""
+    from dataclasses import fields
+
+    from tumornet.descriptor import RetrievalConfig
+
+    p = find_config(path)
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{p}: not valid YAML ({e})") from None
+    known = {f.name for f in fields(RetrievalConfig)} - {"standardize"}
+    if not isinstance(d, dict) or not d:
+        raise InputError(f"{p}: expected a mapping retrieval key -> list of values")
+    for key, values in d.items():
+        if key not in known:
+            raise InputError(f"{p}: unknown grid key {key!r} (expected one of {', '.join(sorted(known))})")
+        if not isinstance(values, list) or not values:
+            raise InputError(f"{p}: {key}: expected a non-empty list of values, got {values!r}")
+    return {**GRID, **{k: tuple(v) for k, v in d.items()}}
+
+
 TASK_SCORE = ("tumor_type", "area", "left_right", "front_rear", "upper_lower")
 
 
@@ -158,8 +185,9 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     ev = load_evaluation(embeddings, manifest, secret, model, on="validation")
     schema = LabelSchema.from_dict(ev.meta["tasks"])
     parts = shard_parts(ev.table)
-    if any(v > 0 for v in grid.get("seg_size", ())) and "seg_log_volume" not in parts:
-        raise InputError(f"{embeddings}: shards without seg_log_volume (written by an older version): embed again")
+    for key, column in NEWER_PARTS.items():
+        if any(v > 0 for v in grid.get(key, ())) and column not in parts:
+            raise InputError(f"{embeddings}: shards without {column} (written by an older version): embed again")
     stats = fit_stats([{key: v[i] for key, v in parts.items()} for i in ev.train_rows])
     stats["heads"] = fit_heads({key: v[ev.train_rows] for key, v in parts.items()}, ev.train.labels, schema, stats)
     distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
@@ -168,9 +196,13 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     rows = []
     for values in itertools.product(*grid.values()):
         w = dict(zip(grid, values, strict=True))
-        if (w["roipool"] == 0 and w["tasks"] == 0) or (w["tasks"] == 0 and w.get("heads") == "refit"):
-            continue  # nothing to retrieve by / the same vector as with the network's heads
-        cfg = RetrievalConfig(standardize=True, **w)
+        if (all(w.get(key, 0) == 0 for key in ("roipool", "tasks", "roimean", "context"))
+                or (w["tasks"] == 0 and w.get("heads") == "refit") or (w.get("whiten") and w["roipool"] == 0)):
+            continue  # nothing to retrieve by / the same vector as a recipe already scored
+        try:
+            cfg = RetrievalConfig(standardize=True, **w)
+        except TypeError as e:
+            raise InputError(f"recipe grid: {e}") from None
         x = compose(parts, cfg, schema, stats)
         db = ev.train.with_x(x[ev.train_rows])
         row = {"recipe": w, "learned": knn_scores(db, ev.test.with_x(x[ev.test_rows]), [k], ev.tasks)[k],

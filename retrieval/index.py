@@ -26,7 +26,7 @@ from embedder.shards import newest_rows, read_shard_files, shard_files
 from tumornet.errors import InputError
 from tumornet.io import atomic_write, atomic_write_text
 
-VECTOR_COLUMNS = ("embedding", "roipool", "task_logits", "handcrafted")
+VECTOR_COLUMNS = ("embedding", "roipool", "task_logits", "handcrafted", "roimean", "context")
 
 
 def _faiss():

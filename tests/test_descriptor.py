@@ -68,7 +68,8 @@ def test_each_part_counts_about_one_between_random_tumors(small_cohort):
     stacked = _stack(parts)
     assert all(np.all(np.abs(p["position"]) < 1.5) for p in parts)  # inside the head: [-1, 1] per axis
     for cfg in (RetrievalConfig(roipool=1.0, standardize=True), RetrievalConfig(roipool=0.0, size=1.0),
-                RetrievalConfig(roipool=0.0, position=1.0), RetrievalConfig(roipool=0.0, seg_size=1.0)):
+                RetrievalConfig(roipool=0.0, position=1.0), RetrievalConfig(roipool=0.0, seg_size=1.0),
+                RetrievalConfig(roipool=0.0, roimean=1.0), RetrievalConfig(roipool=0.0, context=1.0)):
         x = compose(stacked, cfg, DEFAULT_SCHEMA, stats).astype(np.float64)
         d2 = ((x[:, None] - x[None]) ** 2).sum(-1)
         n = len(x)
@@ -147,6 +148,11 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
                               "heads": ("network", "refit")})  # refit heads fit on the shards' training rows
     assert sorted((r["recipe"]["tasks"], r["recipe"]["heads"]) for r in heads) == [
         (0.0, "network"), (1.0, "network"), (1.0, "refit")]  # refit without a tasks part: the same vector
+    pooled = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
+                         grid={"roipool": (0.0, 1.0), "whiten": (False, True), "tasks": (0.0,), "size": (1.0,),
+                               "position": (1.0,), "roimean": (0.0, 1.0), "context": (0.0, 1.0)})
+    # of 16: roipool 0 whitened = not whitened (4 skipped); nothing pooled and no tasks (1 skipped)
+    assert len(pooled) == 11 and len({json.dumps(r["recipe"], sort_keys=True) for r in pooled}) == 11
     robust = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3, draws=1,
                          grid={"roipool": (1.0,), "tasks": (0.0,), "size": (1.0,), "position": (1.0,)})
     (row,) = robust
@@ -211,3 +217,41 @@ def test_refit_heads_read_where_the_box_is():
         compose(parts, refit, DEFAULT_SCHEMA, {k: v for k, v in stats.items() if k != "heads"})
     with pytest.raises(InputError, match=r"retrieval\.heads: expected network or refit, got 'mlp'"):
         RetrievalConfig(heads="mlp")
+
+
+def test_whitening_decorrelates_the_roipool_vector(small_cohort):
+    """whiten: the standardized RoiPool vector rotated and scaled by the training tumors' covariance
+    (shrunk): its channels come out uncorrelated, and two random tumors still differ by about 1."""
+    rng = np.random.default_rng(0)
+    n = 200
+    mix = rng.normal(size=(8, 8))  # correlated channels
+    parts = {"roipool": np.maximum(rng.normal(size=(n, 8)) @ mix, 0), "position": rng.uniform(-1, 1, (n, 3)),
+             "box_log_volume": rng.normal(size=n), "task_logits": rng.normal(size=(n, 20))}
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(n)])
+    z = compose(parts, RetrievalConfig(standardize=True), DEFAULT_SCHEMA, stats).astype(np.float64)
+    w = compose(parts, RetrievalConfig(whiten=True), DEFAULT_SCHEMA, stats).astype(np.float64)
+    off = ~np.eye(8, dtype=bool)
+    assert np.abs(np.corrcoef(z, rowvar=False)[off]).max() > 0.5
+    assert np.abs(np.corrcoef(w, rowvar=False)[off]).max() < 1e-6
+    d2 = ((w[:, None] - w[None]) ** 2).sum(-1).sum() / (n * (n - 1))
+    assert 0.5 < d2 < 1.1  # about 1 (below it by the shrinkage)
+    with pytest.raises(InputError, match="no whitening of the RoiPool vector"):
+        compose(parts, RetrievalConfig(whiten=True), DEFAULT_SCHEMA,
+                {**stats, "roipool": {k: v for k, v in stats["roipool"].items() if k != "whiten"}})
+    recipe = RetrievalConfig(roipool=0.5, whiten=True, roimean=0.5, context=1.0)
+    assert vector_size(recipe, 8, DEFAULT_SCHEMA) == 24
+
+
+def test_a_grid_file_names_known_keys_and_lists(tmp_path):
+    from retrieval.experiments import GRID, read_grid
+
+    good = tmp_path / "g.yaml"
+    good.write_text("roimean: [0, 0.5]\nwhiten: [false, true]\n")
+    grid = read_grid(good)
+    assert grid["roimean"] == (0, 0.5) and grid["whiten"] == (False, True) and grid["tasks"] == GRID["tasks"]
+    assert read_grid("grid-pooling")["context"] == (0, 0.5, 1)  # the bundled fourth round
+    for text, match in (("pooling: [1]\n", "unknown grid key 'pooling'"), ("roimean: 0.5\n", "roimean: expected a "
+                        "non-empty list"), ("standardize: [true]\n", "unknown grid key 'standardize'")):
+        good.write_text(text)
+        with pytest.raises(InputError, match=match):
+            read_grid(good)

@@ -6,7 +6,17 @@ import torch
 
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA, LabelSchema
-from tumornet.network import Backbone, MultitaskNet, NetConfig, ResBlock, coordinate_channels, roi_pool
+from tumornet.network import (
+    Backbone,
+    MultitaskNet,
+    NetConfig,
+    ResBlock,
+    coordinate_channels,
+    grown_boxes,
+    roi_mean_pool,
+    roi_pool,
+    shell_mean_pool,
+)
 from tumornet.patches import mirrored_frame, patch_frame
 
 torch.manual_seed(0)
@@ -191,3 +201,22 @@ def test_a_network_with_coordinates_reads_the_frame():
     a, b = net(x, boxes, left)["embedding"], net(x, boxes, right)["embedding"]
     assert not torch.allclose(a, b, atol=1e-4)  # the same image elsewhere in the head: another vector
     assert torch.allclose(a, net.embed(x[0], boxes[:, 1:], left[0]), atol=1e-6)
+
+
+def test_mean_and_shell_pooling_equal_hand_computed_means():
+    torch.manual_seed(0)
+    f = torch.randn(2, 3, 12, 12, 12)
+    boxes = torch.tensor([[0, 4, 4, 4, 8, 6, 8], [1, 0, 0, 0, 2, 2, 2]])
+    assert torch.allclose(roi_mean_pool(f, boxes), torch.stack([f[0, :, 4:8, 4:6, 4:8].mean((1, 2, 3)),
+                                                                f[1, :, 0:2, 0:2, 0:2].mean((1, 2, 3))]))
+    # grown by half the size per side, at least 2 voxels: (4, 2, 4) -> pad (2, 2, 2); clipped at 0 on the second
+    assert grown_boxes(boxes).tolist() == [[0, 2, 2, 2, 10, 8, 10], [1, -2, -2, -2, 4, 4, 4]]
+    shell = shell_mean_pool(f, boxes)
+    for n, ((b, *lo_hi), (_, *g)) in enumerate(zip(boxes.tolist(), grown_boxes(boxes).tolist(), strict=True)):
+        keep = torch.zeros(12, 12, 12, dtype=torch.bool)
+        keep[max(g[0], 0):g[3], max(g[1], 0):g[4], max(g[2], 0):g[5]] = True
+        keep[lo_hi[0]:lo_hi[3], lo_hi[1]:lo_hi[4], lo_hi[2]:lo_hi[5]] = False
+        assert torch.allclose(shell[n], f[b][:, keep].mean(1), atol=1e-6)
+    whole = torch.tensor([[0, 0, 0, 0, 12, 12, 12]])  # no room for a shell: zeros
+    assert torch.equal(shell_mean_pool(f, whole), torch.zeros(1, 3))
+    assert roi_mean_pool(f, torch.zeros((0, 7), dtype=torch.long)).shape == (0, 3)

@@ -3,6 +3,9 @@
 The network gives, for a tumor box in a scan (the training patch cut around it):
 - `roipool`: the RoiPool vector (C numbers), the paper's embedding;
 - `task_logits`: the task heads' logits on that vector (all tasks' classes, concatenated);
+- `roimean`: the mean of the feature map over the box (C numbers; the paper pools the max);
+- `context`: the mean of the feature map over a shell around the box (the box grown by half its size
+  on every side, minus the box: the tissue around the tumor, C numbers);
 and the box itself gives:
 - `box_log_volume`: log of the box volume in ml (what a drawn box says of the tumor's size);
 - `seg_log_volume`: log of the volume in ml that the segmentation head calls tumor in the connected
@@ -37,6 +40,7 @@ import torch
 from .boxes import box_center, box_size
 from .errors import InputError
 from .labels import LabelSchema
+from .network import roi_mean_pool, roi_pool, shell_mean_pool
 from .patches import centred_patch, patch_size_for
 from .volumes import head_box_voxels
 
@@ -49,12 +53,16 @@ class RetrievalConfig:
     size: float = 0.0  # weight of the box's log volume
     position: float = 0.0  # weight of the box centre's place in the head
     seg_size: float = 0.0  # weight of the segmented log volume in and around the box
+    roimean: float = 0.0  # weight of the feature map's mean over the box
+    context: float = 0.0  # weight of the feature map's mean over a shell around the box
+    # the standardized RoiPool vector decorrelated too (PCA whitening with the training tumors' covariance)
+    whiten: bool = False
     # the `tasks` part's probabilities: from the network's task heads, or from heads refit at export on
     # the training tumors' RoiPool vector, position and box size (fit_heads, stored in the model file)
     heads: str = "network"
 
     def __post_init__(self) -> None:
-        weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size)
+        weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
         if min(weights) < 0 or max(weights) <= 0:
             raise InputError(f"retrieval: weights must be >= 0 and not all 0, got {weights}")
         if self.heads not in ("network", "refit"):
@@ -62,8 +70,8 @@ class RetrievalConfig:
 
     @property
     def needs_stats(self) -> bool:
-        return (self.standardize or self.size > 0 or self.position > 0 or self.seg_size > 0
-                or (self.tasks > 0 and self.heads == "refit"))
+        return (self.standardize or self.whiten or self.size > 0 or self.position > 0 or self.seg_size > 0
+                or self.roimean > 0 or self.context > 0 or (self.tasks > 0 and self.heads == "refit"))
 
 
 def segmented_voxels(foreground: np.ndarray, box) -> int:
@@ -84,8 +92,8 @@ def segmented_voxels(foreground: np.ndarray, box) -> int:
 def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None,
                  batch: int = 8) -> list[dict]:
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
-    per box: {"roipool" (C,), "task_logits" (sum of classes,), "box_log_volume", "position" (3,),
-    "seg_log_volume"}. Each box gets the training patch centred on it (larger for a larger tumor);
+    per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
+    "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on it (larger for a larger tumor);
     patches of one size go through the network together, up to `batch` at a time (the same numbers
     as one at a time: eval mode)."""
     centre, half = head = head if head is not None else head_box_voxels(image)
@@ -102,13 +110,17 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                 x = torch.from_numpy(np.stack([cut[i][0] for i in idx])).to(model.device)
                 boxes = torch.from_numpy(np.array([[n, *cut[i][1]] for n, i in enumerate(idx)], dtype=np.int64))
                 frames = torch.from_numpy(np.stack([cut[i][2] for i in idx]))
-                res = model(x, boxes.to(model.device), frames)
-                foreground = (res["seg"].argmax(1) > 0).cpu().numpy()
-                logits = torch.cat([res["tasks"][t] for t in model.schema.names], dim=1).float().cpu().numpy()
-                emb = res["embedding"].float().cpu().numpy()
+                boxes = boxes.to(model.device)
+                f = model.features(x, frames)
+                foreground = (model.seg_head(f).argmax(1) > 0).cpu().numpy()
+                pooled = roi_pool(f, boxes)
+                logits = torch.cat([model.task_heads[t](pooled) for t in model.schema.names], 1).float().cpu().numpy()
+                emb = pooled.float().cpu().numpy()
+                mean = roi_mean_pool(f, boxes).float().cpu().numpy()
+                shell = shell_mean_pool(f, boxes).float().cpu().numpy()
                 for n, i in enumerate(idx):
                     bbox = bboxes[i]
-                    out[i] = {"roipool": emb[n], "task_logits": logits[n],
+                    out[i] = {"roipool": emb[n], "task_logits": logits[n], "roimean": mean[n], "context": shell[n],
                               "box_log_volume": float(np.log(max(float(np.prod(box_size(bbox))) * voxel_ml, 1e-6))),
                               "position": ((box_center(bbox) - centre) / half).astype(np.float32),
                               "seg_log_volume": float(np.log(segmented_voxels(foreground[n], cut[i][1]) * voxel_ml))}
@@ -129,7 +141,8 @@ def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
     return cfg, extra.get("retrieval_stats")
 
 
-STANDARDIZED = ("roipool", "box_log_volume", "position", "seg_log_volume")
+STANDARDIZED = ("roipool", "box_log_volume", "position", "seg_log_volume", "roimean", "context")
+WHITEN_SHRINK = 0.1  # eigenvalues + this x their mean before whitening: few tumors, many channels
 
 
 def fit_stats(parts: Sequence[Mapping]) -> dict:
@@ -145,6 +158,12 @@ def fit_stats(parts: Sequence[Mapping]) -> dict:
     for key in (k for k in STANDARDIZED if k in parts[0]):
         m, s = ms(np.array([np.atleast_1d(p[key]) for p in parts], dtype=np.float64))
         out[key] = {"mean": m, "sd": s}
+    z = np.array([p["roipool"] for p in parts], dtype=np.float64)
+    z = (z - np.asarray(out["roipool"]["mean"])) / np.asarray(out["roipool"]["sd"])
+    lam, vec = np.linalg.eigh(np.cov(z, rowvar=False).reshape(z.shape[1], z.shape[1]))
+    lam = np.clip(lam, 0.0, None)
+    # z @ whiten has (about) unit covariance: two random tumors differ by about 2C, as z-scores do
+    out["roipool"]["whiten"] = (vec / np.sqrt(lam + WHITEN_SHRINK * max(lam.mean(), 1e-12))).tolist()
     out["tumors"] = len(parts)
     return out
 
@@ -226,7 +245,13 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
     blocks = []
     roi = np.asarray(parts["roipool"], dtype=np.float64)
     if cfg.roipool > 0:
-        scaled = _z(parts, "roipool", stats) / np.sqrt(2 * roi.shape[1]) if cfg.standardize else roi
+        if cfg.whiten:
+            if "whiten" not in stats["roipool"]:
+                raise InputError("retrieval.whiten: the model file has no whitening of the RoiPool vector (exported "
+                                 "before it existed): train again, or set whiten: false")
+            scaled = _z(parts, "roipool", stats) @ np.asarray(stats["roipool"]["whiten"]) / np.sqrt(2 * roi.shape[1])
+        else:
+            scaled = _z(parts, "roipool", stats) / np.sqrt(2 * roi.shape[1]) if cfg.standardize else roi
         blocks.append(cfg.roipool * scaled)
     if cfg.tasks > 0:
         probs = (refit_probabilities(parts, schema, stats) if cfg.heads == "refit"
@@ -238,9 +263,13 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
         blocks.append(cfg.position * _z(parts, "position", stats) / np.sqrt(2 * 3))
     if cfg.seg_size > 0:
         blocks.append(cfg.seg_size * _z(parts, "seg_log_volume", stats) / np.sqrt(2))
+    for key in ("roimean", "context"):
+        if getattr(cfg, key) > 0:
+            blocks.append(getattr(cfg, key) * _z(parts, key, stats) / np.sqrt(2 * roi.shape[1]))
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
 def vector_size(cfg: RetrievalConfig, channels: int, schema: LabelSchema) -> int:
     return ((channels if cfg.roipool > 0 else 0) + (sum(t.n_classes for t in schema.tasks) if cfg.tasks > 0 else 0)
-            + (1 if cfg.size > 0 else 0) + (3 if cfg.position > 0 else 0) + (1 if cfg.seg_size > 0 else 0))
+            + (1 if cfg.size > 0 else 0) + (3 if cfg.position > 0 else 0) + (1 if cfg.seg_size > 0 else 0)
+            + (channels if cfg.roimean > 0 else 0) + (channels if cfg.context > 0 else 0))

@@ -179,6 +179,37 @@ def roi_pool(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return _RoiMaxPool.apply(features, boxes)
 
 
+def roi_mean_pool(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Mean over each box -> (N, C) (boxes as roi_pool, clipped)."""
+    C = features.shape[1]
+    out = [features[b, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].reshape(C, -1).mean(1)
+           for b, lo, hi in _clipped_boxes(boxes, features.shape[2:])]
+    return torch.stack(out) if out else features.new_zeros((0, C))
+
+
+def grown_boxes(boxes: torch.Tensor, margin: float = 0.5, at_least: int = 2) -> torch.Tensor:
+    """Boxes (N, 7) grown on every side by `margin` x their size per axis (at least `at_least`
+    voxels); roi pooling clips them to the feature map."""
+    lo, hi = boxes[:, 1:4], boxes[:, 4:7]
+    pad = torch.clamp(torch.ceil((hi - lo).double() * margin).long(), min=at_least)
+    return torch.cat([boxes[:, :1], lo - pad, hi + pad], dim=1)
+
+
+def shell_mean_pool(features: torch.Tensor, boxes: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """Mean over the shell around each box (the box grown by `margin` x its size per side, minus the
+    box): the tissue around a tumor -> (N, C). A shell wholly outside the feature map gives zeros."""
+    C = features.shape[1]
+    size = features.shape[2:]
+    out = []
+    for (b, lo, hi), (_, glo, ghi) in zip(_clipped_boxes(boxes, size), _clipped_boxes(grown_boxes(boxes, margin), size),
+                                          strict=True):
+        grown = features[b, :, glo[0]:ghi[0], glo[1]:ghi[1], glo[2]:ghi[2]].reshape(C, -1)
+        inner = features[b, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].reshape(C, -1)
+        n = grown.shape[1] - inner.shape[1]
+        out.append((grown.sum(1) - inner.sum(1)) / n if n > 0 else features.new_zeros(C))
+    return torch.stack(out) if out else features.new_zeros((0, C))
+
+
 def coordinate_channels(frame: torch.Tensor, size) -> torch.Tensor:
     """Frames (B, 6) (start xyz, step xyz: patches.patch_frame) -> (B, 3, D, H, W): each voxel's
     place in the head, per axis."""
