@@ -93,9 +93,9 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                  batch: int = 8) -> list[dict]:
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
-    "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on it (larger for a larger tumor);
-    patches of one size go through the network together, up to `batch` at a time (the same numbers
-    as one at a time: eval mode)."""
+    "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on
+    it (larger for a larger tumor); patches of one size go through the network together, up to
+    `batch` at a time (the same numbers as one at a time: eval mode)."""
     centre, half = head = head if head is not None else head_box_voxels(image)
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
     cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
