@@ -102,6 +102,17 @@ def cmd_recipe_grid(args) -> None:
         atomic_write_text(args.out, json.dumps(plain(rows), indent=2))
 
 
+def cmd_recipe_mean(args) -> None:
+    from retrieval.evaluate import plain
+    from retrieval.experiments import combine_grids, format_combined
+    from tumornet.io import atomic_write_text
+
+    names, rows = combine_grids(args.grids)
+    print(format_combined(names, rows, top=args.top))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(plain({"trainings": names, "rows": rows}), indent=2))
+
+
 def cmd_report(args) -> None:
     from retrieval.evaluate import evaluate, read_evaluation
     from retrieval.experiments import read_experiment
@@ -310,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grid", help="YAML: retrieval key -> values to try (default: the third round's grid)")
     sp.add_argument("--out", help="JSON of every recipe's scores")
     sp.set_defaults(func=cmd_recipe_grid)
+
+    sp = sub.add_parser("recipe-mean", help="the mean score of every recipe over several trainings' recipe grids")
+    sp.add_argument("--grids", nargs="+", required=True, help="recipe-grid --out JSONs, one per training")
+    sp.add_argument("--top", type=int, default=10)
+    sp.add_argument("--out", help="JSON of every recipe's mean and per-training scores")
+    sp.set_defaults(func=cmd_recipe_mean)
 
     sp = sub.add_parser("report", help="the HTML report (figures embedded) and results.json of a model")
     archive_args(sp, model_help="model.pt (its metrics.jsonl beside it gives the training curves)")

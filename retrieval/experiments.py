@@ -216,6 +216,43 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     return sorted(rows, key=lambda r: -r["score"])
 
 
+def combine_grids(paths) -> tuple[list[str], list[dict]]:
+    """recipe_grid outputs (JSON) of several trainings -> (their names, rows best first): every recipe
+    scored in all of them, with its score per training and their mean (how a recipe is chosen: the
+    best mean over trainings, so that it does not hang on one training's luck)."""
+    if len(paths) < 1:
+        raise InputError("--grids: expected at least one recipe-grid JSON")
+    names, scores, recipes = [], [], {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"{p}: recipe grid not found (written by `ray_job.py recipe-grid --out`)")
+        try:
+            rows = json.loads(Path(p).read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{p}: not a recipe-grid JSON ({e})") from None
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "recipe" in r and "score" in r
+                                                             for r in rows):
+            raise InputError(f"{p}: not a recipe-grid JSON (a list of rows with recipe and score)")
+        names.append(Path(p).stem)
+        scores.append({json.dumps(r["recipe"], sort_keys=True): float(r["score"]) for r in rows})
+        recipes |= {json.dumps(r["recipe"], sort_keys=True): r["recipe"] for r in rows if not recipes}
+    common = set.intersection(*(set(s) for s in scores))
+    if not common:
+        raise InputError(f"--grids: no recipe is scored in all of {', '.join(map(str, paths))}")
+    out = [{"recipe": recipes.get(k) or json.loads(k), "scores": [s[k] for s in scores],
+            "mean": float(np.mean([s[k] for s in scores]))} for k in common]
+    return names, sorted(out, key=lambda r: (-r["mean"], json.dumps(r["recipe"], sort_keys=True)))
+
+
+def format_combined(names: list[str], rows: list[dict], *, top: int = 10) -> str:
+    weights = list(rows[0]["recipe"])
+    lines = ["| " + " | ".join([*weights, "mean", *names]) + " |", "|" + "---|" * (len(weights) + 1 + len(names))]
+    for r in rows[:top]:
+        lines.append("| " + " | ".join([*(str(r["recipe"][w]) for w in weights), f"{r['mean']:.3f}",
+                                        *(f"{s:.3f}" for s in r["scores"])]) + " |")
+    return "\n".join(lines)
+
+
 def format_grid(rows: list[dict], *, top: int = 10) -> str:
     """The best `top` recipes of recipe_grid as a Markdown table, with the handcrafted row last (and,
     when the grid scored distorted boxes, their mean accuracy and size RMSE)."""

@@ -255,3 +255,26 @@ def test_a_grid_file_names_known_keys_and_lists(tmp_path):
         good.write_text(text)
         with pytest.raises(InputError, match=match):
             read_grid(good)
+
+
+def test_recipe_grids_of_several_trainings_are_averaged(tmp_path):
+    from retrieval.experiments import combine_grids, format_combined
+
+    a = [{"recipe": {"roipool": 1.0, "size": 1.0}, "score": 0.80},
+         {"recipe": {"roipool": 0.5, "size": 1.0}, "score": 0.70},
+         {"recipe": {"roipool": 0.0, "size": 1.0}, "score": 0.99}]  # only in a: left out
+    b = [{"recipe": {"size": 1.0, "roipool": 0.5}, "score": 0.90},
+         {"recipe": {"roipool": 1.0, "size": 1.0}, "score": 0.76}]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    names, rows = combine_grids([tmp_path / "a.json", tmp_path / "b.json"])
+    assert names == ["a", "b"]
+    assert [(r["recipe"]["roipool"], r["scores"]) for r in rows] == [(0.5, [0.70, 0.90]), (1.0, [0.80, 0.76])]
+    assert rows[0]["mean"] == pytest.approx(0.80) and rows[1]["mean"] == pytest.approx(0.78)
+    assert format_combined(names, rows).splitlines()[2] == "| 0.5 | 1.0 | 0.800 | 0.700 | 0.900 |"
+    (tmp_path / "c.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(InputError, match=r"c\.json: not a recipe-grid JSON"):
+        combine_grids([tmp_path / "a.json", tmp_path / "c.json"])
+    (tmp_path / "d.json").write_text(json.dumps([{"recipe": {"roipool": 2.0}, "score": 0.5}]))
+    with pytest.raises(InputError, match="no recipe is scored in all of"):
+        combine_grids([tmp_path / "a.json", tmp_path / "d.json"])

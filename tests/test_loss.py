@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA, MISSING
-from tumornet.loss import LossWeights, multitask_loss
+from tumornet.loss import LossWeights, multitask_loss, soft_dice_loss
 from tumornet.network import MultitaskNet, NetConfig
 
 SIZE = (12, 12, 12)
@@ -93,3 +94,29 @@ def test_the_net_overfits_a_tiny_batch():
     assert last["total"] < first["total"] / 4
     assert last["seg"] < first["seg"] / 3
     assert last["task/tumor_type"] < first["task/tumor_type"] / 4
+
+
+def test_soft_dice_term():
+    seg = torch.zeros(1, 6, 6, 6, dtype=torch.long)
+    seg[0, 1:3, 1:3, 1:3] = 1  # 8 tumor voxels of 216
+    sure = torch.stack([torch.where(seg[0] > 0, -20.0, 20.0), torch.where(seg[0] > 0, 20.0, -20.0)])[None]
+    assert soft_dice_loss(sure, seg).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_dice_loss(-sure, seg).item() == pytest.approx(1.0 - 1.0 / (208 + 8 + 1), abs=1e-4)  # all wrong
+    nothing = torch.zeros_like(seg)
+    assert soft_dice_loss(torch.stack([torch.full((6, 6, 6), 20.0), torch.full((6, 6, 6), -20.0)])[None],
+                          nothing).item() == pytest.approx(0.0, abs=1e-6)  # no tumor, none predicted
+    # unlike CE averaged over voxels, it weighs the few tumor voxels: a tumor called background costs
+    # most of the term, while CE spreads it over the background's 208 voxels too
+    net = _net()
+    x, seg2, boxes, labels = _batch()
+    out = net(x, boxes)
+    plain = multitask_loss(out, seg2, labels)
+    with_dice = multitask_loss(out, seg2, labels, LossWeights(seg_dice=0.5))
+    assert "seg_dice" not in plain and torch.allclose(with_dice["seg_dice"], soft_dice_loss(out["seg"], seg2))
+    assert torch.allclose(with_dice["total"], plain["total"] + 0.5 * with_dice["seg_dice"])
+    logits = torch.zeros(1, 2, 6, 6, 6, requires_grad=True)
+    soft_dice_loss(logits, seg).backward()
+    tumor_grad = logits.grad[0, 1][seg[0] > 0]
+    assert (tumor_grad < 0).all()  # descending the term raises the tumor logit inside the tumor
+    with pytest.raises(InputError, match="loss: weights must be >= 0"):
+        LossWeights(seg_dice=-1.0)
