@@ -107,6 +107,8 @@ def test_an_lps_copy_of_a_scan_gives_the_same_vectors(small_cohort, tmp_path, co
         assert np.allclose(ra["position"], rb["position"], atol=1e-4)
         assert np.allclose(ra["embedding"], rb["embedding"], atol=1e-4)
         assert ra["box_log_volume"] == pytest.approx(rb["box_log_volume"])
+        for key in ("roimean", "context"):  # the pooled parts too: the same feature map
+            assert len(ra[key]) == 8 and np.allclose(ra[key], rb[key], atol=1e-4)
 
 
 def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_path):
