@@ -9,7 +9,7 @@ from tumornet.labels import DEFAULT_SCHEMA
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "site.yaml", "site-gpu.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "site.yaml", "site-gpu.yaml", "site-detect.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.tasks == DEFAULT_SCHEMA and cfg.phantom.patients > 0
@@ -22,6 +22,14 @@ def test_site_recipe_scaled_up_for_gpu_nodes_is_the_papers_training():
     assert (gpu.train, gpu.model, gpu.loss, gpu.data, gpu.distributed) == (
         paper.train, paper.model, paper.loss, paper.data, paper.distributed)
     assert paper.retrieval.roipool == 1.0 and not paper.retrieval.standardize and paper.retrieval.tasks == 0.0
+
+
+def test_site_detect_is_the_site_config_with_a_dice_term():
+    import dataclasses
+
+    site, detect = load_config(CONFIGS / "site.yaml"), load_config(CONFIGS / "site-detect.yaml")
+    assert site.loss.seg_dice == 0.0 and detect.loss.seg_dice == 0.25
+    assert dataclasses.replace(detect, name=site.name, loss=site.loss) == site
 
 
 @pytest.mark.parametrize("name", ["demo", "paper"])
