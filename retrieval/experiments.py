@@ -150,6 +150,12 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             raise InputError(f"{p}: unknown grid key {key!r} (expected one of {', '.join(sorted(known))})")
         if not isinstance(values, list) or not values:
             raise InputError(f"{p}: {key}: expected a non-empty list of values, got {values!r}")
+        for v in values:
+            ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
+                  else isinstance(v, int | float) and not isinstance(v, bool) and v >= 0)
+            if not ok:
+                want = "network or refit" if key == "heads" else "true or false" if key == "whiten" else "a weight >= 0"
+                raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
 
 

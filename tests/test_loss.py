@@ -118,5 +118,5 @@ def test_soft_dice_term():
     soft_dice_loss(logits, seg).backward()
     tumor_grad = logits.grad[0, 1][seg[0] > 0]
     assert (tumor_grad < 0).all()  # descending the term raises the tumor logit inside the tumor
-    with pytest.raises(InputError, match="loss: weights must be >= 0"):
+    with pytest.raises(InputError, match=r"loss\.seg_dice: must be >= 0, got -1\.0"):
         LossWeights(seg_dice=-1.0)

@@ -31,9 +31,11 @@ class LossWeights:
     seg_dice: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.seg, self.task, self.seg_dice, *self.per_task.values()) < 0:
-            raise InputError(f"loss: weights must be >= 0, got seg {self.seg}, task {self.task}, "
-                             f"seg_dice {self.seg_dice}, per_task {dict(self.per_task)}")
+        weights = {"seg": self.seg, "task": self.task, "seg_dice": self.seg_dice,
+                   **{f"per_task.{k}": v for k, v in self.per_task.items()}}
+        for key, v in weights.items():
+            if v < 0:
+                raise InputError(f"loss.{key}: must be >= 0, got {v}")
 
     def of(self, task: str) -> float:
         return float(self.per_task.get(task, self.task))
