@@ -158,8 +158,7 @@ def fit_stats(parts: Sequence[Mapping]) -> dict:
     for key in (k for k in STANDARDIZED if k in parts[0]):
         m, s = ms(np.array([np.atleast_1d(p[key]) for p in parts], dtype=np.float64))
         out[key] = {"mean": m, "sd": s}
-    z = np.array([p["roipool"] for p in parts], dtype=np.float64)
-    z = (z - np.asarray(out["roipool"]["mean"])) / np.asarray(out["roipool"]["sd"])
+    z = _z({"roipool": [p["roipool"] for p in parts]}, "roipool", out)
     lam, vec = np.linalg.eigh(np.cov(z, rowvar=False).reshape(z.shape[1], z.shape[1]))
     lam = np.clip(lam, 0.0, None)
     # z @ whiten has (about) unit covariance: two random tumors differ by about 2C, as z-scores do
@@ -245,13 +244,15 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
     blocks = []
     roi = np.asarray(parts["roipool"], dtype=np.float64)
     if cfg.roipool > 0:
-        if cfg.whiten:
-            if "whiten" not in stats["roipool"]:
-                raise InputError("retrieval.whiten: the model file has no whitening of the RoiPool vector (exported "
-                                 "before it existed): train again, or set whiten: false")
-            scaled = _z(parts, "roipool", stats) @ np.asarray(stats["roipool"]["whiten"]) / np.sqrt(2 * roi.shape[1])
-        else:
-            scaled = _z(parts, "roipool", stats) / np.sqrt(2 * roi.shape[1]) if cfg.standardize else roi
+        scaled = roi
+        if cfg.standardize or cfg.whiten:
+            scaled = _z(parts, "roipool", stats)
+            if cfg.whiten:
+                if "whiten" not in stats["roipool"]:
+                    raise InputError("retrieval.whiten: the model file has no whitening of the RoiPool vector "
+                                     "(exported before it existed): train again, or set whiten: false")
+                scaled = scaled @ np.asarray(stats["roipool"]["whiten"])
+            scaled = scaled / np.sqrt(2 * roi.shape[1])
         blocks.append(cfg.roipool * scaled)
     if cfg.tasks > 0:
         probs = (refit_probabilities(parts, schema, stats) if cfg.heads == "refit"
