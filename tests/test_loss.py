@@ -1,10 +1,12 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA, MISSING
-from tumornet.loss import LossWeights, multitask_loss, soft_dice_loss
+from tumornet.loss import EmbeddingBank, LossWeights, multitask_loss, soft_dice_loss, supervised_contrastive_loss
 from tumornet.network import MultitaskNet, NetConfig
 
 SIZE = (12, 12, 12)
@@ -120,3 +122,71 @@ def test_soft_dice_term():
     assert (tumor_grad < 0).all()  # descending the term raises the tumor logit inside the tumor
     with pytest.raises(InputError, match=r"loss\.seg_dice: must be >= 0, got -1\.0"):
         LossWeights(seg_dice=-1.0)
+
+
+def test_supervised_contrastive_term_by_hand():
+    z = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])  # normalized inside: tumors 0 and 1 coincide
+    y = {"tumor_type": torch.tensor([0, 0, 1])}
+    # anchors 0 and 1: one positive each (the other), candidates the other two (cosine 1 and 0); tumor 2
+    # has no positive and contributes nothing; temperature 1
+    want = math.log(math.e + 1.0) - 1.0
+    assert supervised_contrastive_loss(z, y, temperature=1.0).item() == pytest.approx(want, abs=1e-6)
+    # averaged over tasks with an anchor; a task whose labels are all missing adds nothing
+    y2 = {**y, "area": torch.tensor([MISSING, MISSING, MISSING]), "left_right": torch.tensor([0, 1, 0])}
+    # left_right: anchor 0's positive is tumor 2 (cosine 0) against tumor 1 (cosine 1); anchor 2's is
+    # tumor 0 (cosine 0) against tumor 1 (cosine 0); tumor 1 has no positive
+    lr_term = (math.log(math.e + 1.0) + math.log(2.0)) / 2
+    got = supervised_contrastive_loss(z, y2, temperature=1.0).item()
+    assert got == pytest.approx((want + lr_term) / 2, abs=1e-6)
+    # a missing label is neither anchor nor candidate
+    y3 = {"tumor_type": torch.tensor([0, MISSING, 0])}
+    assert supervised_contrastive_loss(z, y3, temperature=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    # separated classes cost less than mixed ones; no anchor at all: 0 with a gradient path
+    tight = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.05, 1.0]])
+    assert (supervised_contrastive_loss(tight, {"t": torch.tensor([0, 0, 1, 1])}).item() + 1.0
+            < supervised_contrastive_loss(tight, {"t": torch.tensor([0, 1, 0, 1])}).item())
+    e = torch.randn(3, 4, requires_grad=True)
+    none = supervised_contrastive_loss(e, {"t": torch.tensor([0, 1, 2])})
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(e.grad, torch.zeros_like(e))
+
+
+def test_embedding_bank_gives_the_batch_positives_to_contrast():
+    bank = EmbeddingBank(3)
+    bank.push(torch.tensor([[3.0, 0.0], [0.0, 1.0]]), {"tumor_type": torch.tensor([0, 1])})
+    assert len(bank) == 2 and torch.allclose(bank.emb[0], torch.tensor([1.0, 0.0]))  # stored normalized
+    bank.push(torch.tensor([[0.0, 2.0], [1.0, 1.0]]),
+              {"tumor_type": torch.tensor([1, 2]), "area": torch.tensor([4, 5])})
+    assert len(bank) == 3  # first in, first out
+    assert bank.labels["tumor_type"].tolist() == [1, 1, 2] and bank.labels["area"].tolist() == [MISSING, 4, 5]
+    # a lone tumor has no positive in its batch; the bank's two tumors of its class give it one
+    q = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    y = {"tumor_type": torch.tensor([1])}
+    assert supervised_contrastive_loss(q, y).item() == 0.0
+    loss = supervised_contrastive_loss(q, y, bank, temperature=1.0)
+    s2 = 1.0 / math.sqrt(2.0)  # cosine with the bank's third tumor (1, 1)
+    want = -(1.0 - math.log(2 * math.e + math.e ** s2))  # both positives at cosine 1
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    loss.backward()
+    assert q.grad.abs().sum() > 0 and not bank.emb.requires_grad  # the bank is a constant
+
+
+def test_metric_term_in_the_multitask_loss():
+    net = _net()
+    x, seg, boxes, labels = _batch()
+    out = net(x, boxes)
+    plain = multitask_loss(out, seg, labels)
+    bank = EmbeddingBank(8)
+    bank.push(torch.randn(4, 8), {"tumor_type": torch.tensor([0, 2, 0, 1]), "left_right": torch.tensor([0, 1, 1, 0])})
+    w = LossWeights(metric=0.3, metric_temperature=0.2)
+    got = multitask_loss(out, seg, labels, w, bank)
+    assert "metric" not in plain
+    assert torch.allclose(got["metric"], supervised_contrastive_loss(out["embedding"], labels, bank, 0.2))
+    assert got["metric"].item() > 0
+    assert torch.allclose(got["total"], plain["total"] + 0.3 * got["metric"])
+    for bad, msg in (({"metric": -0.1}, r"loss\.metric: must be >= 0"),
+                     ({"metric_temperature": 0.0}, r"loss\.metric_temperature: must be > 0"),
+                     ({"metric_memory": -1}, r"loss\.metric_memory: must be >= 0"),
+                     ({"metric_memory": 2.5}, r"loss\.metric_memory: must be a whole number")):
+        with pytest.raises(InputError, match=msg):
+            LossWeights(**bad)

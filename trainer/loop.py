@@ -25,7 +25,7 @@ from tumornet.config import Config, config_from_dict, config_to_dict
 from tumornet.descriptor import fit_heads, fit_stats, tumor_parts
 from tumornet.export import export_model, model_id
 from tumornet.labels import MISSING
-from tumornet.loss import as_float32, multitask_loss
+from tumornet.loss import EmbeddingBank, as_float32, multitask_loss
 from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet
 from tumornet.runtime import tune_cpu_allocator
@@ -185,6 +185,7 @@ def train_func(loop_config: dict) -> None:
     stream = PatchStream(mine, t, cfg.tasks.names, rank=rank, start_step=start, end_step=total)
     sums: dict[str, float] = {}
     inject_failure = failure_injector(cfg, rank, world, run_dir)
+    bank = EmbeddingBank(cfg.loss.metric_memory) if cfg.loss.metric > 0 else None
     try:
         for _ in range(start, total):
             t0 = time.perf_counter()
@@ -193,8 +194,11 @@ def train_func(loop_config: dict) -> None:
             for g in opt.param_groups:
                 g["lr"] = t.lr_at(epoch)
             x, seg, boxes, labels, frame = _to(batch, device, dtype)
-            terms = multitask_loss(as_float32(engine(x, boxes, frame)), seg, labels, cfg.loss)
+            out = as_float32(engine(x, boxes, frame))
+            terms = multitask_loss(out, seg, labels, cfg.loss, bank)
             engine.backward(terms["total"])
+            if bank is not None:
+                bank.push(out["embedding"], labels)
             engine.step()
             if inject_failure:
                 inject_failure(step)

@@ -2,6 +2,7 @@
 
     loss = lambda_s * CE(segmentation) + sum_p lambda_p * sum_t CE(task p, tumor t)
            [+ lambda_d * (1 - soft Dice of the tumor classes over the batch)]   (ours, off by default)
+           [+ lambda_m * supervised contrastive loss of the RoiPool vectors]  (ours, off by default)
 
 Segmentation CE is averaged over voxels; task terms are summed over tumors (as in the paper).
 Every task, binary or multiclass, is a softmax over its classes. A label of -1 (missing)
@@ -29,13 +30,23 @@ class LossWeights:
     # patch: CE averaged over voxels lets small tumors go unsegmented, which the detection of scans
     # without a mask pays for; Dice counts every tumor voxel as much as the whole background does
     seg_dice: float = 0.0
+    # lambda_m: a supervised contrastive term on the RoiPool vectors (not in the paper; 0 = off): tumors
+    # that share a task's label are pulled together, against the batch's other tumors and the last
+    # `metric_memory` tumors of this worker (a batch of 2 patches holds too few tumors to contrast)
+    metric: float = 0.0
+    metric_temperature: float = 0.1
+    metric_memory: int = 512
 
     def __post_init__(self) -> None:
-        weights = {"seg": self.seg, "task": self.task, "seg_dice": self.seg_dice,
-                   **{f"per_task.{k}": v for k, v in self.per_task.items()}}
+        weights = {"seg": self.seg, "task": self.task, "seg_dice": self.seg_dice, "metric": self.metric,
+                   "metric_memory": self.metric_memory, **{f"per_task.{k}": v for k, v in self.per_task.items()}}
         for key, v in weights.items():
             if v < 0:
                 raise InputError(f"loss.{key}: must be >= 0, got {v}")
+        if not self.metric_temperature > 0:
+            raise InputError(f"loss.metric_temperature: must be > 0, got {self.metric_temperature}")
+        if int(self.metric_memory) != self.metric_memory:
+            raise InputError(f"loss.metric_memory: must be a whole number of tumors, got {self.metric_memory}")
 
     def of(self, task: str) -> float:
         return float(self.per_task.get(task, self.task))
@@ -55,11 +66,68 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1.0 - (2.0 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
 
 
+class EmbeddingBank:
+    """The last `size` tumors' L2-normalized RoiPool vectors and labels (detached): the contrast set of
+    the metric term beyond the batch (a cross-batch memory, Wang et al. 2020). Per worker, in memory
+    only: a resumed run starts it empty."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.emb: torch.Tensor | None = None
+        self.labels: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return 0 if self.emb is None else len(self.emb)
+
+    def push(self, emb: torch.Tensor, labels: Mapping[str, torch.Tensor]) -> None:
+        z = F.normalize(emb.detach().float(), dim=1)
+        n = len(z)
+        known = {k: v.detach().long().to(z.device) for k, v in labels.items()}
+        if self.emb is None:
+            self.emb, self.labels = z[-self.size:], {k: v[-self.size:] for k, v in known.items()}
+            return
+        for k in self.labels.keys() | known.keys():  # a task absent from one side: missing there
+            old = self.labels.get(k, torch.full((len(self.emb),), MISSING, dtype=torch.long, device=z.device))
+            new = known.get(k, torch.full((n,), MISSING, dtype=torch.long, device=z.device))
+            self.labels[k] = torch.cat([old, new])[-self.size:]
+        self.emb = torch.cat([self.emb, z])[-self.size:]
+
+
+def supervised_contrastive_loss(emb: torch.Tensor, labels: Mapping[str, torch.Tensor],
+                                bank: EmbeddingBank | None = None, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) of the L2-normalized vectors emb (N, C), per task
+    and averaged over the tasks that have an anchor: an anchor is a tumor with a known label; its
+    candidates are the other tumors of the batch and those of the bank whose label of that task is
+    known; its positives are the candidates sharing its label. An anchor without a positive
+    contributes nothing; no anchor at all gives 0 (with a gradient path)."""
+    z = F.normalize(emb.float(), dim=1)
+    n = len(z)
+    cand = z if bank is None or not len(bank) else torch.cat([z, bank.emb.to(z)])
+    logits = z @ cand.T / temperature
+    not_self = torch.ones_like(logits, dtype=torch.bool)
+    not_self[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=z.device)
+    per_task = []
+    for task, y in labels.items():
+        y = y.long().to(z.device)
+        yc = y if len(cand) == n else torch.cat([y, bank.labels.get(task, torch.full(
+            (len(cand) - n,), MISSING, dtype=torch.long, device=z.device)).to(z.device)])
+        valid = not_self & (yc != MISSING)[None, :]
+        logp = logits.masked_fill(~valid, float("-inf"))
+        logp = logp - torch.logsumexp(logp, dim=1, keepdim=True)
+        pos = valid & (y[:, None] == yc[None, :]) & (y != MISSING)[:, None]
+        anchors = pos.any(dim=1)
+        if anchors.any():
+            mean_pos = torch.where(pos, logp, torch.zeros_like(logp)).sum(1) / pos.sum(1).clamp(min=1)
+            per_task.append(-mean_pos[anchors].mean())
+    return torch.stack(per_task).mean() if per_task else z.sum() * 0.0
+
+
 def multitask_loss(out: dict, seg_target: torch.Tensor, labels: Mapping[str, torch.Tensor],
-                   weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+                   weights: LossWeights = LossWeights(), bank: EmbeddingBank | None = None) -> dict[str, torch.Tensor]:
     """-> {"seg": ..., "task/<name>": ... (unweighted), "total": weighted sum}.
 
-    seg_target: (B, D, H, W) class indices; labels: {task: (N,) class index or -1}.
+    seg_target: (B, D, H, W) class indices; labels: {task: (N,) class index or -1}; bank: the metric
+    term's memory of past tumors (read, not updated here).
     """
     seg = F.cross_entropy(out["seg"], seg_target.long())
     terms: dict[str, torch.Tensor] = {"seg": seg}
@@ -67,6 +135,9 @@ def multitask_loss(out: dict, seg_target: torch.Tensor, labels: Mapping[str, tor
     if weights.seg_dice > 0:
         terms["seg_dice"] = soft_dice_loss(out["seg"], seg_target)
         total = total + weights.seg_dice * terms["seg_dice"]
+    if weights.metric > 0:
+        terms["metric"] = supervised_contrastive_loss(out["embedding"], labels, bank, weights.metric_temperature)
+        total = total + weights.metric * terms["metric"]
     for name, logits in out["tasks"].items():
         y = labels.get(name)
         if y is None:
