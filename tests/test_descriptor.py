@@ -252,6 +252,7 @@ def test_a_grid_file_names_known_keys_and_lists(tmp_path):
     grid = read_grid(good)
     assert grid["roimean"] == (0, 0.5) and grid["whiten"] == (False, True) and grid["tasks"] == GRID["tasks"]
     assert read_grid("grid-pooling")["context"] == (0, 0.5, 1)  # the bundled fourth round
+    assert read_grid("grid-roipool")["heads"] == ("network",) and read_grid("grid-roipool")["size"] == (0,)
     for text, match in (("pooling: [1]\n", "unknown grid key 'pooling'"), ("roimean: 0.5\n", "roimean: expected a "
                         "non-empty list"), ("standardize: [true]\n", "unknown grid key 'standardize'"),
                         ("roimean: [0, x]\n", "roimean: expected a weight >= 0, got 'x'"),

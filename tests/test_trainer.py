@@ -43,10 +43,11 @@ def _records(run_dir):
 
 
 def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, small_cohort):
-    s = _train(_config(tmp_path, small_cohort, "a"))
+    s = _train(_config(tmp_path, small_cohort, "a"), "loss.metric=0.01", "loss.metric_memory=16")
     recs = _records(s["run_dir"])
     assert [r["step"] for r in recs] == [3, 6, 9]
     assert recs[-1]["train/loss"] < recs[0]["train/loss"]
+    assert all(r["train/metric"] > 0 for r in recs)  # the metric term ran, its memory filled by each worker
     assert 0 <= recs[-1]["data_wait_share"] < 1 and recs[-1]["samples_per_s"] > 0
     assert recs[-1]["malloc_arena_max"] == 1  # the allocator settings reached the worker processes
     assert {"val/dice", "val/loss", "val/acc_tumor_type"} <= set(recs[-1])
