@@ -25,6 +25,7 @@ case "${1:-}" in
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --temp-dir="$TEMP_DIR" \
       --disable-usage-stats
     echo "Ray head up: jobs at http://127.0.0.1:$DASHBOARD_PORT (ray job submit --address http://127.0.0.1:$DASHBOARD_PORT ...)"
+    echo "to run ray_job.py commands on it from a shell: export RAY_ADDRESS=auto RAY_AUTH_MODE=$RAY_AUTH_MODE"
     ;;
   stop) "$RAY" stop --force ;;
   status) "$RAY" status --address "127.0.0.1:$RAY_PORT" ;;
