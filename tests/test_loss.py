@@ -169,6 +169,9 @@ def test_embedding_bank_gives_the_batch_positives_to_contrast():
     assert loss.item() == pytest.approx(want, abs=1e-6)
     loss.backward()
     assert q.grad.abs().sum() > 0 and not bank.emb.requires_grad  # the bank is a constant
+    none = EmbeddingBank(0)  # loss.metric_memory: 0: the batch alone
+    none.push(torch.tensor([[0.0, 2.0]]), {"tumor_type": torch.tensor([1])})
+    assert len(none) == 0 and supervised_contrastive_loss(q, y, none).item() == 0.0
 
 
 def test_metric_term_in_the_multitask_loss():

@@ -81,16 +81,18 @@ class EmbeddingBank:
 
     def push(self, emb: torch.Tensor, labels: Mapping[str, torch.Tensor]) -> None:
         z = F.normalize(emb.detach().float(), dim=1)
-        n = len(z)
-        known = {k: v.detach().long().to(z.device) for k, v in labels.items()}
-        if self.emb is None:
-            self.emb, self.labels = z[-self.size:], {k: v[-self.size:] for k, v in known.items()}
-            return
-        for k in self.labels.keys() | known.keys():  # a task absent from one side: missing there
-            old = self.labels.get(k, torch.full((len(self.emb),), MISSING, dtype=torch.long, device=z.device))
-            new = known.get(k, torch.full((n,), MISSING, dtype=torch.long, device=z.device))
-            self.labels[k] = torch.cat([old, new])[-self.size:]
-        self.emb = torch.cat([self.emb, z])[-self.size:]
+        old = z[:0] if self.emb is None else self.emb
+        keep = max(0, len(old) + len(z) - self.size)  # first in, first out; size 0 keeps nothing
+        for k in self.labels.keys() | labels.keys():  # a task absent from one side: missing there
+            self.labels[k] = torch.cat([self.task_labels(k, len(old), z.device),
+                                        labels[k].detach().long().to(z.device) if k in labels else
+                                        torch.full((len(z),), MISSING, dtype=torch.long, device=z.device)])[keep:]
+        self.emb = torch.cat([old, z])[keep:]
+
+    def task_labels(self, task: str, n: int, device) -> torch.Tensor:
+        """The remembered labels of one task (all missing for a task never pushed)."""
+        got = self.labels.get(task)
+        return got if got is not None else torch.full((n,), MISSING, dtype=torch.long, device=device)
 
 
 def supervised_contrastive_loss(emb: torch.Tensor, labels: Mapping[str, torch.Tensor],
@@ -109,8 +111,7 @@ def supervised_contrastive_loss(emb: torch.Tensor, labels: Mapping[str, torch.Te
     per_task = []
     for task, y in labels.items():
         y = y.long().to(z.device)
-        yc = y if len(cand) == n else torch.cat([y, bank.labels.get(task, torch.full(
-            (len(cand) - n,), MISSING, dtype=torch.long, device=z.device)).to(z.device)])
+        yc = y if len(cand) == n else torch.cat([y, bank.task_labels(task, len(cand) - n, z.device).to(z.device)])
         valid = not_self & (yc != MISSING)[None, :]
         logp = logits.masked_fill(~valid, float("-inf"))
         logp = logp - torch.logsumexp(logp, dim=1, keepdim=True)
