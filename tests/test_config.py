@@ -68,6 +68,7 @@ def test_overrides_apply_and_are_typed():
         ("a: [\n", "not valid YAML"),
         ("distributed:\n  worker_env: {NCCL_DEBUG: [INFO]}\n", r"worker_env\.NCCL_DEBUG: expected a string"),
         ("distributed:\n  worker_env: [NCCL_DEBUG]\n", r"worker_env: expected Mapping\[str, str\], got a list"),
+        ("loss:\n  metric_temperature: 0\n", r"c\.yaml: loss\.metric_temperature: must be > 0, got 0$"),  # named once
     ],
 )
 def test_errors_name_file_and_key(tmp_path, text, match):

@@ -216,8 +216,8 @@ def build_section(cls, d: Any, where: str):
         kwargs[key] = _check_value(value, hints[key], f"{where}.{key}")
     try:
         return cls(**kwargs)
-    except InputError as e:
-        raise InputError(f"{where}: {e}") from None
+    except InputError as e:  # a section's own check may name its key already ("loss.metric: ...")
+        raise InputError(str(e) if str(e).startswith(f"{where}.") else f"{where}: {e}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
