@@ -27,6 +27,7 @@ from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
 from tumornet.network import MultitaskNet
+from tumornet.register import register
 from tumornet.scans import Scan, load_image, load_scan
 from tumornet.volumes import Volume, head_box_voxels
 
@@ -113,13 +114,16 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     image = scan.volume.array
     head = head_box_voxels(image)
     centre_mm = voxel_to_mm(head[0], scan.volume.affine)
+    # a recipe that reads the box's place gets both places stored (another frame can be scored later)
+    frame = register(image, scan.volume.affine) if cfg.uses_position else None
     tasks = list(model.schema.names)
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     common = {"scan_key": keyed_id(rows[0].scan_id, secret), "patient_key": patient_key(rows[0].patient_id, secret),
               "model_id": model_id, "source_hash": source_hash(rows) if file_hash is None else file_hash,
               "embedded_at": now}
     boxes = [t.bbox if box_fn is None else np.asarray(box_fn(t.bbox), dtype=np.int64) for t in scan.tumors]
-    all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head)
+    all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
+                             frame=frame)
     out = []
     for t, bbox, parts in zip(scan.tumors, boxes, all_parts, strict=True):
         vector = compose({k: np.asarray(v)[None] for k, v in parts.items()}, cfg, model.schema, stats)[0]
@@ -129,6 +133,7 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
                    volume_ml=float(t.volume_ml), size_mm=float(t.size_mm), embedding=vector.tolist(),
                    roipool=parts["roipool"].tolist(), task_logits=parts["task_logits"].tolist(),
                    box_log_volume=parts["box_log_volume"], position=parts["position"].tolist(),
+                   template_position=parts["template_position"].tolist() if frame is not None else None,
                    seg_log_volume=parts["seg_log_volume"], roimean=parts["roimean"].tolist(),
                    context=parts["context"].tolist(),
                    handcrafted=handcrafted_features(image, scan.instances, t, centre_mm).tolist())

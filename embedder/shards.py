@@ -38,6 +38,9 @@ def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = No
            ("task_logits", pa.list_(pa.float32(), max(logits, 1))),  # the task heads' logits on it
            ("box_log_volume", pa.float32()),  # log of the box volume in ml
            ("position", pa.list_(pa.float32(), 3)),  # the box centre's place in the head, [-1, 1] per axis
+           # its place in template space (tumornet.register), the template brain = [-1, 1]; null when the
+           # recipe reads no position (no registration)
+           ("template_position", pa.list_(pa.float32(), 3)),
            ("seg_log_volume", pa.float32()),  # log of the segmented volume (ml) of the components the box touches
            ("roimean", pa.list_(pa.float32(), channels)),  # the feature map's mean over the box
            ("context", pa.list_(pa.float32(), channels)),  # its mean over a shell around the box

@@ -99,7 +99,7 @@ def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
             "position": np.stack(table["position"].to_numpy(zero_copy_only=False)),
             **({"seg_log_volume": np.asarray(table["seg_log_volume"].to_numpy(), dtype=np.float64)}
                if "seg_log_volume" in table.column_names else {}),
-            **{k: np.stack(table[k].to_numpy(zero_copy_only=False)) for k in ("roimean", "context")
+            **{k: np.stack(table[k].to_numpy(zero_copy_only=False)) for k in ("roimean", "context", "template_position")
                if k in table.column_names and table[k].null_count == 0}}
 
 

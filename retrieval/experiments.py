@@ -152,9 +152,11 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             raise InputError(f"{p}: {key}: expected a non-empty list of values, got {values!r}")
         for v in values:
             ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
+                  else v in ("head", "template") if key == "position_frame"
                   else isinstance(v, int | float) and not isinstance(v, bool) and v >= 0)
             if not ok:
-                want = "network or refit" if key == "heads" else "true or false" if key == "whiten" else "a weight >= 0"
+                want = {"heads": "network or refit", "whiten": "true or false",
+                        "position_frame": "head or template"}.get(key, "a weight >= 0")
                 raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
 
@@ -194,8 +196,16 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     for key, column in NEWER_PARTS.items():
         if any(v > 0 for v in grid.get(key, ())) and column not in parts:
             raise InputError(f"{embeddings}: shards without {column} (written by an older version): embed again")
-    stats = fit_stats([{key: v[i] for key, v in parts.items()} for i in ev.train_rows])
-    stats["heads"] = fit_heads({key: v[ev.train_rows] for key, v in parts.items()}, ev.train.labels, schema, stats)
+    frames = set(grid.get("position_frame", ("head",)))
+    if "template" in frames and "template_position" not in parts:
+        raise InputError(f"{embeddings}: shards without template_position (written by an older version, or by a "
+                         "recipe that reads no position): embed again")
+    stats_of = {}  # position frame -> the database tumors' statistics and the heads refit on that position
+    for frame in sorted(frames):
+        stats = fit_stats([{key: v[i] for key, v in parts.items()} for i in ev.train_rows])
+        stats["heads"] = fit_heads({key: v[ev.train_rows] for key, v in parts.items()}, ev.train.labels, schema, stats,
+                                   position_frame=frame)
+        stats_of[frame] = stats
     distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
                  for rows in (distorted_queries(model, ev, manifest, secret, draws=draws) if draws else [])]
     hand = knn_scores(ev.train_hand, ev.test_hand, [k], ev.tasks)[k]
@@ -209,6 +219,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
             cfg = RetrievalConfig(standardize=True, **w)
         except TypeError as e:
             raise InputError(f"recipe grid: {e}") from None
+        stats = stats_of[cfg.position_frame]
         x = compose(parts, cfg, schema, stats)
         db = ev.train.with_x(x[ev.train_rows])
         row = {"recipe": w, "learned": knn_scores(db, ev.test.with_x(x[ev.test_rows]), [k], ev.tasks)[k],

@@ -19,6 +19,7 @@ from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_to_voxels
 from tumornet.descriptor import compose, tumor_parts
+from tumornet.register import register
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
@@ -166,7 +167,8 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None) ->
     vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
     if np.any(vbox[3:] <= vbox[:3]):
         raise InputError(f"{image}: the box {box_mm.tolist()} mm lies outside the scan")
-    parts = tumor_parts(model, vol.array, vbox, patch_size=patch, spacing_mm=spacing)
+    frame = register(vol.array, vol.affine) if cfg.needs_frame else None
+    parts = tumor_parts(model, vol.array, vbox, patch_size=patch, spacing_mm=spacing, frame=frame)
     vector = compose({key: np.asarray(v)[None] for key, v in parts.items()}, cfg, model.schema, stats)[0]
     start, predicted = 0, {}
     for t in model.schema.tasks:

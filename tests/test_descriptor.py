@@ -105,6 +105,8 @@ def test_an_lps_copy_of_a_scan_gives_the_same_vectors(small_cohort, tmp_path, co
     assert [r["tumor_id"] for r in a] == [r["tumor_id"] for r in b]
     for ra, rb in zip(a, b, strict=True):
         assert np.allclose(ra["position"], rb["position"], atol=1e-4)
+        # the registration onto the template sees the same canonical array: the same place
+        assert np.allclose(ra["template_position"], rb["template_position"], atol=1e-4)
         assert np.allclose(ra["embedding"], rb["embedding"], atol=1e-4)
         assert ra["box_log_volume"] == pytest.approx(rb["box_log_volume"])
         for key in ("roimean", "context"):  # the pooled parts too: the same feature map
@@ -284,3 +286,31 @@ def test_recipe_grids_of_several_trainings_are_averaged(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"recipe": {"roipool": 2.0}, "score": 0.5}]))
     with pytest.raises(InputError, match="no recipe is scored in all of"):
         combine_grids([tmp_path / "a.json", tmp_path / "d.json"])
+
+
+def test_the_template_position_is_read_when_the_recipe_says_so():
+    """position_frame: template -> the position part and the refit heads read `template_position`
+    (a label that only it tells is learned); heads fit on one frame refuse a recipe of the other."""
+    rng = np.random.default_rng(1)
+    n, names = 120, list(DEFAULT_SCHEMA.names)
+    parts = {"roipool": rng.normal(size=(n, 8)), "position": rng.uniform(-1, 1, (n, 3)),
+             "template_position": rng.uniform(-1, 1, (n, 3)), "box_log_volume": rng.normal(size=n),
+             "task_logits": rng.normal(size=(n, 20))}
+    labels = {t: np.full(n, -1) for t in names}
+    labels["left_right"] = (parts["template_position"][:, 0] > 0).astype(int)  # only the template says it
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(n)])
+    template = RetrievalConfig(roipool=0.0, position=1.0, position_frame="template")
+    z = (parts["template_position"] - stats["template_position"]["mean"]) / stats["template_position"]["sd"]
+    assert np.allclose(compose(parts, template, DEFAULT_SCHEMA, stats), z / np.sqrt(6), atol=1e-6)
+    assert template.needs_frame and not RetrievalConfig(roipool=1.0, position_frame="template").needs_frame
+    accuracy = {}
+    for frame in ("head", "template"):
+        st = {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats, position_frame=frame)}
+        probs = refit_probabilities(parts, DEFAULT_SCHEMA, st, position_frame=frame)[names.index("left_right")]
+        accuracy[frame] = (probs.argmax(1) == labels["left_right"]).mean()
+    assert accuracy["template"] >= 0.95 and accuracy["head"] < 0.8
+    with pytest.raises(InputError, match="position_frame: template, but the refit heads read the head position"):
+        compose(parts, RetrievalConfig(roipool=0.0, tasks=1.0, heads="refit", position_frame="template"),
+                DEFAULT_SCHEMA, {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats)})
+    with pytest.raises(InputError, match=r"retrieval\.position_frame: expected head or template, got 'mni'"):
+        RetrievalConfig(position_frame="mni")

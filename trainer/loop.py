@@ -30,6 +30,7 @@ from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet
 from tumornet.runtime import tune_cpu_allocator
 from tumornet.split import record_split, split_scan_ids
+from tumornet.register import register
 from tumornet.volumes import head_box_voxels
 
 from .data import PatchStream, validation_batches
@@ -111,14 +112,17 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int 
     for s in scans[::step]:
         image = np.asarray(s.arrays()[0])
         head = head_box_voxels(image)
+        # the cache keeps no origin: none is needed, the registration's translation absorbs it
+        frame = register(image, np.diag([*s.spacing_mm, 1.0])) if cfg.retrieval.needs_frame else None
         for t in s.tumors:
             parts.append(tumor_parts(model, image, t.bbox, patch_size=cfg.train.patch_size,
-                                     spacing_mm=cfg.data.spacing_mm, head=head))
+                                     spacing_mm=cfg.data.spacing_mm, head=head, frame=frame))
             for task in labels:
                 labels[task].append(t.labels.get(task, MISSING))
     stats = fit_stats(parts)
     stacked = {k: np.stack([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
-    stats["heads"] = fit_heads(stacked, {k: np.asarray(v) for k, v in labels.items()}, cfg.tasks, stats)
+    stats["heads"] = fit_heads(stacked, {k: np.asarray(v) for k, v in labels.items()}, cfg.tasks, stats,
+                               position_frame=cfg.retrieval.position_frame)
     return stats
 
 

@@ -13,8 +13,12 @@ and the box itself gives:
   network sees it, which a rough box changes little;
 - `position`: the box centre relative to the head's foreground box, scaled so that the head spans
   [-1, 1] per axis (RAS): the tumor's place in the head whatever the scan's orientation, spacing,
-  field of view or head size.
-None of these needs a mask: a box is enough (the paper's query).
+  field of view or head size;
+- `template_position`: the box centre in template space, through the scan's affine registration onto
+  the ICBM152 template (tumornet.register), scaled so that the template brain spans [-1, 1] per axis:
+  the same place corrected for the head's tilt and shape (given when the scan's TemplateFrame is).
+None of these needs a mask: a box is enough (the paper's query). `position_frame` says which of the
+two positions the recipe's `position` part and the refit heads read.
 
 The `tasks` part is each task's class probabilities: from the network's own heads (a linear layer on
 the RoiPool vector, which must guess where the box is from its content), or, with `heads: refit`, from
@@ -45,6 +49,9 @@ from .patches import centred_patch, patch_size_for
 from .volumes import head_box_voxels
 
 
+POSITION_FRAMES = {"head": "position", "template": "template_position"}  # frame -> the part it reads
+
+
 @dataclass(frozen=True, kw_only=True)
 class RetrievalConfig:
     roipool: float = 1.0  # weight of the RoiPool vector (the paper's embedding)
@@ -60,6 +67,9 @@ class RetrievalConfig:
     # the `tasks` part's probabilities: from the network's task heads, or from heads refit at export on
     # the training tumors' RoiPool vector, position and box size (fit_heads, stored in the model file)
     heads: str = "network"
+    # which place of the box the `position` part and the refit heads read: the head's foreground box
+    # ("head"), or the template after the scan's affine registration ("template", tumornet.register)
+    position_frame: str = "head"
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -67,6 +77,23 @@ class RetrievalConfig:
             raise InputError(f"retrieval: weights must be >= 0 and not all 0, got {weights}")
         if self.heads not in ("network", "refit"):
             raise InputError(f"retrieval.heads: expected network or refit, got {self.heads!r}")
+        if self.position_frame not in POSITION_FRAMES:
+            raise InputError(f"retrieval.position_frame: expected head or template, got {self.position_frame!r}")
+
+    @property
+    def uses_position(self) -> bool:
+        """Whether the vector reads the box's place (the position part, or the refit heads)."""
+        return self.position > 0 or (self.tasks > 0 and self.heads == "refit")
+
+    @property
+    def position_key(self) -> str:
+        """The part the recipe's position is read from."""
+        return POSITION_FRAMES[self.position_frame]
+
+    @property
+    def needs_frame(self) -> bool:
+        """Whether embedding needs the scan's registration onto the template (tumornet.register)."""
+        return self.uses_position and self.position_frame == "template"
 
     @property
     def needs_stats(self) -> bool:
@@ -89,13 +116,14 @@ def segmented_voxels(foreground: np.ndarray, box) -> int:
 
 
 @torch.no_grad()
-def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None,
+def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None, frame=None,
                  batch: int = 8) -> list[dict]:
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
     "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on
     it (larger for a larger tumor); patches of one size go through the network together, up to
-    `batch` at a time (the same numbers as one at a time: eval mode)."""
+    `batch` at a time (the same numbers as one at a time: eval mode). With the scan's TemplateFrame
+    (`frame`, tumornet.register) each dict also has "template_position" (3,)."""
     centre, half = head = head if head is not None else head_box_voxels(image)
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
     cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
@@ -124,14 +152,17 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                               "box_log_volume": float(np.log(max(float(np.prod(box_size(bbox))) * voxel_ml, 1e-6))),
                               "position": ((box_center(bbox) - centre) / half).astype(np.float32),
                               "seg_log_volume": float(np.log(segmented_voxels(foreground[n], cut[i][1]) * voxel_ml))}
+                    if frame is not None:
+                        out[i]["template_position"] = frame.position(box_center(bbox))
     finally:
         model.train(was_training)
     return out
 
 
-def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None) -> dict:
+def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None, frame=None) -> dict:
     """The parts of one tumor box (see tumors_parts)."""
-    return tumors_parts(model, image, [bbox], patch_size=patch_size, spacing_mm=spacing_mm, head=head)[0]
+    return tumors_parts(model, image, [bbox], patch_size=patch_size, spacing_mm=spacing_mm, head=head,
+                        frame=frame)[0]
 
 
 def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
@@ -141,7 +172,7 @@ def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
     return cfg, extra.get("retrieval_stats")
 
 
-STANDARDIZED = ("roipool", "box_log_volume", "position", "seg_log_volume", "roimean", "context")
+STANDARDIZED = ("roipool", "box_log_volume", "position", "template_position", "seg_log_volume", "roimean", "context")
 WHITEN_SHRINK = 0.1  # eigenvalues + this x their mean before whitening: few tumors, many channels
 
 
@@ -180,7 +211,13 @@ def _softmax_blocks(logits: np.ndarray, schema: LabelSchema) -> list[np.ndarray]
     return out
 
 
-HEAD_INPUTS = ("roipool", "position", "box_log_volume")  # what the refit heads read, z-scored
+HEAD_INPUTS = ("roipool", "position", "box_log_volume")  # what the refit heads read, z-scored (position:
+# the part of the recipe's position_frame, head_inputs)
+
+
+def head_inputs(position_frame: str = "head") -> tuple[str, ...]:
+    """The parts the refit heads read, with the position of `position_frame`."""
+    return tuple(POSITION_FRAMES[position_frame] if k == "position" else k for k in HEAD_INPUTS)
 
 
 def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
@@ -192,16 +229,17 @@ def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
 
 
 def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], schema: LabelSchema,
-              stats: Mapping, *, c: float = 1.0) -> dict:
+              stats: Mapping, *, c: float = 1.0, position_frame: str = "head") -> dict:
     """Task heads refit on training tumors: per task, a multinomial logistic regression (L2, inverse
     strength `c`) on the z-scored RoiPool vector, position and box log volume (HEAD_INPUTS) of the
     tumors that have that label -> plain lists for the model file ({task: {classes, coef, intercept}};
-    a task with one class seen predicts it; with none, uniform). The network's own heads read the
-    RoiPool vector alone, so they must infer where the box is from its content; these see it."""
+    a task with one class seen predicts it; with none, uniform; "position_frame": the position they
+    read). The network's own heads read the RoiPool vector alone, so they must infer where the box
+    is from its content; these see it."""
     from sklearn.linear_model import LogisticRegression
 
-    x = np.concatenate([_z(parts, k, stats) for k in HEAD_INPUTS], axis=1)
-    out = {}
+    x = np.concatenate([_z(parts, k, stats) for k in head_inputs(position_frame)], axis=1)
+    out: dict = {"position_frame": position_frame}
     for t in schema.tasks:
         y = np.asarray(labels[t.name])
         known = y >= 0
@@ -218,12 +256,17 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
     return out
 
 
-def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping) -> list[np.ndarray]:
+def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping, *,
+                        position_frame: str = "head") -> list[np.ndarray]:
     """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
     if "heads" not in stats:
         raise InputError("retrieval.heads: refit needs the heads refit on the training tumors, and the model file "
                          "has none (exported before they existed): train again, or use heads: network")
-    x = np.concatenate([_z(parts, k, stats) for k in HEAD_INPUTS], axis=1)
+    fitted = stats["heads"].get("position_frame", "head")  # heads exported before frames read the head's
+    if fitted != position_frame:
+        raise InputError(f"retrieval.position_frame: {position_frame}, but the refit heads read the {fitted} "
+                         "position (fit for another recipe): train or export again with this recipe")
+    x = np.concatenate([_z(parts, k, stats) for k in head_inputs(position_frame)], axis=1)
     out = []
     for t in schema.tasks:
         h = stats["heads"][t.name]
@@ -255,13 +298,13 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
             scaled = scaled / np.sqrt(2 * roi.shape[1])
         blocks.append(cfg.roipool * scaled)
     if cfg.tasks > 0:
-        probs = (refit_probabilities(parts, schema, stats) if cfg.heads == "refit"
+        probs = (refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame) if cfg.heads == "refit"
                  else _softmax_blocks(np.asarray(parts["task_logits"]), schema))
         blocks += [cfg.tasks * p / np.sqrt(2) for p in probs]
     if cfg.size > 0:
         blocks.append(cfg.size * _z(parts, "box_log_volume", stats) / np.sqrt(2))
     if cfg.position > 0:
-        blocks.append(cfg.position * _z(parts, "position", stats) / np.sqrt(2 * 3))
+        blocks.append(cfg.position * _z(parts, cfg.position_key, stats) / np.sqrt(2 * 3))
     if cfg.seg_size > 0:
         blocks.append(cfg.seg_size * _z(parts, "seg_log_volume", stats) / np.sqrt(2))
     for key in ("roimean", "context"):

@@ -1,0 +1,153 @@
+"""Affine registration of a scan onto the template (ICBM152 2009c T1 with skull, anatomy.py).
+
+What a tumor's place in the head means depends on the head: its size, shape, tilt and the field of
+view. The head's foreground box (volumes.head_box_voxels) removes size and position per axis, not a
+tilt nor a head shape unlike the template's. `register` fits a full affine map from template mm to
+the scan's world mm by normalized cross-correlation of intensities (torch, coarse to fine: 8 mm then
+4 mm), starting from the foreground-box alignment, so that `TemplateFrame.position` gives every point
+of the scan in template coordinates, whatever the scan's orientation, spacing or tilt.
+
+Positions are scaled so that the template brain spans [-1, 1] per axis (RAS) around the reference
+the location labels use (Anatomy.center_mm; left / right at x = 0): the same scale as the head-box
+position, in a frame shared by every scan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .boxes import voxel_to_mm
+from .volumes import foreground_voxels
+
+LEVELS_MM = (8.0, 4.0)  # the coarse-to-fine grids the similarity is computed on
+STEPS = (120, 60)  # optimizer steps per level
+
+
+@dataclass(frozen=True)
+class TemplateFrame:
+    """A scan's voxel -> template mm map (4 x 4) and the template brain's centre / half extent (mm)."""
+
+    voxel_to_template: np.ndarray
+    centre_mm: np.ndarray
+    half_mm: np.ndarray
+
+    def template_mm(self, voxels) -> np.ndarray:
+        return voxel_to_mm(np.asarray(voxels, dtype=np.float64), self.voxel_to_template)
+
+    def position(self, voxels) -> np.ndarray:
+        """Scan voxel coordinates (..., 3) -> template position, the template brain = [-1, 1] (RAS)."""
+        return ((self.template_mm(voxels) - self.centre_mm) / self.half_mm).astype(np.float32)
+
+
+def _grid_image(array: np.ndarray, affine: np.ndarray, step_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+    """Smooth and subsample a RAS array to about `step_mm` voxels -> (tensor (1, 1, D, H, W), its affine)."""
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    k = np.maximum(np.rint(step_mm / spacing), 1).astype(int)
+    sm = ndimage.gaussian_filter(array.astype(np.float32), sigma=np.maximum(k - 1, 0) / 2.0)
+    sub = np.ascontiguousarray(sm[::k[0], ::k[1], ::k[2]])
+    aff = affine.copy()
+    aff[:3, :3] = affine[:3, :3] * k
+    return torch.from_numpy(sub)[None, None], aff
+
+
+def _t(a) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+
+def _zscore_foreground(array: np.ndarray) -> np.ndarray:
+    fg = ndimage.binary_fill_holes(array > array.mean())
+    v = array[fg]
+    return ((array - v.mean()) / (v.std() + 1e-6)).astype(np.float32)
+
+
+def _box_mm(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    world = voxel_to_mm(foreground_voxels(array), affine)
+    lo, hi = np.percentile(world, [0.5, 99.5], axis=0)
+    return lo, hi
+
+
+@lru_cache(maxsize=2)
+def _template(cache_dir: str | None):
+    from .anatomy import load_anatomy
+
+    anat = load_anatomy(cache_dir)
+    t1 = _zscore_foreground(anat.t1)
+    levels = []
+    for step in LEVELS_MM:
+        img, aff = _grid_image(t1, anat.affine, step)
+        mask = img[0, 0] > img.min() + 0.5  # the head and a rim around it
+        mask = torch.from_numpy(ndimage.binary_dilation(mask.numpy(), iterations=2))
+        idx = torch.nonzero(mask).float()
+        pts = idx @ _t(aff[:3, :3]).T + _t(aff[:3, 3])  # template mm (n, 3)
+        levels.append((pts, img[0, 0][mask].float()))
+    coords = np.argwhere(anat.brain)
+    lo, hi = voxel_to_mm(coords.min(0), anat.affine), voxel_to_mm(coords.max(0), anat.affine)
+    box = _box_mm(anat.t1, anat.affine)
+    return levels, box, np.asarray(anat.center_mm, float), (hi - lo) / 2.0
+
+
+def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
+
+
+class _Adam:
+    """Adam on a few tensors (torch.optim imports torch's compiler stack: seconds in every new process)."""
+
+    def __init__(self, params_lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params_lr, self.betas, self.eps, self.t = params_lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p, _ in params_lr]
+        self.v = [torch.zeros_like(p) for p, _ in params_lr]
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for (p, lr), g, m, v in zip(self.params_lr, grads, self.m, self.v, strict=True):
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p -= lr * (m / (1 - b1**self.t)) / (torch.sqrt(v / (1 - b2**self.t)) + self.eps)
+
+
+def register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None = None) -> TemplateFrame:
+    """Fit the affine map of a canonical-RAS scan (array, voxel -> world mm affine) onto the template."""
+    levels, (tlo, thi), centre, half = _template(cache_dir)
+    slo, shi = _box_mm(image, affine)
+    # start: the foreground boxes aligned per axis (template mm -> scan mm: x_s = a0 x_t + b0)
+    a0 = np.diag((shi - slo) / np.maximum(thi - tlo, 1e-6))
+    b0 = (slo + shi) / 2.0 - a0 @ ((tlo + thi) / 2.0)
+    lin = torch.zeros(3, 3, dtype=torch.float32, requires_grad=True)  # x_s = a0 (I + lin) (x_t - c) + ...
+    shift = torch.zeros(3, dtype=torch.float32, requires_grad=True)  # mm
+    a0_t, b0_t, tc = _t(a0), _t(b0), _t((tlo + thi) / 2.0)
+    norm = _zscore_foreground(np.asarray(image, dtype=np.float32))
+    with torch.enable_grad():
+        for step_mm, steps, (pts, target) in zip(LEVELS_MM, STEPS, levels, strict=True):
+            img, aff = _grid_image(norm, affine, step_mm)
+            img = img.float()
+            inv = _t(np.linalg.inv(aff))
+            size = torch.tensor(img.shape[2:], dtype=torch.float32)
+            adam = _Adam(((lin, 0.01), (shift, 1.0)))
+            for _ in range(steps):
+                a = a0_t @ (torch.eye(3, dtype=torch.float32) + lin)
+                world = (pts - tc) @ a.T + (a0_t @ tc + b0_t) + shift
+                vox = world @ inv[:3, :3].T + inv[:3, 3]
+                grid = (2 * vox / (size - 1) - 1).flip(-1)  # grid_sample wants (x=W, y=H, z=D) in [-1, 1]
+                sampled = F.grid_sample(img, grid.view(1, 1, 1, -1, 3), align_corners=True,
+                                        padding_mode="zeros").view(-1)
+                loss = -_ncc(sampled, target)
+                adam.step(torch.autograd.grad(loss, [lin, shift]))
+    with torch.no_grad():
+        a = (a0_t @ (torch.eye(3, dtype=torch.float32) + lin)).numpy()
+        b = (a0_t @ tc + b0_t + shift).numpy() - a @ tc.numpy()
+    # scan voxel -> scan mm -> template mm: x_t = a^-1 (x_s - b)
+    a_inv = np.linalg.inv(a)
+    to_template = np.eye(4)
+    to_template[:3, :3] = a_inv
+    to_template[:3, 3] = -a_inv @ b
+    return TemplateFrame(voxel_to_template=to_template @ affine, centre_mm=centre, half_mm=half)
