@@ -19,11 +19,11 @@ from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_to_voxels
 from tumornet.descriptor import compose, tumor_parts
-from tumornet.register import register
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
 from tumornet.manifest import ManifestRow
+from tumornet.register import register
 from tumornet.scans import read_instances
 from tumornet.volumes import load_volume, read_label_map
 

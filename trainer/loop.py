@@ -28,9 +28,9 @@ from tumornet.labels import MISSING
 from tumornet.loss import EmbeddingBank, as_float32, multitask_loss
 from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet
+from tumornet.register import register
 from tumornet.runtime import tune_cpu_allocator
 from tumornet.split import record_split, split_scan_ids
-from tumornet.register import register
 from tumornet.volumes import head_box_voxels
 
 from .data import PatchStream, validation_batches

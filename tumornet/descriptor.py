@@ -48,7 +48,6 @@ from .network import roi_mean_pool, roi_pool, shell_mean_pool
 from .patches import centred_patch, patch_size_for
 from .volumes import head_box_voxels
 
-
 POSITION_FRAMES = {"head": "position", "template": "template_position"}  # frame -> the part it reads
 
 
