@@ -255,11 +255,13 @@ def test_a_grid_file_names_known_keys_and_lists(tmp_path):
     assert grid["roimean"] == (0, 0.5) and grid["whiten"] == (False, True) and grid["tasks"] == GRID["tasks"]
     assert read_grid("grid-pooling")["context"] == (0, 0.5, 1)  # the bundled fourth round
     assert read_grid("grid-roipool")["heads"] == ("network",) and read_grid("grid-roipool")["size"] == (0,)
+    assert read_grid("grid-frame")["position_frame"] == ("head", "template")  # the bundled sixth round
     for text, match in (("pooling: [1]\n", "unknown grid key 'pooling'"), ("roimean: 0.5\n", "roimean: expected a "
                         "non-empty list"), ("standardize: [true]\n", "unknown grid key 'standardize'"),
                         ("roimean: [0, x]\n", "roimean: expected a weight >= 0, got 'x'"),
                         ("whiten: [1]\n", "whiten: expected true or false, got 1"),
-                        ("heads: [mlp]\n", "heads: expected network or refit, got 'mlp'")):
+                        ("heads: [mlp]\n", "heads: expected network or refit, got 'mlp'"),
+                        ("position_frame: [atlas]\n", "position_frame: expected head or template, got 'atlas'")):
         good.write_text(text)
         with pytest.raises(InputError, match=match):
             read_grid(good)
