@@ -134,6 +134,7 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
                    roipool=parts["roipool"].tolist(), task_logits=parts["task_logits"].tolist(),
                    box_log_volume=parts["box_log_volume"], position=parts["position"].tolist(),
                    template_position=parts["template_position"].tolist() if frame is not None else None,
+                   atlas=parts["atlas"].tolist() if frame is not None else None,
                    seg_log_volume=parts["seg_log_volume"], roimean=parts["roimean"].tolist(),
                    context=parts["context"].tolist(),
                    handcrafted=handcrafted_features(image, scan.instances, t, centre_mm).tolist())

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tumornet.anatomy import ATLAS_FEATURES
 from tumornet.descriptor import vector_size
 from tumornet.errors import InputError
 from tumornet.handcrafted import FEATURES as HANDCRAFTED
@@ -41,6 +42,8 @@ def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = No
            # its place in template space (tumornet.register), the template brain = [-1, 1]; null when the
            # recipe reads no position (no registration)
            ("template_position", pa.list_(pa.float32(), 3)),
+           # what the atlas says of the box there (tumornet.anatomy.ATLAS_FEATURES); null as template_position
+           ("atlas", pa.list_(pa.float32(), len(ATLAS_FEATURES))),
            ("seg_log_volume", pa.float32()),  # log of the segmented volume (ml) of the components the box touches
            ("roimean", pa.list_(pa.float32(), channels)),  # the feature map's mean over the box
            ("context", pa.list_(pa.float32(), channels)),  # its mean over a shell around the box

@@ -89,6 +89,9 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "
                       test_scans=tuple(test_ids), table=table, train_rows=train_rows, test_rows=test_rows)
 
 
+NULLABLE_PARTS = ("roimean", "context", "template_position", "atlas")  # shard columns older shards lack or leave null
+
+
 def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
     """The retrieval parts of shard rows (tumornet.descriptor.tumor_parts), stacked."""
     if "roipool" not in table.column_names:
@@ -99,7 +102,7 @@ def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
             "position": np.stack(table["position"].to_numpy(zero_copy_only=False)),
             **({"seg_log_volume": np.asarray(table["seg_log_volume"].to_numpy(), dtype=np.float64)}
                if "seg_log_volume" in table.column_names else {}),
-            **{k: np.stack(table[k].to_numpy(zero_copy_only=False)) for k in ("roimean", "context", "template_position")
+            **{k: np.stack(table[k].to_numpy(zero_copy_only=False)) for k in NULLABLE_PARTS
                if k in table.column_names and table[k].null_count == 0}}
 
 

@@ -135,7 +135,7 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
     left out takes the default GRID's values, or the config default where GRID has none."""
     from dataclasses import fields
 
-    from tumornet.descriptor import RetrievalConfig
+    from tumornet.descriptor import POSITION_FRAMES, RetrievalConfig
 
     p = find_config(path)
     try:
@@ -152,11 +152,11 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             raise InputError(f"{p}: {key}: expected a non-empty list of values, got {values!r}")
         for v in values:
             ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
-                  else v in ("head", "template") if key == "position_frame"
+                  else v in POSITION_FRAMES if key == "position_frame"
                   else isinstance(v, int | float) and not isinstance(v, bool) and v >= 0)
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false",
-                        "position_frame": "head or template"}.get(key, "a weight >= 0")
+                        "position_frame": "head, template or atlas"}.get(key, "a weight >= 0")
                 raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
 
@@ -183,7 +183,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
 
     import pyarrow as pa
 
-    from tumornet.descriptor import RetrievalConfig, compose, fit_heads, fit_stats
+    from tumornet.descriptor import RetrievalConfig, compose, fit_heads, fit_stats, head_inputs
     from tumornet.labels import LabelSchema
 
     from .evaluate import load_evaluation, shard_parts
@@ -197,8 +197,9 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
         if any(v > 0 for v in grid.get(key, ())) and column not in parts:
             raise InputError(f"{embeddings}: shards without {column} (written by an older version): embed again")
     frames = set(grid.get("position_frame", ("head",)))
-    if "template" in frames and "template_position" not in parts:
-        raise InputError(f"{embeddings}: shards without template_position (written by an older version, or by a "
+    needed = {c for f in frames if f != "head" for c in head_inputs(f) if c in ("template_position", "atlas")}
+    if missing := sorted(needed - parts.keys()):
+        raise InputError(f"{embeddings}: shards without {', '.join(missing)} (written by an older version, or by a "
                          "recipe that reads no position): embed again")
     stats_of = {}  # position frame -> the database tumors' statistics and the heads refit on that position
     for frame in sorted(frames):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tumornet.anatomy import fit_alignment, load_anatomy
+from tumornet.anatomy import ATLAS_FEATURES, fit_alignment, load_anatomy
 from tumornet.labels import AREAS
 
 
@@ -43,6 +43,27 @@ def test_extra_axial_areas(anat):
     assert anat.describe(np.array([[26.0, -27.0, -30.0]]), extra_axial=True)["area"] == "skull_base_cpa"
     # type unknown: decided by the share of points inside the brain
     assert anat.describe(np.array([[30.0, 20.0, 75.0]]))["area"] == "convexity_falx"
+
+
+def test_atlas_features_are_the_label_rules_before_the_type_picks_one(anat):
+    """atlas_features: each area's share of the intra-axial votes, the extra-axial rule's skull base and
+    the share inside the brain; its area argmax is describe()'s intra-axial area, its flag the extra-axial one."""
+    rng = np.random.default_rng(0)
+    for centre, area in (((40, 30, 40), "frontal"), ((25, -65, -35), "cerebellum"), ((50, -20, -15), "temporal")):
+        pts = np.asarray(centre, float) + rng.normal(0, 3, (60, 3))
+        f = anat.atlas_features(pts)
+        assert f.shape == (len(ATLAS_FEATURES),) and f.dtype == np.float32
+        shares = f[:len(AREAS)]
+        assert shares.sum() == pytest.approx(1.0) and AREAS[int(shares.argmax())] == area
+        assert AREAS[int(shares.argmax())] == anat.describe(pts, extra_axial=False)["area"]
+        assert f[-1] > 0.9  # deep inside the brain
+    for centre, skull_base in (((30.0, 20.0, 68.0), False), ((20.0, 35.0, -22.0), True), ((26.0, -27.0, -30.0), True)):
+        pts = np.asarray(centre)[None] + rng.normal(0, 1, (20, 3))
+        f = anat.atlas_features(pts)
+        assert f[-2] == float(skull_base)
+        assert anat.describe(pts, extra_axial=True)["area"] == ("skull_base_cpa" if skull_base else "convexity_falx")
+    outside = anat.atlas_features(np.array([[30.0, 20.0, 75.0], [30.0, 22.0, 76.0]]))  # above the convexity
+    assert outside[-1] == 0.0 and outside[-2] == 0.0 and outside[:len(AREAS)].sum() == pytest.approx(1.0)
 
 
 def test_every_brain_voxel_has_an_area(anat):

@@ -65,3 +65,15 @@ def test_distort_box_statistics_match_paper_eq2():
     assert abs(sizes.mean()) < 0.02 and abs(sizes.std() - 1 / 3) < 0.02
     assert abs(shifts.mean()) < 0.01 and abs(shifts.std() - 0.1) < 0.01
     assert np.all(B.box_size(B.distort_box(B.make_box([0, 0, 0], [1, 1, 1]), rng)) >= 1)
+
+
+def test_ellipsoid_voxels_fill_the_inscribed_ellipsoid():
+    box = B.make_box([2, 3, 4], [22, 13, 9])  # 20 x 10 x 5 voxels
+    pts = B.ellipsoid_voxels(box)
+    assert len(pts) == pytest.approx(np.pi / 6 * 20 * 10 * 5, rel=0.2)
+    assert np.all(pts >= [2, 3, 4]) and np.all(pts < [22, 13, 9])
+    assert np.allclose(pts.mean(0), B.box_center(box), atol=0.6)
+    big = B.make_box([0, 0, 0], [80, 80, 80])  # a stride keeps about max_points, the centre among them
+    pts = B.ellipsoid_voxels(big, max_points=500)
+    assert 250 <= len(pts) <= 600 and np.any(np.all(pts == np.floor(B.box_center(big)), axis=1))
+    assert np.array_equal(B.ellipsoid_voxels(B.make_box([5, 5, 5], [6, 6, 6])), [[5, 5, 5]])

@@ -107,6 +107,7 @@ def test_an_lps_copy_of_a_scan_gives_the_same_vectors(small_cohort, tmp_path, co
         assert np.allclose(ra["position"], rb["position"], atol=1e-4)
         # the registration onto the template sees the same canonical array: the same place
         assert np.allclose(ra["template_position"], rb["template_position"], atol=1e-4)
+        assert len(ra["atlas"]) == 13 and np.allclose(ra["atlas"], rb["atlas"], atol=1e-4)  # and what the atlas says
         assert np.allclose(ra["embedding"], rb["embedding"], atol=1e-4)
         assert ra["box_log_volume"] == pytest.approx(rb["box_log_volume"])
         for key in ("roimean", "context"):  # the pooled parts too: the same feature map
@@ -255,13 +256,13 @@ def test_a_grid_file_names_known_keys_and_lists(tmp_path):
     assert grid["roimean"] == (0, 0.5) and grid["whiten"] == (False, True) and grid["tasks"] == GRID["tasks"]
     assert read_grid("grid-pooling")["context"] == (0, 0.5, 1)  # the bundled fourth round
     assert read_grid("grid-roipool")["heads"] == ("network",) and read_grid("grid-roipool")["size"] == (0,)
-    assert read_grid("grid-frame")["position_frame"] == ("head", "template")  # the bundled sixth round
+    assert read_grid("grid-frame")["position_frame"] == ("head", "template", "atlas")  # the bundled sixth round
     for text, match in (("pooling: [1]\n", "unknown grid key 'pooling'"), ("roimean: 0.5\n", "roimean: expected a "
                         "non-empty list"), ("standardize: [true]\n", "unknown grid key 'standardize'"),
                         ("roimean: [0, x]\n", "roimean: expected a weight >= 0, got 'x'"),
                         ("whiten: [1]\n", "whiten: expected true or false, got 1"),
                         ("heads: [mlp]\n", "heads: expected network or refit, got 'mlp'"),
-                        ("position_frame: [atlas]\n", "position_frame: expected head or template, got 'atlas'")):
+                        ("position_frame: [mni]\n", "position_frame: expected head, template or atlas, got 'mni'")):
         good.write_text(text)
         with pytest.raises(InputError, match=match):
             read_grid(good)
@@ -311,8 +312,18 @@ def test_the_template_position_is_read_when_the_recipe_says_so():
         probs = refit_probabilities(parts, DEFAULT_SCHEMA, st, position_frame=frame)[names.index("left_right")]
         accuracy[frame] = (probs.argmax(1) == labels["left_right"]).mean()
     assert accuracy["template"] >= 0.95 and accuracy["head"] < 0.8
+    # position_frame: atlas -> the refit heads also read what the atlas says of the box (a label only it tells)
+    parts["atlas"] = np.eye(13)[rng.integers(0, 13, n)]
+    labels["area"] = parts["atlas"].argmax(1) % 11
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(n)])
+    for frame in ("template", "atlas"):
+        st = {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats, position_frame=frame)}
+        probs = refit_probabilities(parts, DEFAULT_SCHEMA, st, position_frame=frame)[names.index("area")]
+        accuracy[frame] = (probs.argmax(1) == labels["area"]).mean()
+    assert accuracy["atlas"] >= 0.95 and accuracy["template"] < 0.5
+    assert RetrievalConfig(roipool=0.0, position=1.0, position_frame="atlas").position_key == "template_position"
     with pytest.raises(InputError, match="position_frame: template, but the refit heads read the head position"):
         compose(parts, RetrievalConfig(roipool=0.0, tasks=1.0, heads="refit", position_frame="template"),
                 DEFAULT_SCHEMA, {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats)})
-    with pytest.raises(InputError, match=r"retrieval\.position_frame: expected head or template, got 'mni'"):
+    with pytest.raises(InputError, match=r"retrieval\.position_frame: expected head, template or atlas, got 'mni'"):
         RetrievalConfig(position_frame="mni")

@@ -44,6 +44,22 @@ def test_a_tilted_template_is_brought_back_to_template_space():
     assert np.all(np.abs(pos) < 1.15) and np.abs(pos).max() > 0.85
 
 
+def test_the_atlas_reads_a_box_of_the_tilted_scan_where_the_template_holds_it():
+    """TemplateFrame.atlas: a box drawn in the scan around template points of one area is read as that
+    area (the label rules, anatomy.atlas_features), through the registration."""
+    from tumornet.anatomy import ATLAS_FEATURES
+    from tumornet.boxes import make_box
+    from tumornet.labels import AREAS
+
+    image, affine, to_world = _tilted_template()
+    frame = register(image, affine)
+    for point, area in (((40, 30, 40), "frontal"), ((25, -65, -35), "cerebellum"), ((50, -20, -15), "temporal")):
+        c = mm_to_voxel(to_world(np.asarray(point, float)[None]), affine)[0]
+        f = frame.atlas(make_box(np.floor(c - 2), np.floor(c + 3)))  # a 15 mm box at 3 mm
+        assert f.shape == (len(ATLAS_FEATURES),) and AREAS[int(f[:len(AREAS)].argmax())] == area
+        assert f[-1] > 0.9  # inside the brain
+
+
 def test_registration_does_not_depend_on_the_grid_origin():
     """The training cache keeps no origin (its scans register with a diagonal affine): a shifted
     origin moves the world, not the voxels' place in the template."""

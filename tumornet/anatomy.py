@@ -119,22 +119,35 @@ class Anatomy:
         n = -g / (np.linalg.norm(g) + 1e-9)
         return n
 
-    def describe(self, points_mm: np.ndarray, *, extra_axial: bool | None = None) -> dict[str, str]:
-        """Tumor points (N, 3) in template mm -> class names of area and the three halves."""
+    def _points(self, points_mm: np.ndarray) -> np.ndarray:
         pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
         if len(pts) == 0:
-            raise ValueError("describe() needs at least one point")
+            raise ValueError("a tumor needs at least one point")
+        return pts
+
+    def _area_votes(self, pts: np.ndarray) -> np.ndarray:
+        """The intra-axial rule's votes: how many of the points inside the brain (all, if none is) lie in
+        each area (len(AREAS),)."""
+        inside = self.lookup(self.brain, pts)
+        votes = self.lookup(self.areas, pts[inside] if inside.any() else pts)
+        return np.bincount(votes.astype(int), minlength=len(AREAS))
+
+    def _skull_base(self, centre_mm: np.ndarray) -> bool:
+        """The extra-axial rule: at the skull base / CPA (near cerebellum or brainstem, or under a
+        surface that faces down), else convexity / falx."""
+        near = AREAS[int(self.lookup(self.areas, centre_mm[None])[0])]
+        return near in ("cerebellum", "brainstem") or bool(self.outward_normal(centre_mm)[2] < -0.5)
+
+    def describe(self, points_mm: np.ndarray, *, extra_axial: bool | None = None) -> dict[str, str]:
+        """Tumor points (N, 3) in template mm -> class names of area and the three halves."""
+        pts = self._points(points_mm)
         c = pts.mean(0)
         if extra_axial is None:
             extra_axial = float(self.lookup(self.brain, pts).mean()) < 0.5
         if extra_axial:
-            near = AREAS[int(self.lookup(self.areas, c[None])[0])]
-            down = self.outward_normal(c)[2] < -0.5
-            area = "skull_base_cpa" if near in ("cerebellum", "brainstem") or down else "convexity_falx"
+            area = "skull_base_cpa" if self._skull_base(c) else "convexity_falx"
         else:
-            inside = self.lookup(self.brain, pts)
-            votes = self.lookup(self.areas, pts[inside] if inside.any() else pts)
-            area = AREAS[int(np.bincount(votes.astype(int), minlength=len(AREAS)).argmax())]
+            area = AREAS[int(self._area_votes(pts).argmax())]
         ref = self.center_mm
         return {
             "area": area,
@@ -142,6 +155,19 @@ class Anatomy:
             "front_rear": "front" if c[1] > ref[1] else "rear",
             "upper_lower": "upper" if c[2] > ref[2] else "lower",
         }
+
+
+    def atlas_features(self, points_mm: np.ndarray) -> np.ndarray:
+        """Tumor points (N, 3) in template mm -> what the atlas rules above say of them, before the
+        tumor's type picks a rule (ATLAS_FEATURES, float32): each area's share of the intra-axial votes,
+        whether the extra-axial rule says skull base, and the share of the points inside the brain."""
+        pts = self._points(points_mm)
+        votes = self._area_votes(pts)
+        return np.array([*(votes / votes.sum()), float(self._skull_base(pts.mean(0))),
+                         float(self.lookup(self.brain, pts).mean())], dtype=np.float32)
+
+
+ATLAS_FEATURES = (*(f"area_{a}" for a in AREAS), "skull_base", "in_brain")  # Anatomy.atlas_features
 
 
 def _read(path: Path) -> np.ndarray:

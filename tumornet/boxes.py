@@ -50,6 +50,19 @@ def is_empty(box) -> bool:
     return bool(np.any(box_size(box) == 0))
 
 
+def ellipsoid_voxels(box, *, max_points: int = 2000) -> np.ndarray:
+    """Voxel centres (n, 3) of the ellipsoid inscribed in a non-empty box: the tumor a box alone
+    suggests. A regular stride per axis keeps at most about `max_points`; the centre voxel is always in."""
+    lo, size = box_lo(box).astype(np.float64), np.maximum(box_size(box), 1).astype(np.float64)
+    stride = max(1, int(np.ceil((np.prod(size) * np.pi / 6 / max_points) ** (1 / 3))))
+    centre = lo + (size - 1) / 2.0
+    axes = [np.unique(np.concatenate([np.arange(c, lo[a] - 1e-9, -stride), np.arange(c, lo[a] + size[a], stride)]))
+            for a, c in enumerate(np.floor(centre))]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    inside = (((pts + 0.5 - lo - size / 2.0) / (size / 2.0)) ** 2).sum(1) <= 1.0
+    return pts[inside] if inside.any() else np.floor(centre)[None]
+
+
 def box_from_mask(mask: np.ndarray) -> np.ndarray:
     """Smallest half-open box holding every nonzero voxel; raises on an empty mask."""
     if mask.ndim != 3:

@@ -16,9 +16,13 @@ and the box itself gives:
   field of view or head size;
 - `template_position`: the box centre in template space, through the scan's affine registration onto
   the ICBM152 template (tumornet.register), scaled so that the template brain spans [-1, 1] per axis:
-  the same place corrected for the head's tilt and shape (given when the scan's TemplateFrame is).
+  the same place corrected for the head's tilt and shape (given when the scan's TemplateFrame is);
+- `atlas`: what the atlas says of the box carried into template space (anatomy.ATLAS_FEATURES): each
+  area's share of the ellipsoid inscribed in the box, the extra-axial rule's skull base, the share
+  inside the brain: the rules the location labels are made by (given with the TemplateFrame).
 None of these needs a mask: a box is enough (the paper's query). `position_frame` says which of the
-two positions the recipe's `position` part and the refit heads read.
+two positions the recipe's `position` part and the refit heads read ("atlas": the template's, and the
+refit heads also read `atlas`).
 
 The `tasks` part is each task's class probabilities: from the network's own heads (a linear layer on
 the RoiPool vector, which must guess where the box is from its content), or, with `heads: refit`, from
@@ -48,7 +52,8 @@ from .network import roi_mean_pool, roi_pool, shell_mean_pool
 from .patches import centred_patch, patch_size_for
 from .volumes import head_box_voxels
 
-POSITION_FRAMES = {"head": "position", "template": "template_position"}  # frame -> the part it reads
+# frame -> the position part it reads; "atlas" reads the template's, and its refit heads also read `atlas`
+POSITION_FRAMES = {"head": "position", "template": "template_position", "atlas": "template_position"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +82,7 @@ class RetrievalConfig:
         if self.heads not in ("network", "refit"):
             raise InputError(f"retrieval.heads: expected network or refit, got {self.heads!r}")
         if self.position_frame not in POSITION_FRAMES:
-            raise InputError(f"retrieval.position_frame: expected head or template, got {self.position_frame!r}")
+            raise InputError(f"retrieval.position_frame: expected head, template or atlas, got {self.position_frame!r}")
 
     @property
     def uses_position(self) -> bool:
@@ -92,7 +97,7 @@ class RetrievalConfig:
     @property
     def needs_frame(self) -> bool:
         """Whether embedding needs the scan's registration onto the template (tumornet.register)."""
-        return self.uses_position and self.position_frame == "template"
+        return self.uses_position and self.position_frame != "head"
 
     @property
     def needs_stats(self) -> bool:
@@ -122,7 +127,8 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on
     it (larger for a larger tumor); patches of one size go through the network together, up to
     `batch` at a time (the same numbers as one at a time: eval mode). With the scan's TemplateFrame
-    (`frame`, tumornet.register) each dict also has "template_position" (3,)."""
+    (`frame`, tumornet.register) each dict also has "template_position" (3,) and "atlas"
+    (anatomy.ATLAS_FEATURES)."""
     centre, half = head = head if head is not None else head_box_voxels(image)
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
     cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
@@ -153,6 +159,7 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                               "seg_log_volume": float(np.log(segmented_voxels(foreground[n], cut[i][1]) * voxel_ml))}
                     if frame is not None:
                         out[i]["template_position"] = frame.position(box_center(bbox))
+                        out[i]["atlas"] = frame.atlas(bbox)
     finally:
         model.train(was_training)
     return out
@@ -171,7 +178,8 @@ def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
     return cfg, extra.get("retrieval_stats")
 
 
-STANDARDIZED = ("roipool", "box_log_volume", "position", "template_position", "seg_log_volume", "roimean", "context")
+STANDARDIZED = ("roipool", "box_log_volume", "position", "template_position", "atlas", "seg_log_volume", "roimean",
+                "context")
 WHITEN_SHRINK = 0.1  # eigenvalues + this x their mean before whitening: few tumors, many channels
 
 
@@ -215,8 +223,10 @@ HEAD_INPUTS = ("roipool", "position", "box_log_volume")  # what the refit heads 
 
 
 def head_inputs(position_frame: str = "head") -> tuple[str, ...]:
-    """The parts the refit heads read, with the position of `position_frame`."""
-    return tuple(POSITION_FRAMES[position_frame] if k == "position" else k for k in HEAD_INPUTS)
+    """The parts the refit heads read, with the position of `position_frame` (and, for "atlas", what the
+    atlas says of the box in template space)."""
+    inputs = tuple(POSITION_FRAMES[position_frame] if k == "position" else k for k in HEAD_INPUTS)
+    return (*inputs, "atlas") if position_frame == "atlas" else inputs
 
 
 def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:

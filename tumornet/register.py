@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .boxes import voxel_to_mm
+from .boxes import ellipsoid_voxels, voxel_to_mm
 from .volumes import foreground_voxels
 
 LEVELS_MM = (8.0, 4.0)  # the coarse-to-fine grids the similarity is computed on
@@ -36,6 +36,7 @@ class TemplateFrame:
     voxel_to_template: np.ndarray
     centre_mm: np.ndarray
     half_mm: np.ndarray
+    cache_dir: str | None = None  # where the template anatomy is cached (anatomy.load_anatomy)
 
     def template_mm(self, voxels) -> np.ndarray:
         return voxel_to_mm(np.asarray(voxels, dtype=np.float64), self.voxel_to_template)
@@ -43,6 +44,13 @@ class TemplateFrame:
     def position(self, voxels) -> np.ndarray:
         """Scan voxel coordinates (..., 3) -> template position, the template brain = [-1, 1] (RAS)."""
         return ((self.template_mm(voxels) - self.centre_mm) / self.half_mm).astype(np.float32)
+
+    def atlas(self, box) -> np.ndarray:
+        """What the atlas says of a scan's voxel box (anatomy.ATLAS_FEATURES): the ellipsoid inscribed
+        in the box, carried into template space, read by the rules the location labels come from."""
+        from .anatomy import load_anatomy
+
+        return load_anatomy(self.cache_dir).atlas_features(self.template_mm(ellipsoid_voxels(box)))
 
 
 def _grid_image(array: np.ndarray, affine: np.ndarray, step_mm: float) -> tuple[torch.Tensor, np.ndarray]:
@@ -150,4 +158,4 @@ def register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None = N
     to_template = np.eye(4)
     to_template[:3, :3] = a_inv
     to_template[:3, 3] = -a_inv @ b
-    return TemplateFrame(voxel_to_template=to_template @ affine, centre_mm=centre, half_mm=half)
+    return TemplateFrame(voxel_to_template=to_template @ affine, centre_mm=centre, half_mm=half, cache_dir=cache_dir)
