@@ -6,8 +6,9 @@
   "1 3"); oedema is not tumor. Type from the dataset (MET -> metastasis, MEN -> meningioma).
 - Vestibular-Schwannoma-SEG (NIfTI conversion): `<root>/vs_gk_<n>/vs_gk_t1_refT1.nii.gz` and
   `vs_gk_seg_refT1.nii.gz` (1 = tumor). Patient = scan = `vs_gk_<n>`; type schwannoma.
-Location labels (area, halves) come from anatomy.py through a proportional alignment of the scan
-onto the template (BraTS images are skull-stripped, VS images are not). A case that cannot be read
+Location labels (area, halves) come from anatomy.py through the scan's affine registration onto the
+template (register.py; onto its skull-stripped T1 for BraTS, whose images are skull-stripped, onto the
+T1 with skull for VS). A case that cannot be read
 is recorded in `<manifest>.errors.txt` (by its rank among the sorted case folders, with the folder
 name, which holds the patient id, replaced by `<case>`) and skipped; the others are kept.
 """
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import EXTRA_AXIAL_TYPES, fit_alignment, load_anatomy
-from .boxes import voxel_to_mm
+from .anatomy import EXTRA_AXIAL_TYPES, load_anatomy
 from .errors import InputError
 from .manifest import write_manifest
+from .register import register
 from .tumors import instances_from_binary, tumor_mask_from_labels
 from .volumes import read_label_map, read_nifti
 
@@ -67,10 +68,10 @@ def case_rows(root: Path, case: str, layout: Layout, *, cache_dir: str | None = 
     if instances.max() == 0:
         raise InputError(f"{root / mask_rel}: empty mask (no voxel with value in {list(layout.tumor_values)})")
     anat = load_anatomy(cache_dir)
-    align = fit_alignment(data, affine, skull_stripped=layout.skull_stripped, anatomy=anat)
+    frame = register(data, affine, skull_stripped=layout.skull_stripped, cache_dir=cache_dir)
     rows = []
     for tid in range(1, int(instances.max()) + 1):
-        pts = align.to_template(voxel_to_mm(np.argwhere(instances == tid), affine))
+        pts = frame.template_mm(np.argwhere(instances == tid))
         loc = anat.describe(pts, extra_axial=EXTRA_AXIAL_TYPES[layout.tumor_type])
         rows.append({"patient_id": layout.patient_of(case), "scan_id": case, "image": image_rel, "mask": mask_rel,
                      "tumor_id": tid, "tumor_type": layout.tumor_type, **loc,

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .anatomy import foreground_box_mm, load_anatomy
 from .boxes import ellipsoid_voxels, voxel_to_mm
-from .volumes import foreground_voxels
 
 LEVELS_MM = (8.0, 4.0)  # the coarse-to-fine grids the similarity is computed on
 STEPS = (120, 60)  # optimizer steps per level
@@ -48,8 +48,6 @@ class TemplateFrame:
     def atlas(self, box) -> np.ndarray:
         """What the atlas says of a scan's voxel box (anatomy.ATLAS_FEATURES): the ellipsoid inscribed
         in the box, carried into template space, read by the rules the location labels come from."""
-        from .anatomy import load_anatomy
-
         return load_anatomy(self.cache_dir).atlas_features(self.template_mm(ellipsoid_voxels(box)))
 
 
@@ -75,17 +73,15 @@ def _zscore_foreground(array: np.ndarray) -> np.ndarray:
 
 
 def _box_mm(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    world = voxel_to_mm(foreground_voxels(array), affine)
-    lo, hi = np.percentile(world, [0.5, 99.5], axis=0)
-    return lo, hi
+    box = foreground_box_mm(array, affine)
+    return box[:3], box[3:]
 
 
-@lru_cache(maxsize=2)
-def _template(cache_dir: str | None):
-    from .anatomy import load_anatomy
-
+@lru_cache(maxsize=4)
+def _template(cache_dir: str | None, skull_stripped: bool = False):
     anat = load_anatomy(cache_dir)
-    t1 = _zscore_foreground(anat.t1)
+    ref = anat.t1_brain if skull_stripped else anat.t1
+    t1 = _zscore_foreground(ref)
     levels = []
     for step in LEVELS_MM:
         img, aff = _grid_image(t1, anat.affine, step)
@@ -96,7 +92,7 @@ def _template(cache_dir: str | None):
         levels.append((pts, img[0, 0][mask].float()))
     coords = np.argwhere(anat.brain)
     lo, hi = voxel_to_mm(coords.min(0), anat.affine), voxel_to_mm(coords.max(0), anat.affine)
-    box = _box_mm(anat.t1, anat.affine)
+    box = _box_mm(ref, anat.affine)
     return levels, box, np.asarray(anat.center_mm, float), (hi - lo) / 2.0
 
 
@@ -123,9 +119,11 @@ class _Adam:
             p -= lr * (m / (1 - b1**self.t)) / (torch.sqrt(v / (1 - b2**self.t)) + self.eps)
 
 
-def register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None = None) -> TemplateFrame:
-    """Fit the affine map of a canonical-RAS scan (array, voxel -> world mm affine) onto the template."""
-    levels, (tlo, thi), centre, half = _template(cache_dir)
+def register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None = None,
+             skull_stripped: bool = False) -> TemplateFrame:
+    """Fit the affine map of a canonical-RAS scan (array, voxel -> world mm affine) onto the template
+    (its skull-stripped T1 for a skull-stripped scan, e.g. BraTS)."""
+    levels, (tlo, thi), centre, half = _template(cache_dir, skull_stripped)
     slo, shi = _box_mm(image, affine)
     # start: the foreground boxes aligned per axis (template mm -> scan mm: x_s = a0 x_t + b0)
     a0 = np.diag((shi - slo) / np.maximum(thi - tlo, 1e-6))
