@@ -78,5 +78,6 @@ def test_registration_does_not_depend_on_the_grid_origin():
     image, affine, _ = _tilted_template(spacing=4.0)
     a = register(image, affine)
     b = register(image, np.diag([4.0, 4.0, 4.0, 1.0]))
+    assert register(image, affine) is a and b is not a  # the same scan again reuses its fit
     vox = np.argwhere(image > image.mean())[::300]
     assert np.abs(a.position(vox) - b.position(vox)).max() == pytest.approx(0.0, abs=0.02)

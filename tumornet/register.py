@@ -14,6 +14,8 @@ position, in a frame shared by every scan.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -119,10 +121,31 @@ class _Adam:
             p -= lr * (m / (1 - b1**self.t)) / (torch.sqrt(v / (1 - b2**self.t)) + self.eps)
 
 
+_FITTED: OrderedDict[bytes, TemplateFrame] = OrderedDict()  # the last scans' frames (a scan embedded again)
+FITTED_KEPT = 64
+
+
 def register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None = None,
              skull_stripped: bool = False) -> TemplateFrame:
     """Fit the affine map of a canonical-RAS scan (array, voxel -> world mm affine) onto the template
-    (its skull-stripped T1 for a skull-stripped scan, e.g. BraTS)."""
+    (its skull-stripped T1 for a skull-stripped scan, e.g. BraTS). The same scan again (the same
+    array, affine and settings: a scan embedded again from distorted boxes) reuses its fit."""
+    h = hashlib.sha256(np.ascontiguousarray(image).view(np.uint8).data)
+    for part in (str(image.shape), str(image.dtype), np.asarray(affine, np.float64).tobytes(),
+                 repr((cache_dir, skull_stripped))):
+        h.update(part if isinstance(part, bytes) else part.encode())
+    key = h.digest()
+    if key in _FITTED:
+        _FITTED.move_to_end(key)
+        return _FITTED[key]
+    frame = _register(image, affine, cache_dir=cache_dir, skull_stripped=skull_stripped)
+    _FITTED[key] = frame
+    while len(_FITTED) > FITTED_KEPT:
+        _FITTED.popitem(last=False)
+    return frame
+
+
+def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, skull_stripped: bool) -> TemplateFrame:
     levels, (tlo, thi), centre, half = _template(cache_dir, skull_stripped)
     slo, shi = _box_mm(image, affine)
     # start: the foreground boxes aligned per axis (template mm -> scan mm: x_s = a0 x_t + b0)
