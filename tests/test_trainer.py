@@ -43,7 +43,7 @@ def _records(run_dir):
 
 
 def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, small_cohort):
-    s = _train(_config(tmp_path, small_cohort, "a"))
+    s = _train(_config(tmp_path, small_cohort, "a"), "retrieval.position_frame=atlas")  # export registers scans
     recs = _records(s["run_dir"])
     assert [r["step"] for r in recs] == [3, 6, 9]
     assert recs[-1]["train/loss"] < recs[0]["train/loss"]
@@ -59,8 +59,12 @@ def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, smal
     # the retrieval statistics and refit heads, from every training scan (not one worker's half)
     stats, cohort = meta["extra"]["retrieval_stats"], read_manifest(small_cohort)
     n_train = sum(len(cohort.scans()[sid]) for sid in split_of_model(cohort, meta, where="t")[0])
-    assert stats["tumors"] == n_train and set(stats["heads"]) == set(model.schema.names)
-    assert len(stats["heads"]["tumor_type"]["coef"][0]) == 8 + 3 + 1  # RoiPool, position, size
+    frame = state["config"]["retrieval"]["position_frame"]
+    assert stats["tumors"] == n_train and set(stats["heads"]) == {*model.schema.names, "position_frame"}
+    assert stats["heads"]["position_frame"] == frame == "atlas"  # the heads fit for the run's recipe
+    # RoiPool, the template position, size, and what the atlas says of the box
+    assert len(stats["heads"]["tumor_type"]["coef"][0]) == 8 + 3 + 1 + 13
+    assert len(stats["atlas"]["mean"]) == 13 and len(stats["template_position"]["mean"]) == 3
 
 
 def test_resume_gives_identical_weights(ray_head, tmp_path, small_cohort):

@@ -112,8 +112,9 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int 
     for s in scans[::step]:
         image = np.asarray(s.arrays()[0])
         head = head_box_voxels(image)
-        # the cache keeps no origin: none is needed, the registration's translation absorbs it
-        frame = register(image, np.diag([*s.spacing_mm, 1.0])) if cfg.retrieval.needs_frame else None
+        # the cache keeps no origin: none is needed, the registration's translation absorbs it; the
+        # refit heads below are fit on the recipe's frame whether or not the recipe reads them
+        frame = register(image, np.diag([*s.spacing_mm, 1.0])) if cfg.retrieval.position_frame != "head" else None
         for t in s.tumors:
             parts.append(tumor_parts(model, image, t.bbox, patch_size=cfg.train.patch_size,
                                      spacing_mm=cfg.data.spacing_mm, head=head, frame=frame))
