@@ -27,7 +27,7 @@ from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
 from tumornet.network import MultitaskNet
-from tumornet.register import register
+from tumornet.register import FIT_SETTINGS, register
 from tumornet.scans import Scan, load_image, load_scan
 from tumornet.volumes import Volume, head_box_voxels
 
@@ -51,9 +51,12 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
     """What besides the weights and the files decides a shard row: spacing, patch size, the retrieval
-    recipe and its statistics, the detection settings (16 hex chars)."""
-    text = json.dumps([spacing, patch, dataclasses.asdict(recipe[0]), recipe[1], dataclasses.asdict(detect)],
-                      sort_keys=True, default=float)
+    recipe and its statistics, the detection settings, and the registration's settings when the recipe
+    reads the template frame (16 hex chars)."""
+    parts = [spacing, patch, dataclasses.asdict(recipe[0]), recipe[1], dataclasses.asdict(detect)]
+    if recipe[0].needs_frame:
+        parts.append(FIT_SETTINGS)
+    text = json.dumps(parts, sort_keys=True, default=float)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -39,7 +39,7 @@ def test_a_tilted_template_is_brought_back_to_template_space():
     # the head-box alignment the registration starts from: per-axis scale and shift of the foreground box
     box = fit_alignment(image, affine, skull_stripped=False, anatomy=anat)
     box_err = np.linalg.norm(box.to_template(voxel_to_mm(vox, affine)) - brain_mm, axis=1)
-    assert err.mean() < 1.0 and np.percentile(err, 95) < 2.0  # measured: 0.5 and 1.1 mm
+    assert err.mean() < 1.0 and np.percentile(err, 95) < 2.0  # measured: 0.48 and 1.11 mm
     assert box_err.mean() > 4.0  # measured: 9 mm: the tilt is what the head box cannot undo
     # positions: the template brain spans [-1, 1] per axis around the labels' reference
     pos = frame.position(vox)
@@ -53,7 +53,7 @@ def test_a_tilted_skull_stripped_scan_registers_onto_the_skull_stripped_template
     anat = load_anatomy()
     brain_mm = voxel_to_mm(np.argwhere(anat.brain)[::500], anat.affine)
     err = np.linalg.norm(frame.template_mm(mm_to_voxel(to_world(brain_mm), affine)) - brain_mm, axis=1)
-    assert err.mean() < 1.0 and np.percentile(err, 95) < 2.0  # measured: 0.08 and 0.12 mm
+    assert err.mean() < 1.0 and np.percentile(err, 95) < 2.0  # measured: 0.06 and 0.10 mm
 
 
 def test_the_atlas_reads_a_box_of_the_tilted_scan_where_the_template_holds_it():
@@ -81,3 +81,39 @@ def test_registration_does_not_depend_on_the_grid_origin():
     assert register(image, affine) is a and b is not a  # the same scan again reuses its fit
     vox = np.argwhere(image > image.mean())[::300]
     assert np.abs(a.position(vox) - b.position(vox)).max() == pytest.approx(0.0, abs=0.02)
+
+
+def test_a_lattice_of_template_points_fits_as_every_point_does(monkeypatch):
+    """register.POINT_EVERY keeps a quarter of the 4 mm points and half the 8 mm ones (2.6x faster
+    fits): the fit moves by a fraction of a millimetre from the fit on every point."""
+    import tumornet.register as reg
+
+    image, affine, _ = _tilted_template()
+    anat = load_anatomy()
+    vox = mm_to_voxel(voxel_to_mm(np.argwhere(anat.brain)[::500], anat.affine), affine)
+    lattice = reg._register(image, affine, cache_dir=None, skull_stripped=False)
+    monkeypatch.setattr(reg, "POINT_EVERY", (1, 1))
+    reg._template.cache_clear()
+    try:
+        assert reg._template(None, False)[0][1][0].shape[0] > 3.5 * 21000  # every 4 mm point
+        dense = reg._register(image, affine, cache_dir=None, skull_stripped=False)
+    finally:
+        reg._template.cache_clear()
+    diff = np.linalg.norm(lattice.template_mm(vox) - dense.template_mm(vox), axis=1)
+    assert diff.max() < 0.5  # measured: 0.11 mm
+
+
+def test_the_fit_settings_decide_an_embedding_only_where_the_recipe_reads_the_template(monkeypatch):
+    """Changed registration settings embed an atlas-frame archive again (its fingerprint changes), not
+    a head-frame one."""
+    import tumornet.register as reg
+    from embedder import embed
+    from tumornet.descriptor import RetrievalConfig
+    from tumornet.detect import DetectConfig
+
+    atlas = (RetrievalConfig(position=1.0, position_frame="atlas"), {})
+    head = (RetrievalConfig(position=1.0, position_frame="head"), {})
+    before = [embed.settings_fingerprint(2.0, 64, r, DetectConfig()) for r in (atlas, head)]
+    monkeypatch.setattr(embed, "FIT_SETTINGS", reg.FIT_SETTINGS | {"steps": (10, 10)})
+    after = [embed.settings_fingerprint(2.0, 64, r, DetectConfig()) for r in (atlas, head)]
+    assert before[0] != after[0] and before[1] == after[1]

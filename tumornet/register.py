@@ -29,6 +29,12 @@ from .boxes import ellipsoid_voxels, voxel_to_mm
 
 LEVELS_MM = (8.0, 4.0)  # the coarse-to-fine grids the similarity is computed on
 STEPS = (120, 60)  # optimizer steps per level
+# template points kept per level: every voxel whose index sum is a multiple of k, an even lattice (the
+# similarity's gradient needs thousands of points, not every voxel; 12,700 and 86,300 -> 6,400 and 21,600)
+POINT_EVERY = (2, 4)
+# what decides a fit besides the scan: part of the embedding settings (embedder.embed.settings_fingerprint),
+# so an archive embedded with another fit is embedded again
+FIT_SETTINGS = {"levels_mm": LEVELS_MM, "steps": STEPS, "point_every": POINT_EVERY}
 
 
 @dataclass(frozen=True)
@@ -85,10 +91,11 @@ def _template(cache_dir: str | None, skull_stripped: bool = False):
     ref = anat.t1_brain if skull_stripped else anat.t1
     t1 = _zscore_foreground(ref)
     levels = []
-    for step in LEVELS_MM:
+    for step, every in zip(LEVELS_MM, POINT_EVERY, strict=True):
         img, aff = _grid_image(t1, anat.affine, step)
-        mask = img[0, 0] > img.min() + 0.5  # the head and a rim around it
-        mask = torch.from_numpy(ndimage.binary_dilation(mask.numpy(), iterations=2))
+        mask = ndimage.binary_dilation(img[0, 0].numpy() > img.min().item() + 0.5, iterations=2)  # head + rim
+        mask &= np.indices(mask.shape).sum(0) % every == 0
+        mask = torch.from_numpy(mask)
         idx = torch.nonzero(mask).float()
         pts = idx @ _t(aff[:3, :3]).T + _t(aff[:3, 3])  # template mm (n, 3)
         levels.append((pts, img[0, 0][mask].float()))
@@ -98,9 +105,11 @@ def _template(cache_dir: str | None, skull_stripped: bool = False):
     return levels, box, np.asarray(anat.center_mm, float), (hi - lo) / 2.0
 
 
-def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a - a.mean(), b - b.mean()
-    return (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
+def _ncc_centred(a: torch.Tensor, b: torch.Tensor, b_ss: torch.Tensor) -> torch.Tensor:
+    """Normalized cross-correlation of `a` with `b`, which is already centred (sum of squares `b_ss`):
+    a's mean drops out of the product, since b sums to zero."""
+    a_ss = (a * a).sum() - a.sum() ** 2 / a.numel()
+    return (a * b).sum() / torch.sqrt(a_ss * b_ss + 1e-12)
 
 
 class _Adam:
@@ -155,21 +164,27 @@ def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, s
     shift = torch.zeros(3, dtype=torch.float32, requires_grad=True)  # mm
     a0_t, b0_t, tc = _t(a0), _t(b0), _t((tlo + thi) / 2.0)
     norm = _zscore_foreground(np.asarray(image, dtype=np.float32))
+    eye = torch.eye(3, dtype=torch.float32)
     with torch.enable_grad():
         for step_mm, steps, (pts, target) in zip(LEVELS_MM, STEPS, levels, strict=True):
             img, aff = _grid_image(norm, affine, step_mm)
             img = img.float()
             inv = _t(np.linalg.inv(aff))
-            size = torch.tensor(img.shape[2:], dtype=torch.float32)
+            # template mm -> scan mm -> scan voxel -> grid_sample's [-1, 1], (x=W, y=H, z=D): one 3 x 4 map
+            scale = 2.0 / (torch.tensor(img.shape[2:], dtype=torch.float32) - 1)
+            to_grid = (scale[:, None] * inv[:3, :3]).flip(0)
+            grid_shift = (scale * inv[:3, 3] - 1).flip(0)
+            centred = target - target.mean()
+            target_ss = (centred * centred).sum()
             adam = _Adam(((lin, 0.01), (shift, 1.0)))
             for _ in range(steps):
-                a = a0_t @ (torch.eye(3, dtype=torch.float32) + lin)
-                world = (pts - tc) @ a.T + (a0_t @ tc + b0_t) + shift
-                vox = world @ inv[:3, :3].T + inv[:3, 3]
-                grid = (2 * vox / (size - 1) - 1).flip(-1)  # grid_sample wants (x=W, y=H, z=D) in [-1, 1]
+                a = a0_t @ (eye + lin)
+                m = to_grid @ a
+                c = to_grid @ (a0_t @ tc + b0_t + shift - a @ tc) + grid_shift
+                grid = torch.addmm(c, pts, m.T)
                 sampled = F.grid_sample(img, grid.view(1, 1, 1, -1, 3), align_corners=True,
                                         padding_mode="zeros").view(-1)
-                loss = -_ncc(sampled, target)
+                loss = -_ncc_centred(sampled, centred, target_ss)
                 adam.step(torch.autograd.grad(loss, [lin, shift]))
     with torch.no_grad():
         a = (a0_t @ (torch.eye(3, dtype=torch.float32) + lin)).numpy()
