@@ -10,6 +10,10 @@ with about 4 sqrt(n) lists, `nprobe` of them searched); one per model id.
 Incremental: a re-run after a nightly job adds only the rows of new shard files when no indexed row
 was superseded (a re-embedded scan, a compaction); otherwise it rebuilds. An index that no longer
 matches the shard files is not used (search says so and falls back to reading the shards).
+
+A query of an exact index is answered by the fused distance + top-k scan (retrieval.flatscan: one
+pass over the index's own vectors) where the extension is compiled, a few queries are asked and k is
+small; otherwise by FAISS (a batch of queries: its BLAS path; a large k: its heap).
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ from embedder.shards import newest_rows, read_shard_files, shard_files
 from tumornet.errors import InputError
 from tumornet.io import atomic_write, atomic_write_text
 
+from . import flatscan
+
 VECTOR_COLUMNS = ("embedding", "roipool", "task_logits", "handcrafted", "roimean", "context")
+FUSED_MAX_QUERIES = 20  # FAISS's own switch to BLAS (distance_compute_blas_threshold)
+FUSED_MAX_K = 256  # the fused scan keeps its k best sorted by insertion
 
 
 def _faiss():
@@ -123,11 +131,18 @@ class Index:
 
     def __init__(self, index, table: pa.Table, info: dict):
         self.index, self.table, self.info = index, table, info
+        self.vectors = None  # an exact index's own vectors (a view), for the fused scan
         if info["kind"] == "ivf":
             index.nprobe = info["nprobe"]
+        elif flatscan.available() and index.ntotal > 0:
+            self.vectors = _faiss().rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        d, i = self.index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, self.index.ntotal))
+        q, k = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32), min(k, self.index.ntotal)
+        if self.vectors is not None and len(q) <= FUSED_MAX_QUERIES and k <= FUSED_MAX_K:
+            d, i = flatscan.top_k(self.vectors, q, k)
+        else:
+            d, i = self.index.search(q, k)
         return np.sqrt(np.maximum(d, 0)), i
 
 
