@@ -2,7 +2,8 @@
 
 1. a plain serial loop in this process (embedder.embed.embed_scan per scan, one thread: the
    baseline), its per-scan time split into NIfTI decode + resample (read_scan) and the network
-   (embed_read), each measured alone;
+   (embed_read), each measured alone, and of the latter the registration onto the template
+   (tumornet.register, where the recipe reads the template frame);
 2. the Ray Data job (`ray_job.py embed`: `--workers` actors of one thread on CPU; with
    `--gpus-per-worker`, CPU read tasks feeding GPU actors) into a fresh folder.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import embedder.embed
 from embedder.embed import embed_read, embed_settings, read_scan
 from embedder.job import run_embedding
 from tumornet.export import load_model
@@ -78,6 +80,17 @@ def measure(args, model, meta, scans, manifest, work, secret, spacing, patch, re
     torch.set_num_threads(1)
     t_read = t_net = 0.0
     tumors = 0
+    t_reg = [0.0]
+    register = embedder.embed.register
+
+    def timed_register(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return register(*a, **kw)
+        finally:
+            t_reg[0] += time.perf_counter() - t
+
+    embedder.embed.register = timed_register  # this process only: the job's actors run the plain one
     for rs in scans.values():
         t0 = time.perf_counter()
         read = read_scan(rs, spacing_mm=spacing)
@@ -85,6 +98,7 @@ def measure(args, model, meta, scans, manifest, work, secret, spacing, patch, re
         tumors += len(embed_read(model, meta["model_id"], rs, read, spacing_mm=spacing, patch_size=patch,
                                  secret=secret, recipe=recipe))
         t_read, t_net = t_read + t1 - t0, t_net + time.perf_counter() - t1
+    embedder.embed.register = register
     serial = t_read + t_net
 
     out = work / "emb"
@@ -101,7 +115,8 @@ def measure(args, model, meta, scans, manifest, work, secret, spacing, patch, re
     stop.set()
     n = len(scans)
     print(f"{n} scans, {tumors} tumors, model {meta['model_id']} (C = {model.cfg.channels}), {spacing} mm")
-    print(f"serial loop: {serial:.1f} s = read {t_read:.1f} s + network {t_net:.1f} s; {tumors / serial:.2f} tumors/s")
+    print(f"serial loop: {serial:.1f} s = read {t_read:.1f} s + network {t_net:.1f} s (of which registration "
+          f"{t_reg[0]:.1f} s, {t_reg[0] / n:.2f} s a scan); {tumors / serial:.2f} tumors/s")
     print(f"Ray Data job ({args.workers} workers, {args.gpus_per_worker} GPU each): {job:.1f} s (Ray start "
           f"included); {report['tumors_embedded'] / job:.2f} tumors/s")
     print(f"speed-up, job vs serial loop: {serial / job:.2f}x (goal >= 1.7x on 2 CPU cores)")

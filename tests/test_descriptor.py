@@ -148,6 +148,11 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
     grid = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
                        grid={"roipool": (0.0, 1.0), "tasks": (0.0,), "size": (1.0,), "position": (1.0, 2.0)})
     assert len(grid) == 2 and grid[0]["score"] >= grid[1]["score"]  # roipool 0 with tasks 0 is skipped
+    with pytest.raises(InputError, match=r"shards without atlas, template_position \(written by an older version, "
+                                         r"or by a recipe that reads no position\): embed again"):
+        recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,  # the paper's recipe stores no template frame
+                    grid={"roipool": (1.0,), "tasks": (0.0,), "size": (1.0,), "position": (1.0,),
+                          "position_frame": ("head", "atlas")})
     heads = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
                         grid={"roipool": (1.0,), "tasks": (0.0, 1.0), "size": (1.0,), "position": (1.0,),
                               "heads": ("network", "refit")})  # refit heads fit on the shards' training rows
