@@ -50,7 +50,10 @@ def main() -> None:
     args = p.parse_args()
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    real = np.stack(read_embeddings(args.embeddings)[args.column].to_numpy(zero_copy_only=False)).astype(np.float32)
+    table = read_embeddings(args.embeddings)
+    if args.column not in table.column_names:
+        raise SystemExit(f"{args.embeddings}: no column {args.column!r} in the shards (e.g. embedding, roipool)")
+    real = np.stack(table[args.column].to_numpy(zero_copy_only=False)).astype(np.float32)
     rng = np.random.default_rng(0)
     sd = real.std(0) * args.noise
 
