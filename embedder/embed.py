@@ -49,11 +49,16 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
     return h.hexdigest()
 
 
+RECIPE_ADDED = {"size_units": "log"}  # recipe keys added after archives existed -> their default
+
+
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
     """What besides the weights and the files decides a shard row: spacing, patch size, the retrieval
     recipe and its statistics, the detection settings, and the registration's settings when the recipe
     reads the template frame (16 hex chars)."""
-    parts = [spacing, patch, dataclasses.asdict(recipe[0]), recipe[1], dataclasses.asdict(detect)]
+    # recipe keys added later are left out at their default, so the archives embedded before stay valid
+    same = {k: v for k, v in dataclasses.asdict(recipe[0]).items() if RECIPE_ADDED.get(k, ...) != v}
+    parts = [spacing, patch, same, recipe[1], dataclasses.asdict(detect)]
     if recipe[0].needs_frame:
         parts.append(FIT_SETTINGS)
     text = json.dumps(parts, sort_keys=True, default=float)

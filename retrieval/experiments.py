@@ -135,7 +135,7 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
     left out takes the default GRID's values, or the config default where GRID has none."""
     from dataclasses import fields
 
-    from tumornet.descriptor import POSITION_FRAMES, RetrievalConfig
+    from tumornet.descriptor import POSITION_FRAMES, SIZE_KEYS, RetrievalConfig
 
     p = find_config(path)
     try:
@@ -152,11 +152,12 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             raise InputError(f"{p}: {key}: expected a non-empty list of values, got {values!r}")
         for v in values:
             ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
-                  else v in POSITION_FRAMES if key == "position_frame"
+                  else v in POSITION_FRAMES if key == "position_frame" else v in SIZE_KEYS if key == "size_units"
                   else isinstance(v, int | float) and not isinstance(v, bool) and v >= 0)
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false",
-                        "position_frame": "head, template or atlas"}.get(key, "a weight >= 0")
+                        "position_frame": "head, template or atlas",
+                        "size_units": "log or mm"}.get(key, "a weight >= 0")
                 raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
 

@@ -332,3 +332,51 @@ def test_the_template_position_is_read_when_the_recipe_says_so():
                 DEFAULT_SCHEMA, {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats)})
     with pytest.raises(InputError, match=r"retrieval\.position_frame: expected head, template or atlas, got 'mni'"):
         RetrievalConfig(position_frame="mni")
+
+
+def test_size_units_mm_reads_the_equivalent_diameter():
+    """size_units: mm -> the size parts read the equivalent-sphere diameter (mm) of the box / segmented
+    volume, so two large tumors 5 mm apart differ more than two small ones 1 mm apart (the same ratio),
+    where the log volume makes them equal; the statistics hold the diameters too."""
+    from tumornet.descriptor import with_diameters
+
+    sphere_ml = 4.0 / 3.0 * np.pi * 10.0 ** 3 / 1000.0  # a 20 mm sphere
+    d = with_diameters({"box_log_volume": np.log([sphere_ml]), "seg_log_volume": np.log([sphere_ml / 8])})
+    assert d["box_diameter_mm"][0] == pytest.approx(20.0) and d["seg_diameter_mm"][0] == pytest.approx(10.0)
+    assert "seg_diameter_mm" not in with_diameters({"box_log_volume": np.zeros(1)})
+
+    mm = np.array([5.0, 6.0, 25.0, 30.0])  # two pairs, both 1.2x apart
+    log_v = np.log(np.pi / 6 * mm ** 3 / 1000.0)
+    parts = {"roipool": np.zeros((4, 2)), "box_log_volume": log_v, "seg_log_volume": log_v}
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(4)])
+    assert stats["box_diameter_mm"]["mean"][0] == pytest.approx(mm.mean())
+    assert stats["box_diameter_mm"]["sd"][0] == pytest.approx(mm.std())
+    for units, ratio in (("log", 1.0), ("mm", 5.0)):
+        for key in ("size", "seg_size"):
+            x = compose(parts, RetrievalConfig(roipool=0.0, **{key: 1.0}, size_units=units), DEFAULT_SCHEMA, stats)
+            assert x.shape == (4, 1)
+            assert abs(x[3, 0] - x[2, 0]) / abs(x[1, 0] - x[0, 0]) == pytest.approx(ratio, rel=1e-5)
+    with pytest.raises(InputError, match="size_units: expected log or mm, got 'cm'"):
+        RetrievalConfig(size_units="cm")
+    old = {k: v for k, v in stats.items() if k != "box_diameter_mm"}  # a model file exported before
+    with pytest.raises(InputError, match="no training statistics of `box_diameter_mm`"):
+        compose(parts, RetrievalConfig(roipool=0.0, size=1.0, size_units="mm"), DEFAULT_SCHEMA, old)
+
+
+def test_size_units_in_a_grid_and_the_fingerprint_of_older_archives(tmp_path):
+    """A grid may try both size units; the default units leave the embedding fingerprint of an archive
+    embedded before they existed unchanged (the value the previous version computed), mm changes it."""
+    from embedder.embed import settings_fingerprint
+    from retrieval.experiments import read_grid
+    from tumornet.detect import DetectConfig
+
+    g = tmp_path / "g.yaml"
+    g.write_text("size_units: [log, mm]\n")
+    assert read_grid(g)["size_units"] == ("log", "mm")
+    g.write_text("size_units: [inch]\n")
+    with pytest.raises(InputError, match="size_units: expected log or mm, got 'inch'"):
+        read_grid(g)
+    recipe = dict(roipool=0.5, tasks=1.0, size=1.0, position=1.0, seg_size=0.5, heads="refit", standardize=True)
+    fp = [settings_fingerprint(2.0, 64, (RetrievalConfig(**recipe, size_units=u), {"tumors": 3}), DetectConfig())
+          for u in ("log", "mm")]
+    assert fp[0] == "18bcc0f1f9804716" and fp[1] != fp[0]

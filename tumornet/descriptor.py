@@ -54,6 +54,8 @@ from .volumes import head_box_voxels
 
 # frame -> the position part it reads; "atlas" reads the template's, and its refit heads also read `atlas`
 POSITION_FRAMES = {"head": "position", "template": "template_position", "atlas": "template_position"}
+# size units -> the parts the `size` and `seg_size` weights read (the diameters: with_diameters)
+SIZE_KEYS = {"log": ("box_log_volume", "seg_log_volume"), "mm": ("box_diameter_mm", "seg_diameter_mm")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +76,9 @@ class RetrievalConfig:
     # which place of the box the `position` part and the refit heads read: the head's foreground box
     # ("head"), or the template after the scan's affine registration ("template", tumornet.register)
     position_frame: str = "head"
+    # what the `size` and `seg_size` parts read: the log volume ("log"), or the equivalent-sphere
+    # diameter in mm ("mm": linear, so a size difference between large tumors counts more, as in mm)
+    size_units: str = "log"
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -83,6 +88,8 @@ class RetrievalConfig:
             raise InputError(f"retrieval.heads: expected network or refit, got {self.heads!r}")
         if self.position_frame not in POSITION_FRAMES:
             raise InputError(f"retrieval.position_frame: expected head, template or atlas, got {self.position_frame!r}")
+        if self.size_units not in SIZE_KEYS:
+            raise InputError(f"retrieval.size_units: expected log or mm, got {self.size_units!r}")
 
     @property
     def uses_position(self) -> bool:
@@ -179,7 +186,17 @@ def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
 
 
 STANDARDIZED = ("roipool", "box_log_volume", "position", "template_position", "atlas", "seg_log_volume", "roimean",
-                "context")
+                "context", "box_diameter_mm", "seg_diameter_mm")
+
+
+def with_diameters(parts: Mapping) -> dict:
+    """The parts with the equivalent-sphere diameters (mm) of their log volumes (ml) added: the
+    `size_units: mm` parts, derived, never stored."""
+    out = dict(parts)
+    for log_key, mm_key in zip(*SIZE_KEYS.values(), strict=True):
+        if log_key in parts:
+            out[mm_key] = (6.0 / np.pi * 1000.0 * np.exp(np.asarray(parts[log_key], dtype=np.float64))) ** (1 / 3)
+    return out
 WHITEN_SHRINK = 0.1  # eigenvalues + this x their mean before whitening: few tumors, many channels
 
 
@@ -193,6 +210,7 @@ def fit_stats(parts: Sequence[Mapping]) -> dict:
         return a.mean(0).tolist(), np.where(sd > 1e-8, sd, 1.0).tolist()
 
     out = {}
+    parts = [with_diameters(p) for p in parts]
     for key in (k for k in STANDARDIZED if k in parts[0]):
         m, s = ms(np.array([np.atleast_1d(p[key]) for p in parts], dtype=np.float64))
         out[key] = {"mean": m, "sd": s}
@@ -310,12 +328,15 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
         probs = (refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame) if cfg.heads == "refit"
                  else _softmax_blocks(np.asarray(parts["task_logits"]), schema))
         blocks += [cfg.tasks * p / np.sqrt(2) for p in probs]
+    box_size, seg_size = SIZE_KEYS[cfg.size_units]
+    if cfg.size_units != "log":
+        parts = with_diameters(parts)
     if cfg.size > 0:
-        blocks.append(cfg.size * _z(parts, "box_log_volume", stats) / np.sqrt(2))
+        blocks.append(cfg.size * _z(parts, box_size, stats) / np.sqrt(2))
     if cfg.position > 0:
         blocks.append(cfg.position * _z(parts, cfg.position_key, stats) / np.sqrt(2 * 3))
     if cfg.seg_size > 0:
-        blocks.append(cfg.seg_size * _z(parts, "seg_log_volume", stats) / np.sqrt(2))
+        blocks.append(cfg.seg_size * _z(parts, seg_size, stats) / np.sqrt(2))
     for key in ("roimean", "context"):
         if getattr(cfg, key) > 0:
             blocks.append(getattr(cfg, key) * _z(parts, key, stats) / np.sqrt(2 * roi.shape[1]))
