@@ -14,6 +14,7 @@ import html
 import importlib.metadata
 import json
 import platform
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from . import figures
 from .detection import format_detection
 from .evaluate import ROWS, fmt_metric, load_evaluation, metric_keys, metric_label, plain
 from .knn import neighbours
+
+CAPTION_WIDTH = 30  # characters of a retrieval example's caption line (fontsize 7 in a column of 5)
 
 SECTIONS = ("summary", "k-curve", "tables", "tsne", "examples", "training", "provenance")
 PACKAGES = ("torch", "ray", "deepspeed", "numpy", "nibabel", "pyarrow", "scikit-learn", "matplotlib")
@@ -93,6 +96,7 @@ def _examples(ev, manifest, secret: bytes, *, queries: int, hits: int) -> list[s
         scan = cache[key]
         tumor = next(t for t in scan.tumors if t.tumor_id == tid)
         labels = ", ".join(schema[t].classes[v] for t, v in tumor.labels.items() if v != MISSING and t in schema)
+        labels = textwrap.fill(labels, CAPTION_WIDTH, break_long_words=False)  # captions never overlap
         return {"title": title, "views": figures.tumor_views(scan.volume.array, scan.instances, tid, tumor.bbox),
                 "caption": f"{key}:{tid}\n{tumor.size_mm:.1f} mm{extra}\n{labels}"}
 

@@ -75,3 +75,20 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
     assert f'data-images-loaded="{n}/{n}"' in r.stdout  # every figure decoded by the browser
     console_errors = [line for line in r.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console_errors, console_errors
+
+
+def test_retrieval_example_captions_fit_their_column(archive, small_cohort, monkeypatch):
+    """A caption's label line is wrapped to the column (five labels of a meningioma overlapped the next
+    column), and every panel names its tumor by key, never by patient id."""
+    from retrieval import report as rep
+    from retrieval.evaluate import load_evaluation
+
+    seen = []
+    monkeypatch.setattr(rep.figures, "retrieval_figure", lambda panels: seen.append(panels) or "data:")
+    ev = load_evaluation(archive / "emb", small_cohort, SECRET, archive / "model.pt", on="test")
+    assert rep._examples(ev, small_cohort, SECRET, queries=2, hits=3) == ["data:"] * len(seen)
+    captions = [p["caption"] for panels in seen for p in panels]
+    assert len(seen) >= 1 and len(captions) >= 2
+    assert all(len(line) <= rep.CAPTION_WIDTH for c in captions for line in c.splitlines()[2:])
+    assert any(len(c.splitlines()) > 3 for c in captions)  # some label list was long enough to wrap
+    assert not any("SYN" in c for c in captions)
