@@ -58,7 +58,7 @@ def test_installed_command_works_from_another_folder(tmp_path, small_cohort):
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 2
     assert ("nope: config file not found (bundled configs: ['ablation', 'demo', 'grid-frame', 'grid-pooling', "
-            "'grid-roipool', 'paper', 'recipes', 'site', 'site-detect'") in r.stderr
+            "'grid-roipool', 'grid-size', 'paper', 'recipes', 'site', 'site-detect'") in r.stderr
 
 
 @pytest.mark.ray
@@ -70,7 +70,8 @@ def test_train_as_a_plain_local_run_starts_ray_itself(tmp_path, small_cohort):
         "model": {"channels": 4, "blocks": 1},
         "train": {"epochs": 1, "batches_per_epoch": 2, "patch_size": 16, "cache_dir": str(tmp_path / "cache")},
         "distributed": {"workers": 1, "storage_path": str(tmp_path / "runs")}}))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # as a user runs it: no cluster to join, Ray's authentication mode left to Ray (token, on)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--config", str(cfg)],
                        capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -80,6 +81,7 @@ def test_train_as_a_plain_local_run_starts_ray_itself(tmp_path, small_cohort):
     # INFO lines stay in its log folder, one line per epoch, no report dicts
     console = r.stderr + r.stdout
     assert "Started a local Ray instance" not in console and "Reporting training result" not in console
+    assert "Token authentication is enabled" not in console and "PreemptionWatcher" not in console
     assert sum(line.startswith("epoch   1 |") for line in console.splitlines()) == 1
 
 

@@ -5,7 +5,10 @@ own INFO logs go to its log folder (`<temp dir>/session_latest/logs`), not the c
 driver and every task and actor log at WARNING (`ray.LoggingConfig`), Ray Train's internal logs
 too (`ray.train.LoggingConfig`, given to RunConfig by trainer.launch), and Ray Data's (its `ray.data`
 logger; its progress bars are off: the job prints its own progress line). Our own lines (the
-epoch line of rank 0, the job's progress) are plain prints and still reach the console.
+epoch line of rank 0, the job's progress) are plain prints and still reach the console. Ray's
+notices of what we chose stay off it too: that token authentication is on (it stays on), that Ray
+Data's progress bars are off; and a local Ray started here runs no Ray Train preemption watcher (it
+watches for cloud nodes being taken back; a local machine has none; on a cluster it runs).
 """
 
 from __future__ import annotations
@@ -14,6 +17,28 @@ import logging
 import os
 
 CONSOLE_LEVEL = "WARNING"
+# Ray's notices that say what we chose (logger -> the message's start): kept off the console
+NOTICES = {"ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray",
+           "ray.data._internal.progress": "Progress bars disabled"}
+
+
+class DropNotice(logging.Filter):
+    """Drops the log records whose message starts with `prefix` (and keeps every other)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_notices() -> None:
+    """Ray's NOTICES are dropped where they are logged (once per logger, however often called)."""
+    for name, prefix in NOTICES.items():
+        notices = logging.getLogger(name)
+        if not any(isinstance(f, DropNotice) for f in notices.filters):
+            notices.addFilter(DropNotice(prefix))
 
 
 def init_ray() -> None:
@@ -21,6 +46,7 @@ def init_ray() -> None:
     import ray.data
 
     logging.getLogger("ray.data").setLevel(CONSOLE_LEVEL)
+    quiet_notices()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -29,6 +55,8 @@ def init_ray() -> None:
     # A local Ray started here runs its workers at niceness 0 (Ray's default is 15, which lets Ray's
     # own daemons preempt training on a small machine: 5 % of a step measured on 2 cores).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    if "RAY_ADDRESS" not in os.environ:  # starting a local Ray, not joining a cluster
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(logging_config=ray.LoggingConfig(log_level=CONSOLE_LEVEL))
 
 
