@@ -49,7 +49,8 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
     return h.hexdigest()
 
 
-RECIPE_ADDED = {"size_units": "log"}  # recipe keys added after archives existed -> their default
+# recipe keys added after archives existed -> their default
+RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0}
 
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:

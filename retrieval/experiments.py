@@ -151,13 +151,14 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
         if not isinstance(values, list) or not values:
             raise InputError(f"{p}: {key}: expected a non-empty list of values, got {values!r}")
         for v in values:
+            number = isinstance(v, int | float) and not isinstance(v, bool)
             ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
                   else v in POSITION_FRAMES if key == "position_frame" else v in SIZE_KEYS if key == "size_units"
-                  else isinstance(v, int | float) and not isinstance(v, bool) and v >= 0)
+                  else number and (v > 0 if key == "task_temperature" else v >= 0))
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false",
-                        "position_frame": "head, template or atlas",
-                        "size_units": "log or mm"}.get(key, "a weight >= 0")
+                        "position_frame": "head, template or atlas", "size_units": "log or mm",
+                        "task_temperature": "a number > 0"}.get(key, "a weight >= 0")
                 raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
 

@@ -376,7 +376,40 @@ def test_size_units_in_a_grid_and_the_fingerprint_of_older_archives(tmp_path):
     g.write_text("size_units: [inch]\n")
     with pytest.raises(InputError, match="size_units: expected log or mm, got 'inch'"):
         read_grid(g)
+    g.write_text("task_temperature: [1, 0.5]\n")
+    assert read_grid(g)["task_temperature"] == (1, 0.5)
+    g.write_text("task_temperature: [0.5, 0]\n")
+    with pytest.raises(InputError, match="task_temperature: expected a number > 0, got 0"):
+        read_grid(g)
     recipe = dict(roipool=0.5, tasks=1.0, size=1.0, position=1.0, seg_size=0.5, heads="refit", standardize=True)
     fp = [settings_fingerprint(2.0, 64, (RetrievalConfig(**recipe, size_units=u), {"tumors": 3}), DetectConfig())
           for u in ("log", "mm")]
     assert fp[0] == "18bcc0f1f9804716" and fp[1] != fp[0]
+
+
+def test_task_temperature_sharpens_the_tasks_part():
+    """task_temperature t: each task's probabilities are softmax(logits / t), for the network's heads
+    and the refit ones; t = 1 is the vector before it existed; t <= 0 is refused (config and grid)."""
+    from tumornet.descriptor import _softmax
+
+    rng = np.random.default_rng(1)
+    n, names = 60, list(DEFAULT_SCHEMA.names)
+    parts = {"roipool": rng.normal(size=(n, 8)), "position": rng.uniform(-1, 1, (n, 3)),
+             "box_log_volume": rng.normal(size=n), "task_logits": rng.normal(size=(n, 20))}
+    labels = {t: rng.integers(0, DEFAULT_SCHEMA[t].n_classes, n) for t in names}
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(n)])
+    stats["heads"] = fit_heads(parts, labels, DEFAULT_SCHEMA, stats)
+    for heads in ("network", "refit"):
+        x1, xs = (compose(parts, RetrievalConfig(roipool=0.0, tasks=1.0, heads=heads, task_temperature=t),
+                          DEFAULT_SCHEMA, stats) for t in (1.0, 0.25))
+        assert np.array_equal(x1, compose(parts, RetrievalConfig(roipool=0.0, tasks=1.0, heads=heads),
+                                          DEFAULT_SCHEMA, stats))
+        p1, ps = (x[:, 3 + 11 + 0:3 + 11 + 2] * np.sqrt(2) for x in (x1, xs))  # left_right after type, area
+        assert np.allclose(p1.sum(1), 1.0, atol=1e-5) and np.allclose(ps.sum(1), 1.0, atol=1e-5)
+        assert (np.abs(ps - 0.5) >= np.abs(p1 - 0.5) - 1e-6).all()  # sharper, the same side
+        assert ((ps[:, 1] > 0.5) == (p1[:, 1] > 0.5)).all()
+    logits = parts["task_logits"][:, 14:16]
+    net = compose(parts, RetrievalConfig(roipool=0.0, tasks=1.0, task_temperature=0.25), DEFAULT_SCHEMA, stats)
+    assert np.allclose(net[:, 14:16] * np.sqrt(2), _softmax(4 * logits), atol=1e-5)
+    with pytest.raises(InputError, match="task_temperature: expected a number > 0, got 0"):
+        RetrievalConfig(task_temperature=0)

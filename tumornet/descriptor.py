@@ -79,6 +79,9 @@ class RetrievalConfig:
     # what the `size` and `seg_size` parts read: the log volume ("log"), or the equivalent-sphere
     # diameter in mm ("mm": linear, so a size difference between large tumors counts more, as in mm)
     size_units: str = "log"
+    # the `tasks` part's probabilities are softmax(logits / task_temperature): below 1 sharper (a
+    # tumor's likely class counts more, its doubts less), above 1 softer
+    task_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -88,6 +91,8 @@ class RetrievalConfig:
             raise InputError(f"retrieval.heads: expected network or refit, got {self.heads!r}")
         if self.position_frame not in POSITION_FRAMES:
             raise InputError(f"retrieval.position_frame: expected head, template or atlas, got {self.position_frame!r}")
+        if not self.task_temperature > 0:
+            raise InputError(f"retrieval.task_temperature: expected a number > 0, got {self.task_temperature!r}")
         if self.size_units not in SIZE_KEYS:
             raise InputError(f"retrieval.size_units: expected log or mm, got {self.size_units!r}")
 
@@ -284,7 +289,7 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
 
 
 def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping, *,
-                        position_frame: str = "head") -> list[np.ndarray]:
+                        position_frame: str = "head", temperature: float = 1.0) -> list[np.ndarray]:
     """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
     if "heads" not in stats:
         raise InputError("retrieval.heads: refit needs the heads refit on the training tumors, and the model file "
@@ -300,7 +305,7 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
         p = np.full((len(x), t.n_classes), 1.0 / t.n_classes)
         if h["classes"]:
             p[:] = 0.0
-            p[:, h["classes"]] = _softmax(x @ np.asarray(h["coef"]).T + np.asarray(h["intercept"]))
+            p[:, h["classes"]] = _softmax((x @ np.asarray(h["coef"]).T + np.asarray(h["intercept"])) / temperature)
         out.append(p)
     return out
 
@@ -325,8 +330,9 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
             scaled = scaled / np.sqrt(2 * roi.shape[1])
         blocks.append(cfg.roipool * scaled)
     if cfg.tasks > 0:
-        probs = (refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame) if cfg.heads == "refit"
-                 else _softmax_blocks(np.asarray(parts["task_logits"]), schema))
+        probs = (refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame,
+                                     temperature=cfg.task_temperature) if cfg.heads == "refit"
+                 else _softmax_blocks(np.asarray(parts["task_logits"]) / cfg.task_temperature, schema))
         blocks += [cfg.tasks * p / np.sqrt(2) for p in probs]
     box_size, seg_size = SIZE_KEYS[cfg.size_units]
     if cfg.size_units != "log":
