@@ -4,7 +4,9 @@
 #   cluster/local.sh stop
 #   cluster/local.sh status
 # Environment: RAY (ray executable, default .venv/bin/ray), NUM_CPUS (default: all cores),
-# RAY_PORT (GCS, default 6379), DASHBOARD_PORT (default 8265).
+# RAY_PORT (GCS, default 6379), DASHBOARD_PORT (default 8265), AGENT_PORT (the head's dashboard agent,
+# which runs submitted jobs; default 52365). `start` returns once the agent answers (at most 120 s):
+# Ray's job server waits only 10 s for it, and on a busy machine it starts slower than that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=${RAY:-.venv/bin/ray}
@@ -13,6 +15,7 @@ export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 NUM_CPUS=${NUM_CPUS:-$(nproc)}
 RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+AGENT_PORT=${AGENT_PORT:-52365}
 # One auth mode for every process (Ray 2.60 writes ~/.ray/auth_token at the first ray.init()).
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 # Training workers at niceness 0 (Ray's default 15 lets Ray's daemons preempt them on small nodes).
@@ -23,7 +26,22 @@ case "${1:-}" in
     mkdir -p "$TEMP_DIR"
     "$RAY" start --head --port="$RAY_PORT" --num-cpus="$NUM_CPUS" --include-dashboard=true \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --temp-dir="$TEMP_DIR" \
-      --disable-usage-stats
+      --dashboard-agent-listen-port="$AGENT_PORT" --disable-usage-stats
+    # any HTTP answer (an unknown job's logs: 404) means the agent is up; a refused connection, not yet
+    PY=$(dirname "$RAY")/python; [ -x "$PY" ] || PY=python3
+    "$PY" - "$AGENT_PORT" <<'PY'
+import sys, time, urllib.error, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/api/job_agent/jobs/none/logs"
+for _ in range(240):
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        sys.exit(0)
+    except urllib.error.HTTPError:
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.5)
+sys.exit(f"the Ray head's dashboard agent did not answer on port {sys.argv[1]} within 120 s")
+PY
     echo "Ray head up: jobs at http://127.0.0.1:$DASHBOARD_PORT (ray job submit --address http://127.0.0.1:$DASHBOARD_PORT ...)"
     echo "to run ray_job.py commands on it from a shell: export RAY_ADDRESS=auto RAY_AUTH_MODE=$RAY_AUTH_MODE"
     ;;
