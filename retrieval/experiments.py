@@ -135,7 +135,7 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
     left out takes the default GRID's values, or the config default where GRID has none."""
     from dataclasses import fields
 
-    from tumornet.descriptor import POSITION_FRAMES, SIZE_KEYS, RetrievalConfig
+    from tumornet.descriptor import POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS, RetrievalConfig
 
     p = find_config(path)
     try:
@@ -153,11 +153,13 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
         for v in values:
             number = isinstance(v, int | float) and not isinstance(v, bool)
             ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
-                  else v in POSITION_FRAMES if key == "position_frame" else v in SIZE_KEYS if key == "size_units"
+                  else v in POSITION_FRAMES if key == "position_frame" else v in SIZE_UNITS if key == "size_units"
+                  else v in SIZE_SOURCES if key == "size_source"
                   else number and (v > 0 if key == "task_temperature" else v >= 0))
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false",
                         "position_frame": "head, template or atlas", "size_units": "log or mm",
+                        "size_source": "box, seg or fit",
                         "task_temperature": "a number > 0"}.get(key, "a weight >= 0")
                 raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
@@ -185,7 +187,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
 
     import pyarrow as pa
 
-    from tumornet.descriptor import RetrievalConfig, compose, fit_heads, fit_stats, head_inputs
+    from tumornet.descriptor import RetrievalConfig, compose, fit_heads, fit_size, fit_stats, head_inputs
     from tumornet.labels import LabelSchema
 
     from .evaluate import load_evaluation, shard_parts
@@ -203,12 +205,13 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     if missing := sorted(needed - parts.keys()):
         raise InputError(f"{embeddings}: shards without {', '.join(missing)} (written by an older version, or by a "
                          "recipe that reads no position): embed again")
-    stats_of = {}  # position frame -> the database tumors' statistics and the heads refit on that position
-    for frame in sorted(frames):
-        stats = fit_stats([{key: v[i] for key, v in parts.items()} for i in ev.train_rows])
-        stats["heads"] = fit_heads({key: v[ev.train_rows] for key, v in parts.items()}, ev.train.labels, schema, stats,
-                                   position_frame=frame)
-        stats_of[frame] = stats
+    train_parts = {key: v[ev.train_rows] for key, v in parts.items()}
+    base = fit_stats([{key: v[i] for key, v in parts.items()} for i in ev.train_rows])
+    base.update(fit_size(train_parts, ev.train.size_mm, base))
+    stats_of = {}  # (position frame, size source) -> the database tumors' statistics, heads refit on those
+    for frame, source in itertools.product(sorted(frames), sorted(set(grid.get("size_source", ("box",))))):
+        stats_of[frame, source] = {**base, "heads": fit_heads(train_parts, ev.train.labels, schema, base,
+                                                              position_frame=frame, size_source=source)}
     distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
                  for rows in (distorted_queries(model, ev, manifest, secret, draws=draws) if draws else [])]
     hand = knn_scores(ev.train_hand, ev.test_hand, [k], ev.tasks)[k]
@@ -222,7 +225,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
             cfg = RetrievalConfig(standardize=True, **w)
         except TypeError as e:
             raise InputError(f"recipe grid: {e}") from None
-        stats = stats_of[cfg.position_frame]
+        stats = stats_of[cfg.position_frame, cfg.size_source]
         x = compose(parts, cfg, schema, stats)
         db = ev.train.with_x(x[ev.train_rows])
         row = {"recipe": w, "learned": knn_scores(db, ev.test.with_x(x[ev.test_rows]), [k], ev.tasks)[k],

@@ -60,7 +60,8 @@ def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, smal
     stats, cohort = meta["extra"]["retrieval_stats"], read_manifest(small_cohort)
     n_train = sum(len(cohort.scans()[sid]) for sid in split_of_model(cohort, meta, where="t")[0])
     frame = state["config"]["retrieval"]["position_frame"]
-    assert stats["tumors"] == n_train and set(stats["heads"]) == {*model.schema.names, "position_frame"}
+    assert stats["tumors"] == n_train and set(stats["heads"]) == {*model.schema.names, "position_frame", "size_source"}
+    assert stats["heads"]["size_source"] == "box" and len(stats["size_fit"]["coef"]) == 1 + 1 + 8  # fit_size
     assert stats["heads"]["position_frame"] == frame == "atlas"  # the heads fit for the run's recipe
     # RoiPool, the template position, size, and what the atlas says of the box
     assert len(stats["heads"]["tumor_type"]["coef"][0]) == 8 + 3 + 1 + 13

@@ -22,7 +22,7 @@ import torch
 
 from tumornet.cache import prepare_scan
 from tumornet.config import Config, config_from_dict, config_to_dict
-from tumornet.descriptor import fit_heads, fit_stats, tumor_parts
+from tumornet.descriptor import fit_heads, fit_size, fit_stats, tumor_parts
 from tumornet.export import export_model, model_id
 from tumornet.labels import MISSING
 from tumornet.loss import EmbeddingBank, as_float32, multitask_loss
@@ -31,6 +31,7 @@ from tumornet.network import MultitaskNet
 from tumornet.register import register
 from tumornet.runtime import tune_cpu_allocator
 from tumornet.split import record_split, split_scan_ids
+from tumornet.tumors import equivalent_diameter_mm
 from tumornet.volumes import head_box_voxels
 
 from .data import PatchStream, validation_batches
@@ -108,9 +109,10 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int 
     scans = list(scans)
     total = sum(len(s.tumors) for s in scans)
     step = max(1, -(-total // max_tumors))  # scans spread over the whole list, not its start
-    parts, labels = [], {t: [] for t in cfg.tasks.names}
+    parts, labels, sizes = [], {t: [] for t in cfg.tasks.names}, []
+    voxel_mm3 = float(np.prod(np.broadcast_to(np.asarray(cfg.data.spacing_mm, float), 3)))
     for s in scans[::step]:
-        image = np.asarray(s.arrays()[0])
+        image, instances = (np.asarray(a) for a in s.arrays())
         head = head_box_voxels(image)
         # the cache keeps no origin: none is needed, the registration's translation absorbs it; the
         # refit heads below are fit on the recipe's frame whether or not the recipe reads them
@@ -120,10 +122,12 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int 
                                      spacing_mm=cfg.data.spacing_mm, head=head, frame=frame))
             for task in labels:
                 labels[task].append(t.labels.get(task, MISSING))
+            sizes.append(equivalent_diameter_mm(max(np.count_nonzero(instances == t.tumor_id), 1) * voxel_mm3))
     stats = fit_stats(parts)
     stacked = {k: np.stack([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
+    stats.update(fit_size(stacked, np.asarray(sizes), stats))  # the size on the working grid, from the mask
     stats["heads"] = fit_heads(stacked, {k: np.asarray(v) for k, v in labels.items()}, cfg.tasks, stats,
-                               position_frame=cfg.retrieval.position_frame)
+                               position_frame=cfg.retrieval.position_frame, size_source=cfg.retrieval.size_source)
     return stats
 
 

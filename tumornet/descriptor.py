@@ -54,8 +54,16 @@ from .volumes import head_box_voxels
 
 # frame -> the position part it reads; "atlas" reads the template's, and its refit heads also read `atlas`
 POSITION_FRAMES = {"head": "position", "template": "template_position", "atlas": "template_position"}
-# size units -> the parts the `size` and `seg_size` weights read (the diameters: with_diameters)
-SIZE_KEYS = {"log": ("box_log_volume", "seg_log_volume"), "mm": ("box_diameter_mm", "seg_diameter_mm")}
+# what the `size` and `seg_size` parts read: the log volume (ml), or its equivalent-sphere diameter (mm,
+# with_diameters: box_log_volume -> box_diameter_mm)
+SIZE_UNITS = ("log", "mm")
+# size source -> the log volume (ml) that the `size` part and the refit heads' size input read: the box's,
+# the segmented one, or one fit at export on the training tumors' masks (fit_size)
+SIZE_SOURCES = {"box": "box_log_volume", "seg": "seg_log_volume", "fit": "fit_log_volume"}
+SIZE_FIT_INPUTS = ("box_log_volume", "seg_log_volume", "roipool")  # what fit_size reads, z-scored
+# the sd of a box's log volume under the paper's distortion (eq. 2: per axis log2 scale ~ N(0, 1/3)):
+# fit_size also learns from the training tumors with their box volumes drawn that far off
+ROUGH_BOX_LOG_SD = float(np.log(2.0) * np.sqrt(3.0) / 3.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +90,10 @@ class RetrievalConfig:
     # the `tasks` part's probabilities are softmax(logits / task_temperature): below 1 sharper (a
     # tumor's likely class counts more, its doubts less), above 1 softer
     task_temperature: float = 1.0
+    # which volume the `size` part and the refit heads read as the tumor's size: the box's ("box"), the
+    # one the segmentation head calls tumor ("seg": a rough box changes it little), or a regression fit at
+    # export on the training tumors' masks from both and the RoiPool vector ("fit", fit_size)
+    size_source: str = "box"
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -93,8 +105,10 @@ class RetrievalConfig:
             raise InputError(f"retrieval.position_frame: expected head, template or atlas, got {self.position_frame!r}")
         if not self.task_temperature > 0:
             raise InputError(f"retrieval.task_temperature: expected a number > 0, got {self.task_temperature!r}")
-        if self.size_units not in SIZE_KEYS:
+        if self.size_units not in SIZE_UNITS:
             raise InputError(f"retrieval.size_units: expected log or mm, got {self.size_units!r}")
+        if self.size_source not in SIZE_SOURCES:
+            raise InputError(f"retrieval.size_source: expected box, seg or fit, got {self.size_source!r}")
 
     @property
     def uses_position(self) -> bool:
@@ -105,6 +119,11 @@ class RetrievalConfig:
     def position_key(self) -> str:
         """The part the recipe's position is read from."""
         return POSITION_FRAMES[self.position_frame]
+
+    @property
+    def size_key(self) -> str:
+        """The part the recipe's `size` weight reads (its source, in its units)."""
+        return size_key(SIZE_SOURCES[self.size_source], self.size_units)
 
     @property
     def needs_frame(self) -> bool:
@@ -194,15 +213,34 @@ STANDARDIZED = ("roipool", "box_log_volume", "position", "template_position", "a
                 "context", "box_diameter_mm", "seg_diameter_mm")
 
 
+def size_key(log_key: str, units: str) -> str:
+    """A log volume part's key in `units` (box_log_volume, mm -> box_diameter_mm)."""
+    return log_key if units == "log" else log_key.replace("_log_volume", "_diameter_mm")
+
+
+def diameter_mm(log_volume_ml) -> np.ndarray:
+    """The equivalent-sphere diameter (mm) of a log volume (ml)."""
+    return (6.0 / np.pi * 1000.0 * np.exp(np.asarray(log_volume_ml, dtype=np.float64))) ** (1 / 3)
+
+
 def with_diameters(parts: Mapping) -> dict:
     """The parts with the equivalent-sphere diameters (mm) of their log volumes (ml) added: the
     `size_units: mm` parts, derived, never stored."""
     out = dict(parts)
-    for log_key, mm_key in zip(*SIZE_KEYS.values(), strict=True):
+    for log_key in SIZE_SOURCES.values():
         if log_key in parts:
-            out[mm_key] = (6.0 / np.pi * 1000.0 * np.exp(np.asarray(parts[log_key], dtype=np.float64))) ** (1 / 3)
+            out[size_key(log_key, "mm")] = diameter_mm(parts[log_key])
     return out
+
+
 WHITEN_SHRINK = 0.1  # eigenvalues + this x their mean before whitening: few tumors, many channels
+
+
+def _mean_sd(a: np.ndarray) -> dict:
+    """Per column (n, d) -> {"mean", "sd"} as plain lists (sd 1 where a column is constant)."""
+    a = a.reshape(len(a), -1)
+    sd = a.std(0)
+    return {"mean": a.mean(0).tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
 
 
 def fit_stats(parts: Sequence[Mapping]) -> dict:
@@ -210,15 +248,10 @@ def fit_stats(parts: Sequence[Mapping]) -> dict:
     if len(parts) < 2:
         raise InputError(f"retrieval statistics need at least 2 training tumors, got {len(parts)}")
 
-    def ms(a: np.ndarray) -> tuple[list, list]:
-        sd = a.std(0)
-        return a.mean(0).tolist(), np.where(sd > 1e-8, sd, 1.0).tolist()
-
     out = {}
     parts = [with_diameters(p) for p in parts]
     for key in (k for k in STANDARDIZED if k in parts[0]):
-        m, s = ms(np.array([np.atleast_1d(p[key]) for p in parts], dtype=np.float64))
-        out[key] = {"mean": m, "sd": s}
+        out[key] = _mean_sd(np.array([np.atleast_1d(p[key]) for p in parts], dtype=np.float64))
     z = _z({"roipool": [p["roipool"] for p in parts]}, "roipool", out)
     lam, vec = np.linalg.eigh(np.cov(z, rowvar=False).reshape(z.shape[1], z.shape[1]))
     lam = np.clip(lam, 0.0, None)
@@ -226,6 +259,56 @@ def fit_stats(parts: Sequence[Mapping]) -> dict:
     out["roipool"]["whiten"] = (vec / np.sqrt(lam + WHITEN_SHRINK * max(lam.mean(), 1e-12))).tolist()
     out["tumors"] = len(parts)
     return out
+
+
+def fit_size(parts: Mapping[str, np.ndarray], size_mm: np.ndarray, stats: Mapping, *, seed: int = 0) -> dict:
+    """The tumor's log volume (ml) learned from the training tumors' masks (`size_mm`: their
+    equivalent-sphere diameters): a ridge regression on the z-scored box log volume, segmented log
+    volume and RoiPool vector (SIZE_FIT_INPUTS), fit on the tumors as boxed and once more with their box
+    volumes drawn as far off as a rough box puts them (the paper's eq. 2, ROUGH_BOX_LOG_SD), so that it
+    leans on what a rough box changes little; the penalty chosen by 5-fold cross-validation over tumors
+    (a tumor's two rows in one fold) -> plain lists for the model file: {"size_fit": the regression,
+    "fit_log_volume" / "fit_diameter_mm": the fitted part's mean and sd over the training tumors}, to
+    merge into the statistics."""
+    from sklearn.linear_model import Ridge
+
+    x = np.concatenate([_z(parts, k, stats) for k in SIZE_FIT_INPUTS], axis=1)
+    d = np.asarray(size_mm, dtype=np.float64)
+    if len(d) != len(x) or not (np.isfinite(d) & (d > 0)).all():
+        raise InputError(f"retrieval.size_source: fit: {len(x)} training tumors but {len(d)} sizes, or a size that "
+                         "is not a positive number")
+    y = np.log(np.pi / 6.0 * d ** 3 / 1000.0)
+    rng = np.random.default_rng(seed)
+    rough = x.copy()
+    rough[:, 0] += rng.normal(0.0, ROUGH_BOX_LOG_SD, len(x)) / stats["box_log_volume"]["sd"][0]
+    folds = rng.permutation(len(x)) % min(5, len(x))
+
+    def fit(alpha: float, rows: np.ndarray) -> Ridge:
+        return Ridge(alpha=alpha).fit(np.concatenate([x[rows], rough[rows]]), np.concatenate([y[rows], y[rows]]))
+
+    def cv_error(alpha: float) -> float:
+        err = [fit(alpha, folds != f).predict(np.concatenate([x[folds == f], rough[folds == f]]))
+               - np.concatenate([y[folds == f], y[folds == f]]) for f in np.unique(folds)]
+        return float(np.mean(np.concatenate(err) ** 2))
+
+    alpha = min(np.logspace(-2, 3, 11), key=cv_error) if len(x) >= 5 else 1.0
+    ridge = fit(alpha, np.ones(len(x), bool))
+    pred = x @ ridge.coef_ + ridge.intercept_
+    return {"size_fit": {"inputs": list(SIZE_FIT_INPUTS), "coef": ridge.coef_.tolist(),
+                         "intercept": float(ridge.intercept_), "alpha": float(alpha)},
+            "fit_log_volume": _mean_sd(pred), "fit_diameter_mm": _mean_sd(diameter_mm(pred))}
+
+
+def with_fitted_size(parts: Mapping, stats: Mapping | None) -> dict:
+    """The parts with `fit_log_volume` (fit_size's regression in the statistics) added."""
+    if "fit_log_volume" in parts:
+        return dict(parts)
+    if not stats or "size_fit" not in stats:
+        raise InputError("retrieval.size_source: fit needs the size regression fit on the training tumors, and the "
+                         "model file has none (exported before it existed): train again, or use size_source: box")
+    fit = stats["size_fit"]
+    x = np.concatenate([_z(parts, k, stats) for k in fit["inputs"]], axis=1)
+    return {**parts, "fit_log_volume": x @ np.asarray(fit["coef"]) + fit["intercept"]}
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -245,10 +328,11 @@ HEAD_INPUTS = ("roipool", "position", "box_log_volume")  # what the refit heads 
 # the part of the recipe's position_frame, head_inputs)
 
 
-def head_inputs(position_frame: str = "head") -> tuple[str, ...]:
+def head_inputs(position_frame: str = "head", size_source: str = "box") -> tuple[str, ...]:
     """The parts the refit heads read, with the position of `position_frame` (and, for "atlas", what the
-    atlas says of the box in template space)."""
-    inputs = tuple(POSITION_FRAMES[position_frame] if k == "position" else k for k in HEAD_INPUTS)
+    atlas says of the box in template space) and the size of `size_source`."""
+    swap = {"position": POSITION_FRAMES[position_frame], "box_log_volume": SIZE_SOURCES[size_source]}
+    inputs = tuple(swap.get(k, k) for k in HEAD_INPUTS)
     return (*inputs, "atlas") if position_frame == "atlas" else inputs
 
 
@@ -260,18 +344,24 @@ def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
     return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
 
 
+def _head_x(parts: Mapping, stats: Mapping, position_frame: str, size_source: str) -> np.ndarray:
+    if size_source == "fit":
+        parts = with_fitted_size(parts, stats)
+    return np.concatenate([_z(parts, k, stats) for k in head_inputs(position_frame, size_source)], axis=1)
+
+
 def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], schema: LabelSchema,
-              stats: Mapping, *, c: float = 1.0, position_frame: str = "head") -> dict:
+              stats: Mapping, *, c: float = 1.0, position_frame: str = "head", size_source: str = "box") -> dict:
     """Task heads refit on training tumors: per task, a multinomial logistic regression (L2, inverse
     strength `c`) on the z-scored RoiPool vector, position and box log volume (HEAD_INPUTS) of the
     tumors that have that label -> plain lists for the model file ({task: {classes, coef, intercept}};
-    a task with one class seen predicts it; with none, uniform; "position_frame": the position they
-    read). The network's own heads read the RoiPool vector alone, so they must infer where the box
-    is from its content; these see it."""
+    a task with one class seen predicts it; with none, uniform; "position_frame" / "size_source": the
+    position and the size they read). The network's own heads read the RoiPool vector alone, so they
+    must infer where the box is from its content; these see it."""
     from sklearn.linear_model import LogisticRegression
 
-    x = np.concatenate([_z(parts, k, stats) for k in head_inputs(position_frame)], axis=1)
-    out: dict = {"position_frame": position_frame}
+    x = _head_x(parts, stats, position_frame, size_source)
+    out: dict = {"position_frame": position_frame, "size_source": size_source}
     for t in schema.tasks:
         y = np.asarray(labels[t.name])
         known = y >= 0
@@ -289,7 +379,8 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
 
 
 def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping, *,
-                        position_frame: str = "head", temperature: float = 1.0) -> list[np.ndarray]:
+                        position_frame: str = "head", size_source: str = "box",
+                        temperature: float = 1.0) -> list[np.ndarray]:
     """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
     if "heads" not in stats:
         raise InputError("retrieval.heads: refit needs the heads refit on the training tumors, and the model file "
@@ -298,7 +389,11 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
     if fitted != position_frame:
         raise InputError(f"retrieval.position_frame: {position_frame}, but the refit heads read the {fitted} "
                          "position (fit for another recipe): train or export again with this recipe")
-    x = np.concatenate([_z(parts, k, stats) for k in head_inputs(position_frame)], axis=1)
+    fitted = stats["heads"].get("size_source", "box")  # heads exported before size sources read the box's
+    if fitted != size_source:
+        raise InputError(f"retrieval.size_source: {size_source}, but the refit heads read the {fitted} size "
+                         "(fit for another recipe): train or export again with this recipe")
+    x = _head_x(parts, stats, position_frame, size_source)
     out = []
     for t in schema.tasks:
         h = stats["heads"][t.name]
@@ -331,18 +426,20 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
         blocks.append(cfg.roipool * scaled)
     if cfg.tasks > 0:
         probs = (refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame,
-                                     temperature=cfg.task_temperature) if cfg.heads == "refit"
+                                     size_source=cfg.size_source, temperature=cfg.task_temperature)
+                 if cfg.heads == "refit"
                  else _softmax_blocks(np.asarray(parts["task_logits"]) / cfg.task_temperature, schema))
         blocks += [cfg.tasks * p / np.sqrt(2) for p in probs]
-    box_size, seg_size = SIZE_KEYS[cfg.size_units]
+    if cfg.size > 0 and cfg.size_source == "fit":
+        parts = with_fitted_size(parts, stats)
     if cfg.size_units != "log":
         parts = with_diameters(parts)
     if cfg.size > 0:
-        blocks.append(cfg.size * _z(parts, box_size, stats) / np.sqrt(2))
+        blocks.append(cfg.size * _z(parts, cfg.size_key, stats) / np.sqrt(2))
     if cfg.position > 0:
         blocks.append(cfg.position * _z(parts, cfg.position_key, stats) / np.sqrt(2 * 3))
     if cfg.seg_size > 0:
-        blocks.append(cfg.seg_size * _z(parts, seg_size, stats) / np.sqrt(2))
+        blocks.append(cfg.seg_size * _z(parts, size_key("seg_log_volume", cfg.size_units), stats) / np.sqrt(2))
     for key in ("roimean", "context"):
         if getattr(cfg, key) > 0:
             blocks.append(getattr(cfg, key) * _z(parts, key, stats) / np.sqrt(2 * roi.shape[1]))
