@@ -169,9 +169,10 @@ def cmd_evaluate(args) -> None:
                    on=args.on)
     print(format_evaluation(res))
     if args.detection:
-        from retrieval.detection import detection_sweep, format_detection
+        from retrieval.detection import detection_sweep, format_detection, parse_windows
 
-        rows = detection_sweep(args.model, args.manifest, on=args.on, thresholds=ts)  # the model's own first
+        rows = detection_sweep(args.model, args.manifest, on=args.on, thresholds=ts,  # the model's own first
+                               windows=parse_windows(args.detect_windows) if args.detect_windows else None)
         res["detection"], res["detection_sweep"] = rows[0], rows
         print("\n".join(format_detection(r) for r in rows))
     if args.robustness:
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--robustness", action="store_true", help="also score held-out tumors with distorted boxes (eq. 2)")
     sp.add_argument("--detection", action="store_true", help="also score the tumors found without masks (recall)")
     sp.add_argument("--detect-thresholds", help="--detection at these thresholds too (e.g. 0.2,0.3,0.5)")
+    sp.add_argument("--detect-windows", help="--detection with these sliding windows too, WINDOW:OVERLAP (e.g. 64:0.5)")
     sp.add_argument("--draws", type=int, default=3, help="distortions of every held-out tumor (for --robustness)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the distortions (for --robustness)")
     sp.set_defaults(func=cmd_evaluate)

@@ -14,7 +14,8 @@ from dataclasses import replace
 import numpy as np
 
 from embedder.embed import detect_settings, embed_settings
-from tumornet.detect import tumor_probability, tumors_from_probability
+from tumornet.detect import DetectConfig, tumor_probability, tumors_from_probability
+from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.manifest import read_manifest
 from tumornet.scans import load_scan
@@ -51,15 +52,32 @@ def _counts(scan, found: np.ndarray, tumors, min_size_mm: float, min_dice: float
     return c
 
 
-def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, min_size_mm: float = 10.0,
-                    min_dice: float = 0.3, min_volume_ml: float | None = None) -> list[dict]:
-    """Detection quality at the model's `detect.threshold` and at each of `thresholds`, the tumor
-    probability computed once per scan -> one record per threshold, the model's own first. Choose a threshold on the
-    validation split (`on="validation"`), then set it in the config's `detect` section."""
+def parse_windows(text: str) -> list[tuple[int, float]]:
+    """--detect-windows "64:0.5,96:0.25" -> [(64, 0.5), (96, 0.25)], each checked as detect.window / overlap."""
+    out = []
+    for item in text.split(","):
+        try:
+            w, o = item.split(":")
+            out.append((int(w), float(o)))
+        except ValueError:
+            raise InputError(f"--detect-windows: expected WINDOW:OVERLAP items (e.g. 64:0.5), got {item!r}") from None
+        DetectConfig(window=out[-1][0], overlap=out[-1][1])
+    return out
+
+
+def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, windows=None,
+                    min_size_mm: float = 10.0, min_dice: float = 0.3, min_volume_ml: float | None = None) -> list[dict]:
+    """Detection quality at the model's `detect` settings and at each of `thresholds` and `windows`
+    ((window, overlap) pairs of the sliding-window pass), the tumor probability computed once per scan
+    and window -> one record per (window, threshold), the model's own first. Choose them on the
+    validation split (`on="validation"`), then set them in the config's `detect` section."""
     model, meta = load_model(model_path)
     spacing, _, _ = embed_settings(meta, model_path)
     cfg = detect_settings(meta, min_volume_ml=min_volume_ml)
-    cfgs = [cfg, *(replace(cfg, threshold=float(t)) for t in thresholds or () if float(t) != cfg.threshold)]
+    passes = [(cfg.window, cfg.overlap), *((int(w), float(o)) for w, o in windows or ())]
+    passes = list(dict.fromkeys(passes))
+    cfgs = [replace(cfg, window=w, overlap=o, threshold=float(t)) for w, o in passes
+            for t in dict.fromkeys([cfg.threshold, *(thresholds or ())])]
     cohort = read_manifest(manifest, model.schema)
     _, scan_ids = split_of_model(cohort, meta, where=str(model_path), on=on)
     scans = cohort.scans()
@@ -68,13 +86,16 @@ def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, 
     for sid in scan_ids:
         scan = load_scan(scans[sid], spacing_mm=spacing)
         voxel_mm3 = abs(float(np.linalg.det(scan.volume.affine[:3, :3])))
-        prob = tumor_probability(model, scan.volume.array, window=cfg.window, overlap=cfg.overlap)
-        for j, c in enumerate(cfgs):
-            counts[j] += _counts(scan, *tumors_from_probability(prob, scan.volume, c), min_size_mm, min_dice)
+        for w, o in passes:
+            prob = tumor_probability(model, scan.volume.array, window=w, overlap=o)
+            for j, c in enumerate(cfgs):
+                if (c.window, c.overlap) == (w, o):
+                    counts[j] += _counts(scan, *tumors_from_probability(prob, scan.volume, c), min_size_mm, min_dice)
     out = []
     for c, (true_big, true_hit, found_big, found_hit, largest) in zip(cfgs, counts.tolist(), strict=True):
         out.append({"model_id": meta["model_id"], "on": on, "scans": len(scan_ids), "min_size_mm": min_size_mm,
-                    "min_dice": min_dice, "threshold": c.threshold, "min_volume_ml": c.min_volume_ml,
+                    "min_dice": min_dice, "threshold": c.threshold, "window": c.window, "overlap": c.overlap,
+                    "min_volume_ml": c.min_volume_ml,
                     "voxel_mm3": voxel_mm3, "true_tumors": true_big, "found_tumors": found_big,
                     "recall": true_hit / true_big if true_big else float("nan"),
                     "precision": found_hit / found_big if found_big else float("nan"),
@@ -93,7 +114,8 @@ def format_detection(res: dict) -> str:
     def share(v, fmt: str) -> str:  # null in a JSON read back, NaN fresh: nothing to count
         return "n/a" if v is None or v != v else format(v, fmt)
 
-    return (f"Detection on {res['scans']} {res['on']} scans at threshold {res['threshold']:g} (tumors >= "
+    window = f", window {res['window']} overlap {res['overlap']:g}" if "window" in res else ""
+    return (f"Detection on {res['scans']} {res['on']} scans at threshold {res['threshold']:g}{window} (tumors >= "
             f"{res['min_size_mm']:g} mm, match: Dice >= {res['min_dice']:g}): recall {share(res['recall'], '.2f')} "
             f"of {res['true_tumors']} true tumors, precision {share(res['precision'], '.2f')} of "
             f"{res['found_tumors']} found; largest tumor found in "

@@ -502,10 +502,10 @@ def test_refit_heads_read_the_size_of_the_recipe(tmp_path):
 def test_export_statistics_fit_the_size_on_the_training_masks(small_cohort, tmp_path):
     """trainer.loop.retrieval_stats (what the model file stores) fits the size regression on the training
     scans' masks (the working grid's voxel count) and the heads on the recipe's size source."""
+    from trainer.loop import retrieval_stats
     from tumornet.cache import prepare_scan
     from tumornet.config import load_config, with_overrides
     from tumornet.descriptor import with_fitted_size
-    from trainer.loop import retrieval_stats
 
     cfg = load_config("demo")
     cfg = with_overrides(cfg, data={"spacing_mm": 4.0}, train={"patch_size": 16},

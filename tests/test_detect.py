@@ -158,6 +158,15 @@ def test_detection_quality_and_search_by_image_alone(tmp_path, segmenter):
     sweep = detection_sweep(model_path, manifest, thresholds=[0.05, 0.5, 0.9999999])
     assert [r["threshold"] for r in sweep] == [0.5, 0.05, 0.9999999] and sweep[0] == res
     assert sweep[2]["recall"] < res["recall"] and sweep[2]["true_tumors"] == res["true_tumors"]
+    # and other sliding windows: a probability per window, every threshold on each; a window as large as
+    # the scan at any overlap is the same single pass
+    sweep = detection_sweep(model_path, manifest, thresholds=[0.9999999], windows=[(16, 0.5), (128, 0.5)])
+    assert [(r["window"], r["overlap"], r["threshold"]) for r in sweep] == [
+        (128, 0.25, 0.5), (128, 0.25, 0.9999999), (16, 0.5, 0.5), (16, 0.5, 0.9999999), (128, 0.5, 0.5),
+        (128, 0.5, 0.9999999)]
+    assert sweep[0] == {**res, "window": 128, "overlap": 0.25} and sweep[4] == {**sweep[0], "overlap": 0.5}
+    assert sweep[2]["true_tumors"] == res["true_tumors"] and sweep[2]["recall"] >= 0.9  # small windows find them too
+    assert sweep[3]["recall"] < sweep[2]["recall"]
 
     scans = list(cohort.scans().values())
     rows = [r for scan in scans for r in embed_scan(segmenter, mid, scan, spacing_mm=2.0, patch_size=16,
@@ -187,6 +196,18 @@ def test_dice_matrix_by_hand():
     d = dice_matrix(truth, found)
     assert d.shape == (1, 2)
     assert d[0, 0] == pytest.approx(2 * 4 / 12) and d[0, 1] == 0.0
+
+
+def test_detect_windows_are_read_and_checked():
+    from retrieval.detection import parse_windows
+
+    assert parse_windows("64:0.5,96:0") == [(64, 0.5), (96, 0.0)]
+    with pytest.raises(InputError, match=r"expected WINDOW:OVERLAP items .* got '64'"):
+        parse_windows("64")
+    with pytest.raises(InputError, match=r"detect\.window: must be a multiple of 4 and >= 16, got 30"):
+        parse_windows("64:0.5,30:0.5")
+    with pytest.raises(InputError, match=r"detect.overlap: must be in \[0, 1\), got 1.0"):
+        parse_windows("64:1")
 
 
 def test_detection_line_reads_back_from_json():
