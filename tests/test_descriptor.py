@@ -363,12 +363,22 @@ def test_size_units_mm_reads_the_equivalent_diameter():
         compose(parts, RetrievalConfig(roipool=0.0, size=1.0, size_units="mm"), DEFAULT_SCHEMA, old)
 
 
+def _keeps_older_fingerprints(key: str, default, other) -> None:
+    """A recipe key added later, at its default, leaves the embedding fingerprint of the site recipe as the
+    version before it computed it; another value changes it."""
+    from embedder.embed import settings_fingerprint
+    from tumornet.detect import DetectConfig
+
+    recipe = dict(roipool=0.5, tasks=1.0, size=1.0, position=1.0, seg_size=0.5, heads="refit", standardize=True)
+    fp = [settings_fingerprint(2.0, 64, (RetrievalConfig(**recipe, **{key: v}), {"tumors": 3}), DetectConfig())
+          for v in (default, other)]
+    assert fp[0] == "18bcc0f1f9804716" and fp[1] != fp[0]
+
+
 def test_size_units_in_a_grid_and_the_fingerprint_of_older_archives(tmp_path):
     """A grid may try both size units; the default units leave the embedding fingerprint of an archive
     embedded before they existed unchanged (the value the previous version computed), mm changes it."""
-    from embedder.embed import settings_fingerprint
     from retrieval.experiments import read_grid
-    from tumornet.detect import DetectConfig
 
     g = tmp_path / "g.yaml"
     g.write_text("size_units: [log, mm]\n")
@@ -381,10 +391,7 @@ def test_size_units_in_a_grid_and_the_fingerprint_of_older_archives(tmp_path):
     g.write_text("task_temperature: [0.5, 0]\n")
     with pytest.raises(InputError, match="task_temperature: expected a number > 0, got 0"):
         read_grid(g)
-    recipe = dict(roipool=0.5, tasks=1.0, size=1.0, position=1.0, seg_size=0.5, heads="refit", standardize=True)
-    fp = [settings_fingerprint(2.0, 64, (RetrievalConfig(**recipe, size_units=u), {"tumors": 3}), DetectConfig())
-          for u in ("log", "mm")]
-    assert fp[0] == "18bcc0f1f9804716" and fp[1] != fp[0]
+    _keeps_older_fingerprints("size_units", "log", "mm")
 
 
 def test_task_temperature_sharpens_the_tasks_part():
@@ -465,10 +472,8 @@ def test_refit_heads_read_the_size_of_the_recipe(tmp_path):
     """size_source seg / fit -> the refit heads read that size instead of the box's (a label only the
     segmented volume tells is learned); heads fit on one size refuse a recipe of another; a grid may
     try every source, and the default leaves the fingerprint of older archives unchanged."""
-    from embedder.embed import settings_fingerprint
     from retrieval.experiments import read_grid
     from tumornet.descriptor import fit_size
-    from tumornet.detect import DetectConfig
 
     n, names = 160, list(DEFAULT_SCHEMA.names)
     parts, size_mm = _sized_parts(n, seed=2)
@@ -493,10 +498,7 @@ def test_refit_heads_read_the_size_of_the_recipe(tmp_path):
     g.write_text("size_source: [mask]\n")
     with pytest.raises(InputError, match="size_source: expected box, seg or fit, got 'mask'"):
         read_grid(g)
-    recipe = dict(roipool=0.5, tasks=1.0, size=1.0, position=1.0, seg_size=0.5, heads="refit", standardize=True)
-    fp = [settings_fingerprint(2.0, 64, (RetrievalConfig(**recipe, size_source=s), {"tumors": 3}), DetectConfig())
-          for s in ("box", "fit")]
-    assert fp[0] == "18bcc0f1f9804716" and fp[1] != fp[0]
+    _keeps_older_fingerprints("size_source", "box", "fit")
 
 
 def test_export_statistics_fit_the_size_on_the_training_masks(small_cohort, tmp_path):
