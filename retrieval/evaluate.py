@@ -46,6 +46,7 @@ class Evaluation:
     meta: dict  # the model file's metadata
     tasks: tuple[str, ...]
     test_scans: tuple[str, ...]  # held-out scan ids of the manifest
+    train_scans: tuple[str, ...]  # the database's scan ids of the manifest
     table: pa.Table  # the model's shard rows
     train_rows: np.ndarray  # indices of table rows in train / test
     test_rows: np.ndarray
@@ -86,7 +87,8 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "
     hand = np.stack(table["handcrafted"].to_numpy(zero_copy_only=False)).astype(np.float32)
     train_hand, test_hand = standardize(train.with_x(hand[where == "train"]), test.with_x(hand[where == "test"]))
     return Evaluation(train=train, test=test, train_hand=train_hand, test_hand=test_hand, meta=meta, tasks=tasks,
-                      test_scans=tuple(test_ids), table=table, train_rows=train_rows, test_rows=test_rows)
+                      test_scans=tuple(test_ids), train_scans=tuple(train_ids), table=table,
+                      train_rows=train_rows, test_rows=test_rows)
 
 
 NULLABLE_PARTS = ("roimean", "context", "template_position", "atlas")  # shard columns older shards lack or leave null

@@ -155,11 +155,12 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
                   else v in POSITION_FRAMES if key == "position_frame" else v in SIZE_UNITS if key == "size_units"
                   else v in SIZE_SOURCES if key == "size_source"
+                  else isinstance(v, int) and not isinstance(v, bool) and v >= 0 if key == "head_draws"
                   else number and (v > 0 if key == "task_temperature" else v >= 0))
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false",
                         "position_frame": "head, template or atlas", "size_units": "log or mm",
-                        "size_source": "box, seg or fit",
+                        "size_source": "box, seg or fit", "head_draws": "a whole number >= 0",
                         "task_temperature": "a number > 0"}.get(key, "a weight >= 0")
                 raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
@@ -208,10 +209,19 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     train_parts = {key: v[ev.train_rows] for key, v in parts.items()}
     base = fit_stats([{key: v[i] for key, v in parts.items()} for i in ev.train_rows])
     base.update(fit_size(train_parts, ev.train.size_mm, base))
-    stats_of = {}  # (position frame, size source) -> the database tumors' statistics, heads refit on those
-    for frame, source in itertools.product(sorted(frames), sorted(set(grid.get("size_source", ("box",))))):
-        stats_of[frame, source] = {**base, "heads": fit_heads(train_parts, ev.train.labels, schema, base,
-                                                              position_frame=frame, size_source=source)}
+    head_draws = sorted(set(grid.get("head_draws", (0,))))
+    # rough-box copies of the database tumors for the refit heads (another seed than the queries')
+    rough = [(shard_parts(pa.Table.from_pylist(rows)), query_split(rows, ev.tasks).labels)
+             for rows in (distorted_queries(model, ev, manifest, secret, draws=max(head_draws), seed=1,
+                                            scan_ids=ev.train_scans) if max(head_draws) else [])]
+    stats_of = {}  # (position frame, size source, head draws) -> the database tumors' statistics and heads
+    for frame, source, n in itertools.product(sorted(frames), sorted(set(grid.get("size_source", ("box",)))),
+                                              head_draws):
+        on = [(train_parts, ev.train.labels), *rough[:n]]
+        fit_on = {key: np.concatenate([p[key] for p, _ in on]) for key in train_parts if all(key in p for p, _ in on)}
+        labels = {t: np.concatenate([lab[t] for _, lab in on]) for t in ev.train.labels}
+        stats_of[frame, source, n] = {**base, "heads": fit_heads(fit_on, labels, schema, base, position_frame=frame,
+                                                                 size_source=source)}
     distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
                  for rows in (distorted_queries(model, ev, manifest, secret, draws=draws) if draws else [])]
     hand = knn_scores(ev.train_hand, ev.test_hand, [k], ev.tasks)[k]
@@ -219,13 +229,14 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     for values in itertools.product(*grid.values()):
         w = dict(zip(grid, values, strict=True))
         if (all(w.get(key, 0) == 0 for key in ("roipool", "tasks", "roimean", "context"))
-                or (w["tasks"] == 0 and w.get("heads") == "refit") or (w.get("whiten") and w["roipool"] == 0)):
+                or (w["tasks"] == 0 and w.get("heads") == "refit") or (w.get("whiten") and w["roipool"] == 0)
+                or (w.get("head_draws", 0) and (w["tasks"] == 0 or w.get("heads") != "refit"))):
             continue  # nothing to retrieve by / the same vector as a recipe already scored
         try:
             cfg = RetrievalConfig(standardize=True, **w)
         except TypeError as e:
             raise InputError(f"recipe grid: {e}") from None
-        stats = stats_of[cfg.position_frame, cfg.size_source]
+        stats = stats_of[cfg.position_frame, cfg.size_source, cfg.head_draws]
         x = compose(parts, cfg, schema, stats)
         db = ev.train.with_x(x[ev.train_rows])
         row = {"recipe": w, "learned": knn_scores(db, ev.test.with_x(x[ev.test_rows]), [k], ev.tasks)[k],

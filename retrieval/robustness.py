@@ -21,9 +21,9 @@ from .knn import Split, knn_scores
 
 
 def distorted_queries(model_path, ev, manifest, secret: bytes, *, draws: int, seed: int = 0,
-                      log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1) -> list[list[dict]]:
-    """The query tumors of an evaluation (retrieval.evaluate.load_evaluation) embedded `draws` times
-    from distorted boxes -> one list of shard rows per draw (the parts included)."""
+                      log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1, scan_ids=None) -> list[list[dict]]:
+    """The query tumors of an evaluation (retrieval.evaluate.load_evaluation; or those of `scan_ids`)
+    embedded `draws` times from distorted boxes -> one list of shard rows per draw (the parts included)."""
     if draws < 1:
         raise InputError(f"--draws: expected >= 1, got {draws}")
     model, meta = load_model(model_path)
@@ -33,7 +33,7 @@ def distorted_queries(model_path, ev, manifest, secret: bytes, *, draws: int, se
     for d in range(draws):
         rng = np.random.default_rng([seed, d])
         box_fn = partial(distort_box, rng=rng, log2_scale_sd=log2_scale_sd, shift_sd=shift_sd)
-        out.append([r for s in ev.test_scans
+        out.append([r for s in (ev.test_scans if scan_ids is None else scan_ids)
                     for r in embed_scan(model, meta["model_id"], scans[s], spacing_mm=spacing, patch_size=patch,
                                         secret=secret, file_hash="", box_fn=box_fn, recipe=recipe)])
     return out

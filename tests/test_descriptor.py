@@ -167,6 +167,10 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
                          grid={"roipool": (1.0,), "tasks": (0.0,), "size": (1.0,), "position": (1.0,)})
     (row,) = robust
     assert row["score"] == pytest.approx((recipe_score(row["learned"]) + recipe_score(row["distorted"])) / 2)
+    rough = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
+                        grid={"roipool": (1.0,), "tasks": (0.0, 1.0), "size": (1.0,), "position": (1.0,),
+                              "heads": ("refit",), "head_draws": (0, 2)})  # tasks 0: no heads to fit (skipped)
+    assert sorted(r["recipe"]["head_draws"] for r in rough) == [0, 2]
     rob = robustness(path, tmp_path / "emb", small_cohort, SECRET, k=3, draws=1, on="validation")
     assert rob["on"] == "validation" and rob["test_tumors"] == n_val
 
@@ -495,6 +499,12 @@ def test_refit_heads_read_the_size_of_the_recipe(tmp_path):
     g = tmp_path / "g.yaml"
     g.write_text("size_source: [box, seg, fit]\n")
     assert read_grid(g)["size_source"] == ("box", "seg", "fit")
+    g.write_text("head_draws: [0, 2]\n")
+    assert read_grid(g)["head_draws"] == (0, 2)
+    g.write_text("head_draws: [0.5]\n")
+    with pytest.raises(InputError, match=r"head_draws: expected a whole number >= 0, got 0\.5"):
+        read_grid(g)
+    _keeps_older_fingerprints("head_draws", 0, 2)
     g.write_text("size_source: [mask]\n")
     with pytest.raises(InputError, match="size_source: expected box, seg or fit, got 'mask'"):
         read_grid(g)
@@ -517,6 +527,16 @@ def test_export_statistics_fit_the_size_on_the_training_masks(small_cohort, tmp_
     model = _model()
     stats = retrieval_stats(model, scans, cfg)
     assert stats["heads"]["size_source"] == "fit" and stats["size_fit"]["inputs"][0] == "box_log_volume"
+    # head_draws: the heads also fit on rough-box copies of every tumor (drawn with a fixed seed); the
+    # statistics and the size fit from the exact boxes alone
+    rough_cfg = with_overrides(cfg, retrieval={"head_draws": 2})
+    rough, again = (retrieval_stats(model, scans, rough_cfg) for _ in range(2))
+    assert rough == again and {k: v for k, v in rough.items() if k != "heads"} == {
+        k: v for k, v in stats.items() if k != "heads"}
+    assert not np.allclose(rough["heads"]["tumor_type"]["coef"], stats["heads"]["tumor_type"]["coef"])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InputError, match=r"retrieval\.head_draws: expected a whole number >= 0"):
+            RetrievalConfig(head_draws=bad)
     parts = _stack(_parts(small_cohort, model))
     truth = np.array([t.size_mm for rows in list(read_manifest(small_cohort).scans().values())[:12]
                       for t in load_scan(rows, spacing_mm=4.0).tumors])

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tumornet.boxes import distort_box
 from tumornet.cache import prepare_scan
 from tumornet.config import Config, config_from_dict, config_to_dict
-from tumornet.descriptor import fit_heads, fit_size, fit_stats, tumor_parts
+from tumornet.descriptor import fit_heads, fit_size, fit_stats, stack_parts, tumors_parts
 from tumornet.export import export_model, model_id
 from tumornet.labels import MISSING
 from tumornet.loss import EmbeddingBank, as_float32, multitask_loss
@@ -102,32 +103,47 @@ def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
     return validation_metrics(_all_reduce(sums, device), tasks)
 
 
-def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int = 400) -> dict:
+def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int = 400, seed: int = 1) -> dict:
     """The training tumors' statistics of the retrieval parts (tumornet.descriptor.fit_stats) and the
     task heads refit on them (fit_heads), from the training scans (at most `max_tumors` tumors, every
-    k-th scan): stored in the model file, so that embed and search compose the same vectors."""
+    k-th scan): stored in the model file, so that embed and search compose the same vectors. With
+    `retrieval.head_draws` the heads are also fit on that many rough-box copies of every tumor (the
+    paper's eq. 2, drawn with `seed`)."""
     scans = list(scans)
     total = sum(len(s.tumors) for s in scans)
     step = max(1, -(-total // max_tumors))  # scans spread over the whole list, not its start
     parts, labels, sizes = [], {t: [] for t in cfg.tasks.names}, []
+    rough, rough_labels = [], {t: [] for t in cfg.tasks.names}
     voxel_mm3 = float(np.prod(np.broadcast_to(np.asarray(cfg.data.spacing_mm, float), 3)))
+    rng = np.random.default_rng(seed)
+    draws = cfg.retrieval.head_draws
     for s in scans[::step]:
         image, instances = (np.asarray(a) for a in s.arrays())
         head = head_box_voxels(image)
         # the cache keeps no origin: none is needed, the registration's translation absorbs it; the
         # refit heads below are fit on the recipe's frame whether or not the recipe reads them
         frame = register(image, np.diag([*s.spacing_mm, 1.0])) if cfg.retrieval.position_frame != "head" else None
+        exact = [t.bbox for t in s.tumors]
+        # two passes: the exact boxes' parts (and so the statistics) the same whatever head_draws is
+        for boxes, out in ((exact, parts), ([distort_box(b, rng) for _ in range(draws) for b in exact], rough)):
+            if boxes:
+                out += tumors_parts(model, image, boxes, patch_size=cfg.train.patch_size,
+                                    spacing_mm=cfg.data.spacing_mm, head=head, frame=frame)
         for t in s.tumors:
-            parts.append(tumor_parts(model, image, t.bbox, patch_size=cfg.train.patch_size,
-                                     spacing_mm=cfg.data.spacing_mm, head=head, frame=frame))
             for task in labels:
                 labels[task].append(t.labels.get(task, MISSING))
             sizes.append(equivalent_diameter_mm(max(np.count_nonzero(instances == t.tumor_id), 1) * voxel_mm3))
+        for _ in range(draws):
+            for t in s.tumors:
+                for task in labels:
+                    rough_labels[task].append(t.labels.get(task, MISSING))
     stats = fit_stats(parts)
-    stacked = {k: np.stack([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
+    stacked = stack_parts(parts)
     stats.update(fit_size(stacked, np.asarray(sizes), stats))  # the size on the working grid, from the mask
-    stats["heads"] = fit_heads(stacked, {k: np.asarray(v) for k, v in labels.items()}, cfg.tasks, stats,
-                               position_frame=cfg.retrieval.position_frame, size_source=cfg.retrieval.size_source)
+    heads_on = stack_parts(parts + rough)
+    stats["heads"] = fit_heads(heads_on, {k: np.asarray(labels[k] + rough_labels[k]) for k in labels}, cfg.tasks,
+                               stats, position_frame=cfg.retrieval.position_frame,
+                               size_source=cfg.retrieval.size_source)
     return stats
 
 

@@ -94,6 +94,9 @@ class RetrievalConfig:
     # one the segmentation head calls tumor ("seg": a rough box changes it little), or a regression fit at
     # export on the training tumors' masks from both and the RoiPool vector ("fit", fit_size)
     size_source: str = "box"
+    # the refit heads are also fit on this many rough-box copies of every training tumor (the paper's
+    # eq. 2, as a query's box may be drawn: tumornet.boxes.distort_box), so that they hold on a rough box
+    head_draws: int = 0
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -107,6 +110,8 @@ class RetrievalConfig:
             raise InputError(f"retrieval.task_temperature: expected a number > 0, got {self.task_temperature!r}")
         if self.size_units not in SIZE_UNITS:
             raise InputError(f"retrieval.size_units: expected log or mm, got {self.size_units!r}")
+        if isinstance(self.head_draws, bool) or not isinstance(self.head_draws, int) or self.head_draws < 0:
+            raise InputError(f"retrieval.head_draws: expected a whole number >= 0, got {self.head_draws!r}")
         if self.size_source not in SIZE_SOURCES:
             raise InputError(f"retrieval.size_source: expected box, seg or fit, got {self.size_source!r}")
 
@@ -200,6 +205,11 @@ def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, 
     """The parts of one tumor box (see tumors_parts)."""
     return tumors_parts(model, image, [bbox], patch_size=patch_size, spacing_mm=spacing_mm, head=head,
                         frame=frame)[0]
+
+
+def stack_parts(parts: Sequence[Mapping]) -> dict[str, np.ndarray]:
+    """One dict of parts per tumor -> one dict of arrays with a leading tumor axis."""
+    return {k: np.stack([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
 
 
 def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
