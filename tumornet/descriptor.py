@@ -162,7 +162,7 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
     "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on
     it (larger for a larger tumor); patches of one size go through the network together, up to
-    `batch` at a time (the same numbers as one at a time: eval mode). With the scan's TemplateFrame
+    `batch` at a time (eval mode: the numbers of one at a time, to float rounding). With the scan's TemplateFrame
     (`frame`, tumornet.register) each dict also has "template_position" (3,) and "atlas"
     (anatomy.ATLAS_FEATURES)."""
     centre, half = head = head if head is not None else head_box_voxels(image)
