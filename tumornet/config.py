@@ -77,6 +77,9 @@ class TrainConfig:
     # share of training patches placed anywhere in the scan, with or without a tumor (0: the paper's
     # sampling, every patch around a tumor): the segmentation then sees background, for detection
     background_fraction: float = 0.0
+    # tumors darker than the tissue around them (tumornet.tumors.is_dark: necrotic metastases whose thin
+    # rim a 2 mm grid loses) are picked for a patch this many times as often as the others (1: as often)
+    dark_weight: float = 1.0
     prefetch: int = 4  # batches prepared ahead by a background thread
     cache_dir: str | None = None  # preprocessed scans; None = ~/.cache/tumornet/scans
     fail_at_step: int | None = None  # inject one worker failure at this step (fault-tolerance tests)
@@ -91,6 +94,8 @@ class TrainConfig:
             raise InputError(f"train.lr: must be > 0, got {self.lr}")
         if not 0.0 <= self.background_fraction < 1.0:
             raise InputError(f"train.background_fraction: must be in [0, 1), got {self.background_fraction}")
+        if not self.dark_weight > 0:
+            raise InputError(f"train.dark_weight: must be > 0, got {self.dark_weight}")
 
     def lr_at(self, epoch: int) -> float:
         """Step schedule: lr x gamma^(number of milestones <= epoch)."""

@@ -44,6 +44,28 @@ def equivalent_diameter_mm(volume_mm3: float) -> float:
     return float((6.0 * volume_mm3 / np.pi) ** (1.0 / 3.0))
 
 
+DARK_CONTRAST = 0.3  # a tumor whose mean intensity is at most this above its shell's (z-scored scan) is dark
+
+
+def tumor_contrast(image: np.ndarray, instances: np.ndarray, tumor_id: int, bbox, *, shell: int = 2) -> float:
+    """A tumor's mean intensity minus that of the background in a `shell`-voxel shell around it (the
+    scan's own units: z-scores for a normalized scan); nan where it has no voxel or no shell."""
+    lo = np.maximum(np.asarray(bbox[:3], int) - shell - 1, 0)
+    hi = np.asarray(bbox[3:], int) + shell + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    inside = np.asarray(instances[box]) == tumor_id
+    around = ndimage.binary_dilation(inside, iterations=shell) & ~inside & (np.asarray(instances[box]) == 0)
+    if not inside.any() or not around.any():
+        return float("nan")
+    values = np.asarray(image[box], dtype=np.float64)
+    return float(values[inside].mean() - values[around].mean())
+
+
+def is_dark(image: np.ndarray, instances: np.ndarray, tumor_id: int, bbox) -> bool:
+    """Whether a tumor is darker than the tissue around it, or hardly brighter (DARK_CONTRAST)."""
+    return bool(tumor_contrast(image, instances, tumor_id, bbox) <= DARK_CONTRAST)
+
+
 def instances_from_binary(mask: np.ndarray, *, min_voxels: int = 1) -> np.ndarray:
     """Binary mask -> instance mask, ids by decreasing component size (see module doc)."""
     comp, n = ndimage.label(mask > 0, structure=CONNECTIVITY_26)
