@@ -542,4 +542,4 @@ def test_export_statistics_fit_the_size_on_the_training_masks(small_cohort, tmp_
                       for t in load_scan(rows, spacing_mm=4.0).tumors])
     fitted = with_fitted_size(parts, stats)["fit_log_volume"]
     assert np.corrcoef(fitted, np.log(truth))[0, 1] > 0.8
-    assert compose(parts, RetrievalConfig(**{**cfg.retrieval.__dict__}), DEFAULT_SCHEMA, stats).shape[0] == len(truth)
+    assert compose(parts, cfg.retrieval, DEFAULT_SCHEMA, stats).shape[0] == len(truth)

@@ -129,14 +129,12 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int 
             if boxes:
                 out += tumors_parts(model, image, boxes, patch_size=cfg.train.patch_size,
                                     spacing_mm=cfg.data.spacing_mm, head=head, frame=frame)
-        for t in s.tumors:
-            for task in labels:
-                labels[task].append(t.labels.get(task, MISSING))
-            sizes.append(equivalent_diameter_mm(max(np.count_nonzero(instances == t.tumor_id), 1) * voxel_mm3))
-        for _ in range(draws):
-            for t in s.tumors:
-                for task in labels:
-                    rough_labels[task].append(t.labels.get(task, MISSING))
+        for task in labels:
+            of_scan = [t.labels.get(task, MISSING) for t in s.tumors]
+            labels[task] += of_scan
+            rough_labels[task] += of_scan * draws  # the rough boxes' order: draw by draw, the scan's tumors
+        sizes += [equivalent_diameter_mm(max(np.count_nonzero(instances == t.tumor_id), 1) * voxel_mm3)
+                  for t in s.tumors]
     stats = fit_stats(parts)
     stacked = stack_parts(parts)
     stats.update(fit_size(stacked, np.asarray(sizes), stats))  # the size on the working grid, from the mask
