@@ -135,7 +135,8 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
     left out takes the default GRID's values, or the config default where GRID has none."""
     from dataclasses import fields
 
-    from tumornet.descriptor import POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS, RetrievalConfig
+    from tumornet.descriptor import RetrievalConfig
+    from tumornet.fitted import POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS
 
     p = find_config(path)
     try:
@@ -188,7 +189,8 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
 
     import pyarrow as pa
 
-    from tumornet.descriptor import RetrievalConfig, compose, fit_heads, fit_size, fit_stats, head_inputs
+    from tumornet.descriptor import RetrievalConfig, compose
+    from tumornet.fitted import fit_heads, fit_size, fit_stats, head_inputs
     from tumornet.labels import LabelSchema
 
     from .evaluate import load_evaluation, shard_parts

@@ -9,19 +9,9 @@ import torch
 
 from conftest import SECRET
 from embedder.embed import embed_scan
-from tumornet.descriptor import (
-    HEAD_INPUTS,
-    RetrievalConfig,
-    compose,
-    fit_heads,
-    fit_stats,
-    refit_probabilities,
-    segmented_voxels,
-    tumor_parts,
-    tumors_parts,
-    vector_size,
-)
+from tumornet.descriptor import RetrievalConfig, compose, segmented_voxels, tumor_parts, tumors_parts, vector_size
 from tumornet.errors import InputError
+from tumornet.fitted import HEAD_INPUTS, fit_heads, fit_stats, refit_probabilities
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest, write_manifest
 from tumornet.network import MultitaskNet, NetConfig
@@ -342,7 +332,7 @@ def test_size_units_mm_reads_the_equivalent_diameter():
     """size_units: mm -> the size parts read the equivalent-sphere diameter (mm) of the box / segmented
     volume, so two large tumors 5 mm apart differ more than two small ones 1 mm apart (the same ratio),
     where the log volume makes them equal; the statistics hold the diameters too."""
-    from tumornet.descriptor import with_diameters
+    from tumornet.fitted import with_diameters
 
     sphere_ml = 4.0 / 3.0 * np.pi * 10.0 ** 3 / 1000.0  # a 20 mm sphere
     d = with_diameters({"box_log_volume": np.log([sphere_ml]), "seg_log_volume": np.log([sphere_ml / 8])})
@@ -401,7 +391,7 @@ def test_size_units_in_a_grid_and_the_fingerprint_of_older_archives(tmp_path):
 def test_task_temperature_sharpens_the_tasks_part():
     """task_temperature t: each task's probabilities are softmax(logits / t), for the network's heads
     and the refit ones; t = 1 is the vector before it existed; t <= 0 is refused (config and grid)."""
-    from tumornet.descriptor import _softmax
+    from tumornet.fitted import _softmax
 
     rng = np.random.default_rng(1)
     n, names = 60, list(DEFAULT_SCHEMA.names)
@@ -424,122 +414,3 @@ def test_task_temperature_sharpens_the_tasks_part():
     assert np.allclose(net[:, 14:16] * np.sqrt(2), _softmax(4 * logits), atol=1e-5)
     with pytest.raises(InputError, match="task_temperature: expected a number > 0, got 0"):
         RetrievalConfig(task_temperature=0)
-
-
-def _sized_parts(n: int, seed: int = 0):
-    """Parts whose true size the segmented volume tells well and the box less well (a rough box)."""
-    rng = np.random.default_rng(seed)
-    size_mm = rng.uniform(6, 35, n)
-    log_v = np.log(np.pi / 6 * size_mm ** 3 / 1000)
-    parts = {"roipool": rng.normal(size=(n, 8)), "position": rng.uniform(-1, 1, (n, 3)),
-             "box_log_volume": log_v + np.log(6 / np.pi) + rng.normal(0, 0.15, n),
-             "seg_log_volume": log_v + rng.normal(0, 0.1, n), "task_logits": rng.normal(size=(n, 20))}
-    return parts, size_mm
-
-
-def test_fit_size_learns_the_size_from_box_and_segmentation():
-    """size_source: fit -> the size part reads a regression of the training tumors' true log volume on
-    box, segmented volume and RoiPool (fit_size, plain lists in the statistics): on new tumors it is
-    nearer the truth than either volume alone, leans on the segmented volume (a rough box moves the
-    box's volume), and is z-scored like the other parts; in mm it is the fitted diameter."""
-    from tumornet.descriptor import fit_size, with_fitted_size
-
-    parts, size_mm = _sized_parts(200)
-    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(200)])
-    stats.update(fit_size(parts, size_mm, stats))
-    assert json.loads(json.dumps(stats)) == stats
-    fit = stats["size_fit"]
-    assert fit["inputs"] == ["box_log_volume", "seg_log_volume", "roipool"] and len(fit["coef"]) == 10
-    assert fit["coef"][1] > fit["coef"][0] > 0  # the segmented volume counts most: the box's is rough
-    new, new_mm = _sized_parts(100, seed=1)
-    truth = np.log(np.pi / 6 * new_mm ** 3 / 1000)
-    fitted = with_fitted_size(new, stats)["fit_log_volume"]
-    err = {k: np.std(v - truth - np.mean(v - truth))
-           for k, v in (("fit", fitted), ("box", new["box_log_volume"]), ("seg", new["seg_log_volume"]))}
-    assert err["fit"] < err["seg"] < err["box"] and abs(np.mean(fitted - truth)) < 0.05
-    x = compose(new, RetrievalConfig(roipool=0.0, size=1.0, size_source="fit"), DEFAULT_SCHEMA, stats)
-    z = (fitted - stats["fit_log_volume"]["mean"][0]) / stats["fit_log_volume"]["sd"][0]
-    assert x.shape == (100, 1) and np.allclose(x[:, 0], z / np.sqrt(2), atol=1e-5)
-    mm = compose(new, RetrievalConfig(roipool=0.0, size=1.0, size_source="fit", size_units="mm"), DEFAULT_SCHEMA,
-                 stats)[:, 0] * np.sqrt(2) * stats["fit_diameter_mm"]["sd"][0] + stats["fit_diameter_mm"]["mean"][0]
-    assert np.sqrt(np.mean((mm - new_mm) ** 2)) < 0.15 * new_mm.mean()
-    old = {k: v for k, v in stats.items() if k != "size_fit"}  # a model file exported before
-    with pytest.raises(InputError, match="size_source: fit needs the size regression"):
-        compose(new, RetrievalConfig(roipool=0.0, size=1.0, size_source="fit"), DEFAULT_SCHEMA, old)
-    with pytest.raises(InputError, match="size_source: fit: 200 training tumors but 3 sizes"):
-        fit_size(parts, size_mm[:3], stats)
-    with pytest.raises(InputError, match=r"retrieval\.size_source: expected box, seg or fit, got 'mask'"):
-        RetrievalConfig(size_source="mask")
-
-
-def test_refit_heads_read_the_size_of_the_recipe(tmp_path):
-    """size_source seg / fit -> the refit heads read that size instead of the box's (a label only the
-    segmented volume tells is learned); heads fit on one size refuse a recipe of another; a grid may
-    try every source, and the default leaves the fingerprint of older archives unchanged."""
-    from retrieval.experiments import read_grid
-    from tumornet.descriptor import fit_size
-
-    n, names = 160, list(DEFAULT_SCHEMA.names)
-    parts, size_mm = _sized_parts(n, seed=2)
-    parts["box_log_volume"] = np.random.default_rng(3).normal(size=n)  # the box says nothing of the size
-    labels = {t: np.full(n, -1) for t in names}
-    labels["tumor_type"] = (parts["seg_log_volume"] > np.median(parts["seg_log_volume"])).astype(int)
-    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(n)])
-    stats.update(fit_size(parts, size_mm, stats))
-    accuracy = {}
-    for source in ("box", "seg", "fit"):
-        st = {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats, size_source=source)}
-        assert st["heads"]["size_source"] == source
-        probs = refit_probabilities(parts, DEFAULT_SCHEMA, st, size_source=source)[names.index("tumor_type")]
-        accuracy[source] = (probs.argmax(1) == labels["tumor_type"]).mean()
-    assert accuracy["seg"] >= 0.95 and accuracy["fit"] >= 0.9 and accuracy["box"] < 0.75
-    with pytest.raises(InputError, match="size_source: seg, but the refit heads read the box size"):
-        compose(parts, RetrievalConfig(roipool=0.0, tasks=1.0, heads="refit", size_source="seg"), DEFAULT_SCHEMA,
-                {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats)})
-    g = tmp_path / "g.yaml"
-    g.write_text("size_source: [box, seg, fit]\n")
-    assert read_grid(g)["size_source"] == ("box", "seg", "fit")
-    g.write_text("head_draws: [0, 2]\n")
-    assert read_grid(g)["head_draws"] == (0, 2)
-    g.write_text("head_draws: [0.5]\n")
-    with pytest.raises(InputError, match=r"head_draws: expected a whole number >= 0, got 0\.5"):
-        read_grid(g)
-    _keeps_older_fingerprints("head_draws", 0, 2)
-    g.write_text("size_source: [mask]\n")
-    with pytest.raises(InputError, match="size_source: expected box, seg or fit, got 'mask'"):
-        read_grid(g)
-    _keeps_older_fingerprints("size_source", "box", "fit")
-
-
-def test_export_statistics_fit_the_size_on_the_training_masks(small_cohort, tmp_path):
-    """trainer.loop.retrieval_stats (what the model file stores) fits the size regression on the training
-    scans' masks (the working grid's voxel count) and the heads on the recipe's size source."""
-    from trainer.loop import retrieval_stats
-    from tumornet.cache import prepare_scan
-    from tumornet.config import load_config, with_overrides
-    from tumornet.descriptor import with_fitted_size
-
-    cfg = load_config("demo")
-    cfg = with_overrides(cfg, data={"spacing_mm": 4.0}, train={"patch_size": 16},
-                         retrieval={"position_frame": "head", "size_source": "fit", "heads": "refit"})
-    scans = [prepare_scan(rows, spacing_mm=4.0, cache_dir=tmp_path / "cache")
-             for rows in list(read_manifest(small_cohort).scans().values())[:16]]
-    model = _model()
-    stats = retrieval_stats(model, scans, cfg)
-    assert stats["heads"]["size_source"] == "fit" and stats["size_fit"]["inputs"][0] == "box_log_volume"
-    # head_draws: the heads also fit on rough-box copies of every tumor (drawn with a fixed seed); the
-    # statistics and the size fit from the exact boxes alone
-    rough_cfg = with_overrides(cfg, retrieval={"head_draws": 2})
-    rough, again = (retrieval_stats(model, scans, rough_cfg) for _ in range(2))
-    assert rough == again and {k: v for k, v in rough.items() if k != "heads"} == {
-        k: v for k, v in stats.items() if k != "heads"}
-    assert not np.allclose(rough["heads"]["tumor_type"]["coef"], stats["heads"]["tumor_type"]["coef"])
-    for bad in (-1, 1.5, True):
-        with pytest.raises(InputError, match=r"retrieval\.head_draws: expected a whole number >= 0"):
-            RetrievalConfig(head_draws=bad)
-    parts = _stack(_parts(small_cohort, model))
-    truth = np.array([t.size_mm for rows in list(read_manifest(small_cohort).scans().values())[:12]
-                      for t in load_scan(rows, spacing_mm=4.0).tumors])
-    fitted = with_fitted_size(parts, stats)["fit_log_volume"]
-    assert np.corrcoef(fitted, np.log(truth))[0, 1] > 0.8
-    assert compose(parts, cfg.retrieval, DEFAULT_SCHEMA, stats).shape[0] == len(truth)

@@ -23,8 +23,9 @@ import torch
 from tumornet.boxes import distort_box
 from tumornet.cache import prepare_scan
 from tumornet.config import Config, config_from_dict, config_to_dict
-from tumornet.descriptor import fit_heads, fit_size, fit_stats, stack_parts, tumors_parts
+from tumornet.descriptor import stack_parts, tumors_parts
 from tumornet.export import export_model, model_id
+from tumornet.fitted import fit_heads, fit_size, fit_stats
 from tumornet.labels import MISSING
 from tumornet.loss import EmbeddingBank, as_float32, multitask_loss
 from tumornet.manifest import read_manifest

@@ -26,13 +26,14 @@ refit heads also read `atlas`).
 
 The `tasks` part is each task's class probabilities: from the network's own heads (a linear layer on
 the RoiPool vector, which must guess where the box is from its content), or, with `heads: refit`, from
-heads refit at export on the training tumors' RoiPool vector, position and box size (`fit_heads`:
-one multinomial logistic regression per task, stored in the model file), which know where it is.
+heads refit at export on the training tumors' RoiPool vector, position and box size
+(`tumornet.fitted.fit_heads`: one multinomial logistic regression per task, stored in the model file),
+which know where it is.
 
 `compose` turns these parts into one vector with the weights of `RetrievalConfig` (config section
 `retrieval`). Every part is scaled so that two random training tumors differ by about 1 in
 squared distance per part (the RoiPool dims, the log volume and the position z-scored with the
-training tumors' statistics, `fit_stats`, stored in the model file; each task's class
+training tumors' statistics, `tumornet.fitted.fit_stats`, stored in the model file; each task's class
 probabilities / sqrt(2)), so a weight says how much that part counts. The paper's embedding is
 `roipool: 1` with `standardize: false`: the raw RoiPool vector, unchanged.
 """
@@ -47,23 +48,21 @@ import torch
 
 from .boxes import box_center, box_size
 from .errors import InputError
+from .fitted import (
+    POSITION_FRAMES,
+    SIZE_SOURCES,
+    SIZE_UNITS,
+    _softmax,
+    _z,
+    refit_probabilities,
+    size_key,
+    with_diameters,
+    with_fitted_size,
+)
 from .labels import LabelSchema
 from .network import roi_mean_pool, roi_pool, shell_mean_pool
 from .patches import centred_patch, patch_size_for
 from .volumes import head_box_voxels
-
-# frame -> the position part it reads; "atlas" reads the template's, and its refit heads also read `atlas`
-POSITION_FRAMES = {"head": "position", "template": "template_position", "atlas": "template_position"}
-# what the `size` and `seg_size` parts read: the log volume (ml), or its equivalent-sphere diameter (mm,
-# with_diameters: box_log_volume -> box_diameter_mm)
-SIZE_UNITS = ("log", "mm")
-# size source -> the log volume (ml) that the `size` part and the refit heads' size input read: the box's,
-# the segmented one, or one fit at export on the training tumors' masks (fit_size)
-SIZE_SOURCES = {"box": "box_log_volume", "seg": "seg_log_volume", "fit": "fit_log_volume"}
-SIZE_FIT_INPUTS = ("box_log_volume", "seg_log_volume", "roipool")  # what fit_size reads, z-scored
-# the sd of a box's log volume under the paper's distortion (eq. 2: per axis log2 scale ~ N(0, 1/3)):
-# fit_size also learns from the training tumors with their box volumes drawn that far off
-ROUGH_BOX_LOG_SD = float(np.log(2.0) * np.sqrt(3.0) / 3.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,199 +218,11 @@ def recipe_of(meta: dict) -> tuple[RetrievalConfig, dict | None]:
     return cfg, extra.get("retrieval_stats")
 
 
-STANDARDIZED = ("roipool", "box_log_volume", "position", "template_position", "atlas", "seg_log_volume", "roimean",
-                "context", "box_diameter_mm", "seg_diameter_mm")
-
-
-def size_key(log_key: str, units: str) -> str:
-    """A log volume part's key in `units` (box_log_volume, mm -> box_diameter_mm)."""
-    return log_key if units == "log" else log_key.replace("_log_volume", "_diameter_mm")
-
-
-def diameter_mm(log_volume_ml) -> np.ndarray:
-    """The equivalent-sphere diameter (mm) of a log volume (ml)."""
-    return (6.0 / np.pi * 1000.0 * np.exp(np.asarray(log_volume_ml, dtype=np.float64))) ** (1 / 3)
-
-
-def with_diameters(parts: Mapping) -> dict:
-    """The parts with the equivalent-sphere diameters (mm) of their log volumes (ml) added: the
-    `size_units: mm` parts, derived, never stored."""
-    out = dict(parts)
-    for log_key in SIZE_SOURCES.values():
-        if log_key in parts:
-            out[size_key(log_key, "mm")] = diameter_mm(parts[log_key])
-    return out
-
-
-WHITEN_SHRINK = 0.1  # eigenvalues + this x their mean before whitening: few tumors, many channels
-
-
-def _mean_sd(a: np.ndarray) -> dict:
-    """Per column (n, d) -> {"mean", "sd"} as plain lists (sd 1 where a column is constant)."""
-    a = a.reshape(len(a), -1)
-    sd = a.std(0)
-    return {"mean": a.mean(0).tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
-
-
-def fit_stats(parts: Sequence[Mapping]) -> dict:
-    """Mean and sd of the standardized parts over training tumors (plain lists: stored in the model file)."""
-    if len(parts) < 2:
-        raise InputError(f"retrieval statistics need at least 2 training tumors, got {len(parts)}")
-
-    out = {}
-    parts = [with_diameters(p) for p in parts]
-    for key in (k for k in STANDARDIZED if k in parts[0]):
-        out[key] = _mean_sd(np.array([np.atleast_1d(p[key]) for p in parts], dtype=np.float64))
-    z = _z({"roipool": [p["roipool"] for p in parts]}, "roipool", out)
-    lam, vec = np.linalg.eigh(np.cov(z, rowvar=False).reshape(z.shape[1], z.shape[1]))
-    lam = np.clip(lam, 0.0, None)
-    # z @ whiten has (about) unit covariance: two random tumors differ by about 2C, as z-scores do
-    out["roipool"]["whiten"] = (vec / np.sqrt(lam + WHITEN_SHRINK * max(lam.mean(), 1e-12))).tolist()
-    out["tumors"] = len(parts)
-    return out
-
-
-def fit_size(parts: Mapping[str, np.ndarray], size_mm: np.ndarray, stats: Mapping, *, seed: int = 0) -> dict:
-    """The tumor's log volume (ml) learned from the training tumors' masks (`size_mm`: their
-    equivalent-sphere diameters): a ridge regression on the z-scored box log volume, segmented log
-    volume and RoiPool vector (SIZE_FIT_INPUTS), fit on the tumors as boxed and once more with their box
-    volumes drawn as far off as a rough box puts them (the paper's eq. 2, ROUGH_BOX_LOG_SD), so that it
-    leans on what a rough box changes little; the penalty chosen by 5-fold cross-validation over tumors
-    (a tumor's two rows in one fold) -> plain lists for the model file: {"size_fit": the regression,
-    "fit_log_volume" / "fit_diameter_mm": the fitted part's mean and sd over the training tumors}, to
-    merge into the statistics."""
-    from sklearn.linear_model import Ridge
-
-    x = np.concatenate([_z(parts, k, stats) for k in SIZE_FIT_INPUTS], axis=1)
-    d = np.asarray(size_mm, dtype=np.float64)
-    if len(d) != len(x) or not (np.isfinite(d) & (d > 0)).all():
-        raise InputError(f"retrieval.size_source: fit: {len(x)} training tumors but {len(d)} sizes, or a size that "
-                         "is not a positive number")
-    y = np.log(np.pi / 6.0 * d ** 3 / 1000.0)
-    rng = np.random.default_rng(seed)
-    rough = x.copy()
-    rough[:, 0] += rng.normal(0.0, ROUGH_BOX_LOG_SD, len(x)) / stats["box_log_volume"]["sd"][0]
-    folds = rng.permutation(len(x)) % min(5, len(x))
-
-    def fit(alpha: float, rows: np.ndarray) -> Ridge:
-        return Ridge(alpha=alpha).fit(np.concatenate([x[rows], rough[rows]]), np.concatenate([y[rows], y[rows]]))
-
-    def cv_error(alpha: float) -> float:
-        err = [fit(alpha, folds != f).predict(np.concatenate([x[folds == f], rough[folds == f]]))
-               - np.concatenate([y[folds == f], y[folds == f]]) for f in np.unique(folds)]
-        return float(np.mean(np.concatenate(err) ** 2))
-
-    alpha = min(np.logspace(-2, 3, 11), key=cv_error) if len(x) >= 5 else 1.0
-    ridge = fit(alpha, np.ones(len(x), bool))
-    pred = x @ ridge.coef_ + ridge.intercept_
-    return {"size_fit": {"inputs": list(SIZE_FIT_INPUTS), "coef": ridge.coef_.tolist(),
-                         "intercept": float(ridge.intercept_), "alpha": float(alpha)},
-            "fit_log_volume": _mean_sd(pred), "fit_diameter_mm": _mean_sd(diameter_mm(pred))}
-
-
-def with_fitted_size(parts: Mapping, stats: Mapping | None) -> dict:
-    """The parts with `fit_log_volume` (fit_size's regression in the statistics) added."""
-    if "fit_log_volume" in parts:
-        return dict(parts)
-    if not stats or "size_fit" not in stats:
-        raise InputError("retrieval.size_source: fit needs the size regression fit on the training tumors, and the "
-                         "model file has none (exported before it existed): train again, or use size_source: box")
-    fit = stats["size_fit"]
-    x = np.concatenate([_z(parts, k, stats) for k in fit["inputs"]], axis=1)
-    return {**parts, "fit_log_volume": x @ np.asarray(fit["coef"]) + fit["intercept"]}
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def _softmax_blocks(logits: np.ndarray, schema: LabelSchema) -> list[np.ndarray]:
     out, start = [], 0
     for t in schema.tasks:
         out.append(_softmax(logits[..., start:start + t.n_classes]))
         start += t.n_classes
-    return out
-
-
-HEAD_INPUTS = ("roipool", "position", "box_log_volume")  # what the refit heads read, z-scored (position:
-# the part of the recipe's position_frame, head_inputs)
-
-
-def head_inputs(position_frame: str = "head", size_source: str = "box") -> tuple[str, ...]:
-    """The parts the refit heads read, with the position of `position_frame` (and, for "atlas", what the
-    atlas says of the box in template space) and the size of `size_source`."""
-    swap = {"position": POSITION_FRAMES[position_frame], "box_log_volume": SIZE_SOURCES[size_source]}
-    inputs = tuple(swap.get(k, k) for k in HEAD_INPUTS)
-    return (*inputs, "atlas") if position_frame == "atlas" else inputs
-
-
-def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
-    if key not in stats:
-        raise InputError(f"retrieval: the model file has no training statistics of `{key}` (exported before "
-                         "that part existed); train again, or score with statistics from the shards")
-    a = np.asarray(parts[key], dtype=np.float64).reshape(len(parts["roipool"]), -1)
-    return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
-
-
-def _head_x(parts: Mapping, stats: Mapping, position_frame: str, size_source: str) -> np.ndarray:
-    if size_source == "fit":
-        parts = with_fitted_size(parts, stats)
-    return np.concatenate([_z(parts, k, stats) for k in head_inputs(position_frame, size_source)], axis=1)
-
-
-def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], schema: LabelSchema,
-              stats: Mapping, *, c: float = 1.0, position_frame: str = "head", size_source: str = "box") -> dict:
-    """Task heads refit on training tumors: per task, a multinomial logistic regression (L2, inverse
-    strength `c`) on the z-scored RoiPool vector, position and box log volume (HEAD_INPUTS) of the
-    tumors that have that label -> plain lists for the model file ({task: {classes, coef, intercept}};
-    a task with one class seen predicts it; with none, uniform; "position_frame" / "size_source": the
-    position and the size they read). The network's own heads read the RoiPool vector alone, so they
-    must infer where the box is from its content; these see it."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = _head_x(parts, stats, position_frame, size_source)
-    out: dict = {"position_frame": position_frame, "size_source": size_source}
-    for t in schema.tasks:
-        y = np.asarray(labels[t.name])
-        known = y >= 0
-        classes = sorted({int(v) for v in y[known]})
-        if len(classes) < 2:
-            coef, intercept = np.zeros((len(classes), x.shape[1])), np.zeros(len(classes))
-        else:
-            clf = LogisticRegression(C=c, max_iter=5000).fit(x[known], y[known])
-            coef, intercept = clf.coef_, clf.intercept_
-            if len(classes) == 2:  # sklearn's binary form: one row for class 1 -> a row per class
-                coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-        out[t.name] = {"classes": classes, "coef": np.asarray(coef).tolist(),
-                       "intercept": np.asarray(intercept).tolist()}
-    return out
-
-
-def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping, *,
-                        position_frame: str = "head", size_source: str = "box",
-                        temperature: float = 1.0) -> list[np.ndarray]:
-    """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
-    if "heads" not in stats:
-        raise InputError("retrieval.heads: refit needs the heads refit on the training tumors, and the model file "
-                         "has none (exported before they existed): train again, or use heads: network")
-    fitted = stats["heads"].get("position_frame", "head")  # heads exported before frames read the head's
-    if fitted != position_frame:
-        raise InputError(f"retrieval.position_frame: {position_frame}, but the refit heads read the {fitted} "
-                         "position (fit for another recipe): train or export again with this recipe")
-    fitted = stats["heads"].get("size_source", "box")  # heads exported before size sources read the box's
-    if fitted != size_source:
-        raise InputError(f"retrieval.size_source: {size_source}, but the refit heads read the {fitted} size "
-                         "(fit for another recipe): train or export again with this recipe")
-    x = _head_x(parts, stats, position_frame, size_source)
-    out = []
-    for t in schema.tasks:
-        h = stats["heads"][t.name]
-        p = np.full((len(x), t.n_classes), 1.0 / t.n_classes)
-        if h["classes"]:
-            p[:] = 0.0
-            p[:, h["classes"]] = _softmax((x @ np.asarray(h["coef"]).T + np.asarray(h["intercept"])) / temperature)
-        out.append(p)
     return out
 
 
