@@ -51,6 +51,7 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 
 # recipe keys added after archives existed -> their default
 RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0}
+SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position")  # recipe keys of the search, not of a stored vector
 
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
@@ -58,7 +59,8 @@ def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> s
     recipe and its statistics, the detection settings, and the registration's settings when the recipe
     reads the template frame (16 hex chars)."""
     # recipe keys added later are left out at their default, so the archives embedded before stay valid
-    same = {k: v for k, v in dataclasses.asdict(recipe[0]).items() if RECIPE_ADDED.get(k, ...) != v}
+    same = {k: v for k, v in dataclasses.asdict(recipe[0]).items()
+            if RECIPE_ADDED.get(k, ...) != v and k not in SEARCH_ONLY}
     parts = [spacing, patch, same, recipe[1], dataclasses.asdict(detect)]
     if recipe[0].needs_frame:
         parts.append(FIT_SETTINGS)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.shards import read_embeddings
-from tumornet.descriptor import RetrievalConfig, compose
+from tumornet.descriptor import RetrievalConfig, compose, recipe_of
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.io import atomic_write_text, read_json_record
@@ -29,7 +29,7 @@ from tumornet.labels import LabelSchema
 from tumornet.manifest import read_manifest
 from tumornet.split import SIDES, split_of_model
 
-from .knn import Split, knn_scores, no_embedding, standardize
+from .knn import Rerank, Split, knn_scores, no_embedding, recipe_rerank, standardize
 
 K_CURVE = tuple(range(1, 21))
 ROWS = ("learned", "handcrafted", "no_embedding")
@@ -50,6 +50,7 @@ class Evaluation:
     table: pa.Table  # the model's shard rows
     train_rows: np.ndarray  # indices of table rows in train / test
     test_rows: np.ndarray
+    rerank: Rerank | None = None  # the recipe's second search stage (retrieval.knn.neighbours), if any
 
 
 def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "test",
@@ -81,6 +82,7 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "
                  patients=np.asarray(table["patient_key"].to_pylist()))
     train_rows, test_rows = np.flatnonzero(where == "train"), np.flatnonzero(where == "test")
     train, test = full.subset(train_rows), full.subset(test_rows)
+    rerank = recipe_rerank(retrieval or recipe_of(meta)[0], meta, x.shape[1], str(emb_dir))
     if len(train.x) == 0 or len(test.x) == 0:
         raise InputError(f"{emb_dir}: {len(train.x)} training and {len(test.x)} held-out tumors match {manifest} "
                          "with this secret (another archive, or another site key?)")
@@ -88,7 +90,7 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "
     train_hand, test_hand = standardize(train.with_x(hand[where == "train"]), test.with_x(hand[where == "test"]))
     return Evaluation(train=train, test=test, train_hand=train_hand, test_hand=test_hand, meta=meta, tasks=tasks,
                       test_scans=tuple(test_ids), train_scans=tuple(train_ids), table=table,
-                      train_rows=train_rows, test_rows=test_rows)
+                      train_rows=train_rows, test_rows=test_rows, rerank=rerank)
 
 
 NULLABLE_PARTS = ("roimean", "context", "template_position", "atlas")  # shard columns older shards lack or leave null
@@ -113,7 +115,7 @@ def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Se
     """-> the evaluation record: learned / handcrafted / no-embedding rows at K, K curves, the split."""
     ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on, retrieval=retrieval)
     ks = sorted(set(ks) | {k})
-    learned = knn_scores(ev.train, ev.test, ks, ev.tasks)
+    learned = knn_scores(ev.train, ev.test, ks, ev.tasks, rerank=ev.rerank)
     hand = knn_scores(ev.train_hand, ev.test_hand, ks, ev.tasks)
     extra = ev.meta["extra"]
     split = extra["split"]

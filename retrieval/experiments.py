@@ -156,12 +156,15 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
                   else v in POSITION_FRAMES if key == "position_frame" else v in SIZE_UNITS if key == "size_units"
                   else v in SIZE_SOURCES if key == "size_source"
-                  else isinstance(v, int) and not isinstance(v, bool) and v >= 0 if key == "head_draws"
+                  else isinstance(v, int) and not isinstance(v, bool) and v >= 0 if key in ("head_draws", "rerank")
+                  else v is None or (number and v >= 0) if key in ("rerank_size", "rerank_position")
                   else number and (v > 0 if key == "task_temperature" else v >= 0))
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false",
                         "position_frame": "head, template or atlas", "size_units": "log or mm",
                         "size_source": "box, seg or fit", "head_draws": "a whole number >= 0",
+                        "rerank": "a whole number >= 0", "rerank_size": "a weight >= 0 or null",
+                        "rerank_position": "a weight >= 0 or null",
                         "task_temperature": "a number > 0"}.get(key, "a weight >= 0")
                 raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
@@ -194,7 +197,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     from tumornet.labels import LabelSchema
 
     from .evaluate import load_evaluation, shard_parts
-    from .knn import knn_scores
+    from .knn import knn_scores, recipe_rerank
     from .robustness import distorted_queries, query_split
 
     ev = load_evaluation(embeddings, manifest, secret, model, on="validation")
@@ -234,18 +237,27 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
                 or (w["tasks"] == 0 and w.get("heads") == "refit") or (w.get("whiten") and w["roipool"] == 0)
                 or (w.get("head_draws", 0) and (w["tasks"] == 0 or w.get("heads") != "refit"))):
             continue  # nothing to retrieve by / the same vector as a recipe already scored
+        again = {key: w.get(f"rerank_{key}") for key in ("size", "position")}
+        if (any(v is not None and w[key] == 0 for key, v in again.items())
+                or (w.get("rerank", 0) == 0 and any(v != grid[f"rerank_{key}"][0] for key, v in again.items()
+                                                     if f"rerank_{key}" in grid))
+                or (w.get("rerank", 0) > 0 and all(v in (None, w[key]) for key, v in again.items()))):
+            continue  # no such part to weigh again / the same search as a recipe already scored
         try:
             cfg = RetrievalConfig(standardize=True, **w)
         except TypeError as e:
             raise InputError(f"recipe grid: {e}") from None
         stats = stats_of[cfg.position_frame, cfg.size_source, cfg.head_draws]
         x = compose(parts, cfg, schema, stats)
+        rerank = recipe_rerank(cfg, ev.meta, x.shape[1], str(embeddings))
         db = ev.train.with_x(x[ev.train_rows])
-        row = {"recipe": w, "learned": knn_scores(db, ev.test.with_x(x[ev.test_rows]), [k], ev.tasks)[k],
+        row = {"recipe": w, "learned": knn_scores(db, ev.test.with_x(x[ev.test_rows]), [k], ev.tasks,
+                                                  rerank=rerank)[k],
                "handcrafted": hand}
         row["score"] = recipe_score(row["learned"])
         if distorted:
-            runs = [knn_scores(db, q.with_x(compose(p, cfg, schema, stats)), [k], ev.tasks)[k] for q, p in distorted]
+            runs = [knn_scores(db, q.with_x(compose(p, cfg, schema, stats)), [k], ev.tasks, rerank=rerank)[k]
+                    for q, p in distorted]
             row["distorted"] = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
             row["score"] = (row["score"] + recipe_score(row["distorted"])) / 2
         rows.append(row)

@@ -9,6 +9,9 @@ Per task:
 - mAP@K: mean over queries of AP@K = sum_{i <= K} P@i x rel_i / min(K, R), where rel_i says the
   i-th neighbour has the query's class and R is how many database tumors have it (0 when R = 0).
 Size: the mean linear size of the K neighbours predicts the query's; RMSE in mm.
+A recipe that searches in two stages (`retrieval.rerank`, tumornet.descriptor.rerank_scales) takes the
+M nearest and re-orders them by the distance with some parts weighed again: `rerank` = (M, per-column
+scales); the K neighbours are then the first K of the re-ordered M.
 A missing label is left out: a query without a label for a task is not scored on it, and database
 tumors without one are not retrieved for it (the K nearest that have one are).
 
@@ -25,8 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
+from tumornet.descriptor import RetrievalConfig, rerank_scales
 from tumornet.errors import InputError
-from tumornet.labels import MISSING
+from tumornet.labels import MISSING, LabelSchema
 
 METRICS = ("acc", "precision", "map")  # per task: f"{metric}_{task}"; and "rmse_size_mm"
 
@@ -62,9 +66,33 @@ def nearest(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return nn.kneighbors(q)
 
 
-def neighbours(db: Split, q: Split, k: int, *, chunk: int = 1024) -> np.ndarray:
+Rerank = tuple[int, np.ndarray]  # (candidates M, per-column scales of the second stage's distance)
+
+
+def recipe_rerank(cfg: RetrievalConfig, meta: dict, width: int, where: str) -> Rerank | None:
+    """A recipe's second search stage for vectors of `width` columns (None: one stage)."""
+    scales = rerank_scales(cfg, int(meta["model_config"]["channels"]), LabelSchema.from_dict(meta["tasks"]))
+    if scales is None:
+        return None
+    if len(scales) != width:
+        raise InputError(f"{where}: vectors of {width} numbers, but the recipe composes {len(scales)}: embed again")
+    return cfg.rerank, scales
+
+
+def neighbours(db: Split, q: Split, k: int, *, chunk: int = 1024, rerank: Rerank | None = None) -> np.ndarray:
     """(len(q), k) indices into db, nearest first, never from the query's own patient; -1 where
-    fewer than k database tumors are from other patients."""
+    fewer than k database tumors are from other patients. `rerank` (M, scales): the M nearest
+    re-ordered by the distance of the columns times `scales` (ties keep the first stage's order), any
+    neighbours beyond the M after them as they were."""
+    if rerank is not None and rerank[0] > 1:
+        m, scales = rerank
+        cand = neighbours(db, q, max(m, k), chunk=chunk)  # the first m re-ordered, any beyond them kept
+        for s in range(0, len(q.x), chunk):
+            c = cand[s:s + chunk, :m]
+            diff = (db.x[np.maximum(c, 0)].astype(np.float64) - q.x[s:s + chunk, None].astype(np.float64)) * scales
+            d = np.where(c >= 0, (diff**2).sum(-1), np.inf)
+            cand[s:s + chunk, :m] = np.take_along_axis(c, d.argsort(1, kind="stable"), 1)
+        return cand[:, :k]
     k_eff = min(k, len(db.x))
     out = np.full((len(q.x), k), -1, dtype=np.int64)
     db64 = db.x.astype(np.float64)
@@ -106,8 +134,10 @@ def _task_scores(db_labels: np.ndarray, nb: np.ndarray, truth: np.ndarray, relev
     return float(np.mean(acc)), float(np.mean(prec)), float(np.mean(ap))
 
 
-def knn_scores(db: Split, q: Split, ks: Sequence[int], tasks: Sequence[str]) -> dict[int, dict[str, float]]:
-    """-> {K: {"acc_<task>", "precision_<task>", "map_<task>", ..., "rmse_size_mm"}} for every K in ks."""
+def knn_scores(db: Split, q: Split, ks: Sequence[int], tasks: Sequence[str], *,
+               rerank: Rerank | None = None) -> dict[int, dict[str, float]]:
+    """-> {K: {"acc_<task>", "precision_<task>", "map_<task>", ..., "rmse_size_mm"}} for every K in ks
+    (`rerank`: a two-stage search, see neighbours)."""
     if len(db.x) == 0 or len(q.x) == 0:
         raise InputError(f"KNN evaluation needs database and query tumors (got {len(db.x)} and {len(q.x)})")
     if min(ks) < 1:
@@ -122,7 +152,7 @@ def knn_scores(db: Split, q: Split, ks: Sequence[int], tasks: Sequence[str]) -> 
                 out[k].update({f"{m}_{t}": float("nan") for m in METRICS})
             continue
         sub_db, sub_q = db.subset(known_db), q.subset(known_q)
-        nb = neighbours(sub_db, sub_q, kmax)
+        nb = neighbours(sub_db, sub_q, kmax, rerank=rerank)
         truth = sub_q.labels[t]
         same = sub_db.labels[t][None] == truth[:, None]
         if sub_q.patients is not None and sub_db.patients is not None:
@@ -131,7 +161,7 @@ def knn_scores(db: Split, q: Split, ks: Sequence[int], tasks: Sequence[str]) -> 
         for k in ks:
             a, p, m = _task_scores(sub_db.labels[t], nb, truth, relevant, k)
             out[k].update({f"acc_{t}": a, f"precision_{t}": p, f"map_{t}": m})
-    nb = neighbours(db, q, kmax)
+    nb = neighbours(db, q, kmax, rerank=rerank)
     for k in ks:
         sizes = np.where(nb[:, :k] >= 0, db.size_mm[nb[:, :k]], np.nan)
         pred = np.nanmean(sizes, axis=1)

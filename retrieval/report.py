@@ -86,7 +86,7 @@ def _examples(ev, manifest, secret: bytes, *, queries: int, hits: int) -> list[s
     for cls in sorted(set(types.tolist()) - {MISSING}) or [MISSING]:
         chosen.append(int(np.flatnonzero(types == cls)[0]))
     chosen = chosen[:queries]
-    nb = neighbours(ev.train, ev.test, hits)
+    nb = neighbours(ev.train, ev.test, hits, rerank=ev.rerank)
     cache: dict[str, object] = {}
 
     def panel(row: int, title: str, extra: str) -> dict:

@@ -50,8 +50,8 @@ def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draw
                log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1, on: str = "test") -> dict:
     """`on`: the queries, the held-out test patients or the validation patients (as `evaluate --on`)."""
     ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on)
-    clean = knn_scores(ev.train, ev.test, [k], ev.tasks)[k]
-    runs = [knn_scores(ev.train, query_split(rows, ev.tasks), [k], ev.tasks)[k]
+    clean = knn_scores(ev.train, ev.test, [k], ev.tasks, rerank=ev.rerank)[k]
+    runs = [knn_scores(ev.train, query_split(rows, ev.tasks), [k], ev.tasks, rerank=ev.rerank)[k]
             for rows in distorted_queries(model_path, ev, manifest, secret, draws=draws, seed=seed,
                                           log2_scale_sd=log2_scale_sd, shift_sd=shift_sd)]
     keys = list(clean)

@@ -18,7 +18,7 @@ import numpy as np
 from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_to_voxels
-from tumornet.descriptor import compose, tumor_parts
+from tumornet.descriptor import compose, recipe_of, tumor_parts
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
@@ -28,7 +28,7 @@ from tumornet.scans import read_instances
 from tumornet.volumes import load_volume, read_label_map
 
 from .index import VECTOR_COLUMNS, load_index
-from .knn import nearest
+from .knn import nearest, recipe_rerank
 
 QUERY_KEY = b"query-scan-no-patient-key"  # the query's keys are computed, never output
 
@@ -84,32 +84,40 @@ def _archive(model_path, emb_dir):
     """-> (model, meta, Archive): the model's index when it is current, else its shard rows."""
     model, meta = load_model(model_path)
     mid = meta["model_id"]
+    recipe = recipe_of(meta)[0]
     index = load_index(emb_dir, mid)
     if index is not None:
-        return model, meta, Archive(index.table, index.search, index.index.reconstruct)
+        return model, meta, Archive(index.table, index.search, index.index.reconstruct,
+                                    recipe_rerank(recipe, meta, index.index.d, str(emb_dir)))
     table = read_embeddings(emb_dir, model_id=mid)
     if table.num_rows == 0:
         raise InputError(f"{emb_dir}: no tumor embedded with model {mid}; embed the archive with this model first")
     x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    return model, meta, Archive(table, lambda q, n: nearest(x, q, n), lambda i: x[i])
+    return model, meta, Archive(table, lambda q, n: nearest(x, q, n), lambda i: x[i],
+                                recipe_rerank(recipe, meta, x.shape[1], str(emb_dir)))
 
 
 class Archive:
     """The archive's rows (without vectors), a search function (q (n, D), n) -> (distances, row
-    indices), nearest first, and a row's vector: the FAISS index, or brute force over the shards."""
+    indices), nearest first, and a row's vector: the FAISS index, or brute force over the shards; and
+    the recipe's second search stage (retrieval.knn.recipe_rerank; None: one stage)."""
 
-    def __init__(self, table, search_fn, vector_fn):
+    def __init__(self, table, search_fn, vector_fn, rerank=None):
         self.rows = table.drop_columns([c for c in VECTOR_COLUMNS if c in table.column_names]).to_pylist()
-        self.search, self.vector = search_fn, vector_fn
+        self.search, self.vector, self.rerank = search_fn, vector_fn, rerank
 
 
 def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[str, int] | None = None) -> list[dict]:
     """queries: {"embedding", "patient_key" (None: unknown), ...shown fields} -> each with its `hits`:
     the k nearest archive tumors, never from the query's own patient, among the rows that pass the
-    label filters (the candidate list grows until k pass or the archive is exhausted)."""
+    label filters (the candidate list grows until k pass or the archive is exhausted). A recipe with a
+    second stage (`retrieval.rerank` M) takes the M nearest that pass and re-orders them by its
+    distance (`rerank_distance`), as the evaluation does (retrieval.knn.neighbours)."""
     if k < 1:
         raise InputError(f"--k: expected >= 1, got {k}")
     n = len(archive.rows)
+    m, scales = archive.rerank or (0, None)
+    need = max(k, m)
 
     def passes(a: dict, q: dict) -> bool:
         if q.get("patient_key") is not None and a["patient_key"] == q["patient_key"]:
@@ -118,22 +126,28 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[st
 
     out = []
     for q in queries:
-        want = k if not where and q.get("patient_key") is None else 4 * k
+        want = need if not where and q.get("patient_key") is None else 4 * need
+        qx = np.asarray(q["embedding"], dtype=np.float32)
         while True:
-            d, idx = archive.search(np.asarray(q["embedding"], dtype=np.float32)[None], min(want, n))
+            d, idx = archive.search(qx[None], min(want, n))
             hits = []
             for dist, j in zip(d[0], idx[0], strict=True):
                 a = archive.rows[j]
                 if j < 0 or not passes(a, q):
                     continue
-                hits.append({"rank": len(hits) + 1, "distance": float(dist), "scan_key": a["scan_key"],
-                             "patient_key": a["patient_key"], "tumor_id": a["tumor_id"], "size_mm": a["size_mm"],
-                             "labels": _names(model.schema, a, "label")})
-                if len(hits) == k:
+                hits.append({"distance": float(dist), "scan_key": a["scan_key"], "patient_key": a["patient_key"],
+                             "tumor_id": a["tumor_id"], "size_mm": a["size_mm"],
+                             "labels": _names(model.schema, a, "label"), "row": int(j)})
+                if len(hits) == need:
                     break
-            if len(hits) == k or want >= n:
+            if len(hits) == need or want >= n:
                 break
             want *= 4
+        if scales is not None:
+            for h in hits[:m]:
+                h["rerank_distance"] = float(np.sqrt((((archive.vector(h["row"]) - qx) * scales) ** 2).sum()))
+            hits[:m] = sorted(hits[:m], key=lambda h: h["rerank_distance"])  # stable: ties keep the first order
+        hits = [{"rank": r, **{key: v for key, v in h.items() if key != "row"}} for r, h in enumerate(hits[:k], 1)]
         if where and not hits:
             raise InputError("no archive tumor passes the --where filters")
         out.append({k_: v for k_, v in q.items() if k_ not in ("embedding", "patient_key")} | {"hits": hits})

@@ -161,6 +161,12 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
                         grid={"roipool": (1.0,), "tasks": (0.0, 1.0), "size": (1.0,), "position": (1.0,),
                               "heads": ("refit",), "head_draws": (0, 2)})  # tasks 0: no heads to fit (skipped)
     assert sorted(r["recipe"]["head_draws"] for r in rough) == [0, 2]
+    two = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
+                      grid={"roipool": (1.0,), "tasks": (0.0,), "size": (0.0, 1.0), "position": (1.0,),
+                            "rerank": (0, 4), "rerank_size": (None, 3.0)})
+    # one stage once per vector; with no size part there is nothing to weigh again: skipped
+    assert sorted((r["recipe"]["size"], r["recipe"]["rerank"], r["recipe"]["rerank_size"] or 0) for r in two) == [
+        (0.0, 0, 0), (1.0, 0, 0), (1.0, 4, 3.0)]
     rob = robustness(path, tmp_path / "emb", small_cohort, SECRET, k=3, draws=1, on="validation")
     assert rob["on"] == "validation" and rob["test_tumors"] == n_val
 
@@ -256,12 +262,15 @@ def test_a_grid_file_names_known_keys_and_lists(tmp_path):
     assert read_grid("grid-pooling")["context"] == (0, 0.5, 1)  # the bundled fourth round
     assert read_grid("grid-roipool")["heads"] == ("network",) and read_grid("grid-roipool")["size"] == (0,)
     assert read_grid("grid-frame")["position_frame"] == ("head", "template", "atlas")  # the bundled sixth round
+    assert read_grid("grid-rerank")["rerank_size"] == (None, 2, 4, 8)  # the bundled ninth round
     for text, match in (("pooling: [1]\n", "unknown grid key 'pooling'"), ("roimean: 0.5\n", "roimean: expected a "
                         "non-empty list"), ("standardize: [true]\n", "unknown grid key 'standardize'"),
                         ("roimean: [0, x]\n", "roimean: expected a weight >= 0, got 'x'"),
                         ("whiten: [1]\n", "whiten: expected true or false, got 1"),
                         ("heads: [mlp]\n", "heads: expected network or refit, got 'mlp'"),
-                        ("position_frame: [mni]\n", "position_frame: expected head, template or atlas, got 'mni'")):
+                        ("position_frame: [mni]\n", "position_frame: expected head, template or atlas, got 'mni'"),
+                        ("rerank: [2.5]\n", "rerank: expected a whole number >= 0, got 2.5"),
+                        ("rerank_size: [-1]\n", "rerank_size: expected a weight >= 0 or null, got -1")):
         good.write_text(text)
         with pytest.raises(InputError, match=match):
             read_grid(good)

@@ -96,6 +96,13 @@ class RetrievalConfig:
     # the refit heads are also fit on this many rough-box copies of every training tumor (the paper's
     # eq. 2, as a query's box may be drawn: tumornet.boxes.distort_box), so that they hold on a rough box
     head_draws: int = 0
+    # search in two stages: the `rerank` nearest by this vector (0: one stage), re-ordered by the distance
+    # with the size / position parts weighed `rerank_size` / `rerank_position` instead (None: as in the
+    # vector): the nearest in labels first, the closest in size and place among them. Search-time only:
+    # the stored vectors do not change (rerank_scales)
+    rerank: int = 0
+    rerank_size: float | None = None
+    rerank_position: float | None = None
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -113,6 +120,15 @@ class RetrievalConfig:
             raise InputError(f"retrieval.head_draws: expected a whole number >= 0, got {self.head_draws!r}")
         if self.size_source not in SIZE_SOURCES:
             raise InputError(f"retrieval.size_source: expected box, seg or fit, got {self.size_source!r}")
+        if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:
+            raise InputError(f"retrieval.rerank: expected a whole number >= 0 (candidates), got {self.rerank!r}")
+        for key in ("size", "position"):
+            w = getattr(self, f"rerank_{key}")
+            if w is not None and not (isinstance(w, int | float) and not isinstance(w, bool) and w >= 0):
+                raise InputError(f"retrieval.rerank_{key}: expected a weight >= 0, got {w!r}")
+            if w is not None and w != getattr(self, key) and getattr(self, key) == 0:
+                raise InputError(f"retrieval.rerank_{key}: the vector has no {key} part to weigh again "
+                                 f"(retrieval.{key} is 0)")
 
     @property
     def uses_position(self) -> bool:
@@ -267,7 +283,35 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
+def block_slices(cfg: RetrievalConfig, channels: int, schema: LabelSchema) -> dict[str, slice]:
+    """Where each part of `compose`'s vector lies: part -> columns (parts of weight 0 left out)."""
+    widths = {"roipool": channels if cfg.roipool > 0 else 0,
+              "tasks": sum(t.n_classes for t in schema.tasks) if cfg.tasks > 0 else 0,
+              "size": 1 if cfg.size > 0 else 0, "position": 3 if cfg.position > 0 else 0,
+              "seg_size": 1 if cfg.seg_size > 0 else 0, "roimean": channels if cfg.roimean > 0 else 0,
+              "context": channels if cfg.context > 0 else 0}
+    out, at = {}, 0
+    for key, n in widths.items():
+        if n:
+            out[key] = slice(at, at + n)
+            at += n
+    return out
+
+
+def rerank_scales(cfg: RetrievalConfig, channels: int, schema: LabelSchema) -> np.ndarray | None:
+    """The second stage of a search (`retrieval.rerank`): per column of the vector, the factor that turns
+    its first-stage weight into the second stage's (1 but on the size / position parts) -> (D,) array,
+    or None when the recipe searches in one stage."""
+    if cfg.rerank == 0:
+        return None
+    blocks = block_slices(cfg, channels, schema)
+    scales = np.ones(vector_size(cfg, channels, schema))
+    for key in ("size", "position"):
+        w = getattr(cfg, f"rerank_{key}")
+        if w is not None and key in blocks:
+            scales[blocks[key]] = w / getattr(cfg, key)
+    return scales
+
+
 def vector_size(cfg: RetrievalConfig, channels: int, schema: LabelSchema) -> int:
-    return ((channels if cfg.roipool > 0 else 0) + (sum(t.n_classes for t in schema.tasks) if cfg.tasks > 0 else 0)
-            + (1 if cfg.size > 0 else 0) + (3 if cfg.position > 0 else 0) + (1 if cfg.seg_size > 0 else 0)
-            + (channels if cfg.roimean > 0 else 0) + (channels if cfg.context > 0 else 0))
+    return max((s.stop for s in block_slices(cfg, channels, schema).values()), default=0)
