@@ -166,7 +166,7 @@ def cmd_evaluate(args) -> None:
         raise InputError(f"--detect-thresholds: each must be in (0, 1), got {args.detect_thresholds!r}")
     secret = read_secret(args.secret_file)
     res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_number_list(args.ks, "--ks"),
-                   on=args.on)
+                   on=args.on, rerank=args.rerank)
     print(format_evaluation(res))
     if args.detection:
         from retrieval.detection import detection_sweep, format_detection, parse_windows
@@ -179,7 +179,7 @@ def cmd_evaluate(args) -> None:
         from retrieval.robustness import format_robustness, robustness
 
         res["robustness"] = robustness(args.model, args.embeddings, args.manifest, secret, k=args.k,
-                                       draws=args.draws, seed=args.seed, on=args.on)
+                                       draws=args.draws, seed=args.seed, on=args.on, rerank=args.rerank)
         print()
         print(format_robustness(res["robustness"]))
     write_evaluation(res, args.out or Path(args.embeddings) / "evaluation.json")
@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--detect-windows", help="--detection with these sliding windows too, WINDOW:OVERLAP (e.g. 64:0.5)")
     sp.add_argument("--draws", type=int, default=3, help="distortions of every held-out tumor (for --robustness)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the distortions (for --robustness)")
+    sp.add_argument("--rerank", type=int, help="search with this many first-stage candidates instead of the "
+                    "recipe's retrieval.rerank (0: one stage; the stored vectors are the same)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("search", help="the archive tumors most similar to a new scan's tumors")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +54,11 @@ class Evaluation:
 
 
 def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "test",
-                    retrieval: RetrievalConfig | None = None) -> Evaluation:
+                    retrieval: RetrievalConfig | None = None, rerank: int | None = None) -> Evaluation:
     """The database and query tumors of the model's split (`on`: test, or validation to choose a
     recipe on); `retrieval`: score another recipe of the same model, recomposed from the shards'
-    parts (tumornet.descriptor) instead of their `embedding` column."""
+    parts (tumornet.descriptor) instead of their `embedding` column; `rerank`: the recipe's search with
+    that many candidates in its first stage instead (0: one stage; the vectors are the same)."""
     _, meta = load_model(model_path)
     mid = meta["model_id"]
     schema = LabelSchema.from_dict(meta["tasks"])
@@ -82,7 +83,13 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "
                  patients=np.asarray(table["patient_key"].to_pylist()))
     train_rows, test_rows = np.flatnonzero(where == "train"), np.flatnonzero(where == "test")
     train, test = full.subset(train_rows), full.subset(test_rows)
-    rerank = recipe_rerank(retrieval or recipe_of(meta)[0], meta, x.shape[1], str(emb_dir))
+    recipe = retrieval or recipe_of(meta)[0]
+    if rerank is not None:
+        try:
+            recipe = replace(recipe, rerank=rerank)
+        except InputError as e:
+            raise InputError(f"--rerank: {e}") from None
+    rerank = recipe_rerank(recipe, meta, x.shape[1], str(emb_dir))
     if len(train.x) == 0 or len(test.x) == 0:
         raise InputError(f"{emb_dir}: {len(train.x)} training and {len(test.x)} held-out tumors match {manifest} "
                          "with this secret (another archive, or another site key?)")
@@ -111,15 +118,17 @@ def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Sequence[int] = K_CURVE,
-             on: str = "test", retrieval: RetrievalConfig | None = None) -> dict:
-    """-> the evaluation record: learned / handcrafted / no-embedding rows at K, K curves, the split."""
-    ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on, retrieval=retrieval)
+             on: str = "test", retrieval: RetrievalConfig | None = None, rerank: int | None = None) -> dict:
+    """-> the evaluation record: learned / handcrafted / no-embedding rows at K, K curves, the split
+    (`retrieval`, `rerank`: as load_evaluation)."""
+    ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on, retrieval=retrieval, rerank=rerank)
     ks = sorted(set(ks) | {k})
     learned = knn_scores(ev.train, ev.test, ks, ev.tasks, rerank=ev.rerank)
     hand = knn_scores(ev.train_hand, ev.test_hand, ks, ev.tasks)
     extra = ev.meta["extra"]
     split = extra["split"]
     return {"model_id": ev.meta["model_id"], "run": extra.get("run"), "steps": extra.get("steps"), "k": k, "on": on,
+            "rerank": ev.rerank[0] if ev.rerank else 0,
             "tasks": list(ev.tasks), "train_tumors": len(ev.train.x), "test_tumors": len(ev.test.x),
             "split": {"test_fraction": split["test_fraction"], "seed": split["seed"],
                       "validation_fraction": split.get("validation_fraction", 0.0),
@@ -153,7 +162,8 @@ def format_evaluation(res: dict) -> str:
     on = res.get("on", "test")
     lines = [f"KNN evaluation of model {res['model_id']}: {res['test_tumors']} {on} tumors searched among "
              f"{res['train_tumors']} database tumors of other patients (split recorded in the model: "
-             f"{res['split'][f'{on}_patients']} {on} patients)", "",
+             f"{res['split'][f'{on}_patients']} {on} patients"
+             + (f"; two-stage search, the {res['rerank']} nearest re-ordered)" if res.get("rerank") else ")"), "",
              f"| metric (K = {res['k']}) | learned | handcrafted | no embedding |", "|---|---|---|---|"]
     for key in metric_keys(res["tasks"]):
         lines.append(f"| {metric_label(key, res['k'])} | " + " | ".join(fmt_metric(rows[r].get(key), key)

@@ -47,9 +47,11 @@ def query_split(rows: list[dict], tasks) -> Split:
 
 
 def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draws: int = 3, seed: int = 0,
-               log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1, on: str = "test") -> dict:
-    """`on`: the queries, the held-out test patients or the validation patients (as `evaluate --on`)."""
-    ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on)
+               log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1, on: str = "test",
+               rerank: int | None = None) -> dict:
+    """`on`: the queries, the held-out test patients or the validation patients (as `evaluate --on`);
+    `rerank`: as load_evaluation."""
+    ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on, rerank=rerank)
     clean = knn_scores(ev.train, ev.test, [k], ev.tasks, rerank=ev.rerank)[k]
     runs = [knn_scores(ev.train, query_split(rows, ev.tasks), [k], ev.tasks, rerank=ev.rerank)[k]
             for rows in distorted_queries(model_path, ev, manifest, secret, draws=draws, seed=seed,

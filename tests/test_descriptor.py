@@ -1,6 +1,7 @@
 """The retrieval vector: its parts, their scaling, the paper's recipe, and orientation invariance."""
 
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -108,7 +109,7 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
     """evaluate(retrieval=...) recomposes the vectors from the stored parts with the model's
     statistics, and on="validation" searches the validation patients among the training ones."""
     from embedder.shards import model_shard_schema, write_shard
-    from retrieval.evaluate import evaluate, load_evaluation
+    from retrieval.evaluate import evaluate, format_evaluation, load_evaluation
     from retrieval.experiments import recipe_grid, recipe_score
     from retrieval.robustness import robustness
     from tumornet.export import export_model
@@ -134,7 +135,14 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
              "box_log_volume": np.array([first["box_log_volume"]]), "position": np.array([first["position"]])}
     assert np.allclose(ev.test.x[0], compose(parts, RECIPE, DEFAULT_SCHEMA, stats)[0], atol=1e-5)
     res = evaluate(tmp_path / "emb", small_cohort, SECRET, path, k=3, ks=[3], on="validation", retrieval=RECIPE)
-    assert res["on"] == "validation" and res["test_tumors"] == n_val
+    assert res["on"] == "validation" and res["test_tumors"] == n_val and res["rerank"] == 0
+    # a two-stage search of the same vectors; evaluate --rerank 0 scores it in one stage again
+    two = replace(RECIPE, rerank=4, rerank_size=3.0)
+    staged = evaluate(tmp_path / "emb", small_cohort, SECRET, path, k=3, ks=[3], on="validation", retrieval=two)
+    assert staged["rerank"] == 4 and "the 4 nearest re-ordered" in format_evaluation(staged)
+    assert staged["rows"]["learned"] != res["rows"]["learned"]
+    assert evaluate(tmp_path / "emb", small_cohort, SECRET, path, k=3, ks=[3], on="validation", retrieval=two,
+                    rerank=0)["rows"] == res["rows"]
     grid = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
                        grid={"roipool": (0.0, 1.0), "tasks": (0.0,), "size": (1.0,), "position": (1.0, 2.0)})
     assert len(grid) == 2 and grid[0]["score"] >= grid[1]["score"]  # roipool 0 with tasks 0 is skipped

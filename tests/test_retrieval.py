@@ -185,6 +185,8 @@ def test_evaluate_and_search_commands_name_bad_input(tmp_path, archive, small_co
     assert "K must be >= 1" in capsys.readouterr().err
     assert main([*base, "--ks", "1,x"]) == 2
     assert "--ks: expected comma-separated integers" in capsys.readouterr().err
+    assert main([*base, "--rerank", "-1"]) == 2
+    assert "--rerank: retrieval.rerank: expected a whole number >= 0" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "e.json")]) == 0
     assert "KNN evaluation of model" in capsys.readouterr().out and (tmp_path / "e.json").is_file()
     assert main(["search", "--model", str(archive / "model.pt"), "--embeddings", str(archive / "emb"),
