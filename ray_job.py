@@ -201,14 +201,15 @@ def cmd_search(args) -> None:
     if len([f for f in ("mask", "box", "tumor") if getattr(args, f)]) > 1 or bool(args.tumor) == bool(args.image):
         raise InputError("search: give --image (alone, with --mask or with --box), or --tumor SCAN_KEY:TUMOR_ID")
     if args.tumor:
-        results = search_archived(args.model, args.embeddings, args.tumor, k=args.k, where=args.where)
+        results = search_archived(args.model, args.embeddings, args.tumor, k=args.k, where=args.where,
+                                  rerank=args.rerank)
     elif args.box:
         results = search_box(args.model, args.embeddings, args.image, _floats(args.box, "--box", 6), k=args.k,
-                             where=args.where)
+                             where=args.where, rerank=args.rerank)
     else:
         tumor_ids = _number_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
         rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
-        results = search(args.model, args.embeddings, rows, k=args.k, where=args.where)
+        results = search(args.model, args.embeddings, rows, k=args.k, where=args.where, rerank=args.rerank)
     print(json.dumps(results, indent=2) if args.json else format_search(results))
 
 
@@ -394,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--binary", action="store_true", help="the mask is binary: each connected component is a tumor")
     sp.add_argument("--tumor-id", help="only these tumors of the mask (comma-separated)")
     sp.add_argument("--k", type=int, default=5)
+    sp.add_argument("--rerank", type=int, help="first-stage candidates instead of the recipe's retrieval.rerank "
+                    "(0: one stage)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
 

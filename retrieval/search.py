@@ -80,11 +80,17 @@ def parse_where(items, schema) -> dict[str, int]:
     return out
 
 
-def _archive(model_path, emb_dir):
-    """-> (model, meta, Archive): the model's index when it is current, else its shard rows."""
+def _archive(model_path, emb_dir, rerank: int | None = None):
+    """-> (model, meta, Archive): the model's index when it is current, else its shard rows; `rerank`:
+    search with that many first-stage candidates instead of the recipe's (0: one stage)."""
     model, meta = load_model(model_path)
     mid = meta["model_id"]
     recipe = recipe_of(meta)[0]
+    if rerank is not None:
+        try:
+            recipe = replace(recipe, rerank=rerank)
+        except InputError as e:
+            raise InputError(f"--rerank: {e}") from None
     index = load_index(emb_dir, mid)
     if index is not None:
         return model, meta, Archive(index.table, index.search, index.index.reconstruct,
@@ -154,10 +160,10 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[st
     return out
 
 
-def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None) -> list[dict]:
+def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None, rerank=None) -> list[dict]:
     """A new scan with its tumor mask (or none: the tumors the model finds) -> one entry per tumor: its
-    size, predicted labels and hits."""
-    model, meta, archive = _archive(model_path, emb_dir)
+    size, predicted labels and hits (`rerank`: as _archive, for every query form)."""
+    model, meta, archive = _archive(model_path, emb_dir, rerank)
     spacing, patch, recipe = embed_settings(meta, model_path)
     queries = embed_scan(model, meta["model_id"], rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY,
                          file_hash="", recipe=recipe, detect=detect_settings(meta))
@@ -168,14 +174,14 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=No
                                for q in queries], k=k, where=parse_where(where, model.schema))
 
 
-def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None) -> list[dict]:
+def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, rerank=None) -> list[dict]:
     """The paper's query: a new scan and a box drawn around the tumor, (x0, y0, z0, x1, y1, z1) in
     world millimetres (RAS) -> one entry (size unknown: no mask)."""
     box_mm = np.asarray(box_mm, dtype=np.float64)
     if box_mm.shape != (6,) or np.any(box_mm[3:] <= box_mm[:3]):
         raise InputError(f"--box: expected x0,y0,z0,x1,y1,z1 in mm with x0 < x1, y0 < y1, z0 < z1, "
                          f"got {box_mm.tolist()}")
-    model, meta, archive = _archive(model_path, emb_dir)
+    model, meta, archive = _archive(model_path, emb_dir, rerank)
     spacing, patch, (cfg, stats) = embed_settings(meta, model_path)
     vol = load_volume(image, scan_id="query", spacing_mm=spacing)
     vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
@@ -193,14 +199,14 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None) ->
                 where=parse_where(where, model.schema))
 
 
-def search_archived(model_path, emb_dir, tumor: str, *, k: int = 5, where=None) -> list[dict]:
+def search_archived(model_path, emb_dir, tumor: str, *, k: int = 5, where=None, rerank=None) -> list[dict]:
     """An archived tumor, `SCAN_KEY:TUMOR_ID` -> its hits, never from its own patient."""
     scan_key, _, tid = tumor.partition(":")
     try:
         tumor_id = int(tid)
     except ValueError:
         raise InputError(f"--tumor: expected SCAN_KEY:TUMOR_ID, got {tumor!r}") from None
-    model, meta, archive = _archive(model_path, emb_dir)  # the index when current: no shard is read
+    model, meta, archive = _archive(model_path, emb_dir, rerank)  # the index when current: no shard is read
     mine = [i for i, r in enumerate(archive.rows) if r["scan_key"] == scan_key and r["tumor_id"] == tumor_id]
     if not mine:
         raise InputError(f"--tumor {tumor}: no such tumor in {emb_dir} for model {meta['model_id']}")

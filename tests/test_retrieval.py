@@ -222,3 +222,8 @@ def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_c
         search_archived(archive / "model.pt", archive / "emb", f"{key}:1", where=["tumor_type=glioma"])
     with pytest.raises(InputError, match="no such tumor"):
         search_archived(archive / "model.pt", archive / "emb", "0000:1")
+    with pytest.raises(InputError, match=r"--rerank: retrieval\.rerank: expected a whole number >= 0"):
+        search_archived(archive / "model.pt", archive / "emb", f"{key}:{row['tumor_id']}", rerank=-1)
+    # a second stage that weighs nothing again leaves the order as it was
+    (same,) = search_archived(archive / "model.pt", archive / "emb", f"{key}:{row['tumor_id']}", k=10, rerank=4)
+    assert [h["scan_key"] for h in same["hits"]] == [h["scan_key"] for h in a["hits"]]
