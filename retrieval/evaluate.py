@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +83,7 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "
                  patients=np.asarray(table["patient_key"].to_pylist()))
     train_rows, test_rows = np.flatnonzero(where == "train"), np.flatnonzero(where == "test")
     train, test = full.subset(train_rows), full.subset(test_rows)
-    recipe = retrieval or recipe_of(meta)[0]
-    if rerank is not None:
-        try:
-            recipe = replace(recipe, rerank=rerank)
-        except InputError as e:
-            raise InputError(f"--rerank: {e}") from None
-    rerank = recipe_rerank(recipe, meta, x.shape[1], str(emb_dir))
+    rerank = recipe_rerank(retrieval or recipe_of(meta)[0], meta, x.shape[1], str(emb_dir), candidates=rerank)
     if len(train.x) == 0 or len(test.x) == 0:
         raise InputError(f"{emb_dir}: {len(train.x)} training and {len(test.x)} held-out tumors match {manifest} "
                          "with this secret (another archive, or another site key?)")

@@ -23,7 +23,7 @@ predicting the mean training size.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
@@ -69,8 +69,15 @@ def nearest(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
 Rerank = tuple[int, np.ndarray]  # (candidates M, per-column scales of the second stage's distance)
 
 
-def recipe_rerank(cfg: RetrievalConfig, meta: dict, width: int, where: str) -> Rerank | None:
-    """A recipe's second search stage for vectors of `width` columns (None: one stage)."""
+def recipe_rerank(cfg: RetrievalConfig, meta: dict, width: int, where: str, *,
+                  candidates: int | None = None) -> Rerank | None:
+    """A recipe's second search stage for vectors of `width` columns (None: one stage); `candidates`:
+    that many in the first stage instead of the recipe's (`--rerank`; 0: one stage)."""
+    if candidates is not None:
+        try:
+            cfg = replace(cfg, rerank=candidates)
+        except InputError as e:
+            raise InputError(f"--rerank: {e}") from None
     scales = rerank_scales(cfg, int(meta["model_config"]["channels"]), LabelSchema.from_dict(meta["tasks"]))
     if scales is None:
         return None

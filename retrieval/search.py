@@ -86,21 +86,16 @@ def _archive(model_path, emb_dir, rerank: int | None = None):
     model, meta = load_model(model_path)
     mid = meta["model_id"]
     recipe = recipe_of(meta)[0]
-    if rerank is not None:
-        try:
-            recipe = replace(recipe, rerank=rerank)
-        except InputError as e:
-            raise InputError(f"--rerank: {e}") from None
     index = load_index(emb_dir, mid)
     if index is not None:
         return model, meta, Archive(index.table, index.search, index.index.reconstruct,
-                                    recipe_rerank(recipe, meta, index.index.d, str(emb_dir)))
+                                    recipe_rerank(recipe, meta, index.index.d, str(emb_dir), candidates=rerank))
     table = read_embeddings(emb_dir, model_id=mid)
     if table.num_rows == 0:
         raise InputError(f"{emb_dir}: no tumor embedded with model {mid}; embed the archive with this model first")
     x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     return model, meta, Archive(table, lambda q, n: nearest(x, q, n), lambda i: x[i],
-                                recipe_rerank(recipe, meta, x.shape[1], str(emb_dir)))
+                                recipe_rerank(recipe, meta, x.shape[1], str(emb_dir), candidates=rerank))
 
 
 class Archive:
