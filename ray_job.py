@@ -200,16 +200,19 @@ def cmd_search(args) -> None:
 
     if len([f for f in ("mask", "box", "tumor") if getattr(args, f)]) > 1 or bool(args.tumor) == bool(args.image):
         raise InputError("search: give --image (alone, with --mask or with --box), or --tumor SCAN_KEY:TUMOR_ID")
+    if args.tumor and args.patient_key:
+        raise InputError("search: --patient-key is for a new scan's query; --tumor knows its own patient")
     if args.tumor:
         results = search_archived(args.model, args.embeddings, args.tumor, k=args.k, where=args.where,
                                   rerank=args.rerank)
     elif args.box:
         results = search_box(args.model, args.embeddings, args.image, _floats(args.box, "--box", 6), k=args.k,
-                             where=args.where, rerank=args.rerank)
+                             where=args.where, rerank=args.rerank, patient_key=args.patient_key)
     else:
         tumor_ids = _number_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
         rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
-        results = search(args.model, args.embeddings, rows, k=args.k, where=args.where, rerank=args.rerank)
+        results = search(args.model, args.embeddings, rows, k=args.k, where=args.where, rerank=args.rerank,
+                         patient_key=args.patient_key)
     print(json.dumps(results, indent=2) if args.json else format_search(results))
 
 
@@ -218,7 +221,7 @@ def cmd_demo(args) -> None:
     import shutil
 
     from retrieval.search import held_out_example
-    from tumornet.keys import ensure_secret
+    from tumornet.keys import ensure_secret, patient_key, read_secret
 
     cfg = _config(args)
     out = Path(args.out).resolve()
@@ -240,9 +243,10 @@ def cmd_demo(args) -> None:
         ("archive embedding: Ray Data -> Parquet shards (the whole synthetic archive)",
          lambda: ["embed", "--model", str(model), "--manifest", str(manifest), "--out", str(emb), "--secret-file",
                   str(key), "--workers", str(d.workers), "--threads", str(d.cpus_per_worker)]),
-        ("search: a held-out scan as the query (rank 1 is that scan itself, also in the archive)",
+        ("search: a held-out scan as the query, its 5 nearest tumors of other patients",
          lambda: ["search", "--model", str(model), "--embeddings", str(emb),
-                  "--image", str((q := held_out_example(manifest, model)).image), "--mask", str(q.mask)]),
+                  "--image", str((q := held_out_example(manifest, model)).image), "--mask", str(q.mask),
+                  "--patient-key", patient_key(q.patient_id, read_secret(key))]),
         ("evaluation: the K nearest training tumors of each held-out tumor, learned vs handcrafted vs none; "
          "boxes distorted; tumors found without masks",
          lambda: ["evaluate", "--embeddings", str(emb), "--manifest", str(manifest), "--secret-file", str(key),
@@ -392,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--box", help="a box around the tumor instead of a mask: x0,y0,z0,x1,y1,z1 in mm (RAS world)")
     sp.add_argument("--tumor", help="an archived tumor as the query: SCAN_KEY:TUMOR_ID (its own patient excluded)")
     sp.add_argument("--where", action="append", default=[], help="only archive tumors with this label, task=class")
+    sp.add_argument("--patient-key", help="the new scan's patient as the shards key it (patient_key): that "
+                    "patient's archived tumors are left out")
     sp.add_argument("--binary", action="store_true", help="the mask is binary: each connected component is a tumor")
     sp.add_argument("--tumor-id", help="only these tumors of the mask (comma-separated)")
     sp.add_argument("--k", type=int, default=5)

@@ -3,9 +3,11 @@
 The split comes from the model file (the keyed ids of its training and held-out patients, recorded
 at export), never from a config passed again: the training split's tumors are the database, the
 held-out split's tumors the queries. Shard rows are matched to the manifest's scans through their
-keyed scan ids (the site's secret). Three rows are scored with the same protocol (retrieval.knn):
+keyed scan ids (the site's secret). Four rows are scored with the same protocol (retrieval.knn):
 the learned embedding, the handcrafted baseline (tumornet.handcrafted, standardized on the training
-split) and what needs no embedding.
+split), what needs no embedding, and the oracle that knows every tumor's true labels and size
+(retrieval.knn.oracle: the best this archive allows, e.g. how close in size five neighbours that
+share the query's labels can be).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from tumornet.labels import LabelSchema
 from tumornet.manifest import read_manifest
 from tumornet.split import SIDES, split_of_model
 
-from .knn import Rerank, Split, knn_scores, no_embedding, recipe_rerank, standardize
+from .knn import Rerank, Split, knn_scores, no_embedding, oracle, recipe_rerank, standardize
 
 K_CURVE = tuple(range(1, 21))
-ROWS = ("learned", "handcrafted", "no_embedding")
+ROW_NAMES = {"learned": "learned", "handcrafted": "handcrafted", "no_embedding": "no embedding",
+             "oracle": "oracle (true labels, then size)"}
+ROWS = ("learned", "handcrafted", "no_embedding", "oracle")  # "oracle": evaluations written since the tenth session
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +132,8 @@ def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Se
                       "validation_fraction": split.get("validation_fraction", 0.0),
                       **{f"{k}_patients": len(split.get(f"{k}_patients", ())) for k in SIDES}},
             "rows": {"learned": learned[k], "handcrafted": hand[k],
-                     "no_embedding": no_embedding(ev.train, ev.test, ev.tasks)},
+                     "no_embedding": no_embedding(ev.train, ev.test, ev.tasks),
+                     "oracle": knn_scores(*oracle(ev.train, ev.test, ev.tasks), [k], ev.tasks)[k]},
             "k_curve": {"learned": {str(q): learned[q] for q in ks}, "handcrafted": {str(q): hand[q] for q in ks}}}
 
 
@@ -153,15 +158,17 @@ def metric_keys(tasks: Sequence[str]) -> list[str]:
 
 def format_evaluation(res: dict) -> str:
     rows = res["rows"]
+    shown = [r for r in ROWS if r in rows]
     on = res.get("on", "test")
     lines = [f"KNN evaluation of model {res['model_id']}: {res['test_tumors']} {on} tumors searched among "
              f"{res['train_tumors']} database tumors of other patients (split recorded in the model: "
              f"{res['split'][f'{on}_patients']} {on} patients"
              + (f"; two-stage search, the {res['rerank']} nearest re-ordered)" if res.get("rerank") else ")"), "",
-             f"| metric (K = {res['k']}) | learned | handcrafted | no embedding |", "|---|---|---|---|"]
+             f"| metric (K = {res['k']}) | " + " | ".join(ROW_NAMES[r] for r in shown) + " |",
+             "|---|" + "---|" * len(shown)]
     for key in metric_keys(res["tasks"]):
         lines.append(f"| {metric_label(key, res['k'])} | " + " | ".join(fmt_metric(rows[r].get(key), key)
-                                                                     for r in ROWS) + " |")
+                                                                     for r in shown) + " |")
     curve = res["k_curve"]["learned"]
     shown = [q for q in ("1", "3", "5", "10", "20") if q in curve]
     lines += ["", "K curve of the learned embedding:", "",

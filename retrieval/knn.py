@@ -192,6 +192,30 @@ def no_embedding(db: Split, q: Split, tasks: Sequence[str]) -> dict[str, float]:
     return out
 
 
+ORACLE_LABEL_MM = 100.0  # a label mismatch outweighs any size difference (tumors < 100 mm): labels first
+
+
+def oracle(db: Split, q: Split, tasks: Sequence[str], *, label_mm: float = ORACLE_LABEL_MM) -> tuple[Split, Split]:
+    """The retrieval that knows the truth, as vectors: per task the one-hot of the true label times
+    label_mm / sqrt(2) (missing: zeros), then the true linear size in mm, so that the squared
+    distance of two tumors is label_mm^2 per task they disagree on plus their size difference^2.
+    Scored like any embedding (knn_scores), it bounds what any retrieval of this archive can reach:
+    with label_mm large the K neighbours share as many labels as the database allows and are the
+    closest in size among those; a smaller label_mm trades one label for label_mm of size (the
+    frontier of labels against size)."""
+    cols = []
+    for t in tasks:
+        both = np.concatenate([db.labels[t], q.labels[t]])
+        n = int(both.max()) + 1 if (both >= 0).any() else 1
+        onehot = np.zeros((len(both), n))
+        known = both >= 0
+        onehot[np.flatnonzero(known), both[known]] = label_mm / np.sqrt(2)
+        cols.append(onehot)
+    cols.append(np.concatenate([db.size_mm, q.size_mm])[:, None])
+    x = np.concatenate(cols, axis=1).astype(np.float64)
+    return db.with_x(x[:len(db.x)]), q.with_x(x[len(db.x):])
+
+
 def standardize(db: Split, *others: Split) -> list[Split]:
     """z-score every column with the database's mean and sd (a constant column is left at 0)."""
     mu, sd = db.x.mean(0), db.x.std(0)

@@ -155,9 +155,12 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[st
     return out
 
 
-def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None, rerank=None) -> list[dict]:
+def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None, rerank=None,
+           patient_key: str | None = None) -> list[dict]:
     """A new scan with its tumor mask (or none: the tumors the model finds) -> one entry per tumor: its
-    size, predicted labels and hits (`rerank`: as _archive, for every query form)."""
+    size, predicted labels and hits (`rerank`: as _archive, for every query form; `patient_key`: the
+    query's patient as the archive keys it (embedder: keyed_id of the patient id with the site key),
+    whose archived tumors are then never returned, for every query form; None: unknown)."""
     model, meta, archive = _archive(model_path, emb_dir, rerank)
     spacing, patch, recipe = embed_settings(meta, model_path)
     queries = embed_scan(model, meta["model_id"], rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY,
@@ -165,11 +168,13 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=No
     if not queries:
         raise InputError(f"{rows[0].image}: the model found no tumor in this scan (give --mask or --box)")
     return rank(model, archive, [{"tumor_id": q["tumor_id"], "size_mm": q["size_mm"],
-                                "predicted": _names(model.schema, q, "pred"), "embedding": q["embedding"]}
-                               for q in queries], k=k, where=parse_where(where, model.schema))
+                                "predicted": _names(model.schema, q, "pred"), "embedding": q["embedding"],
+                                "patient_key": patient_key} for q in queries],
+                k=k, where=parse_where(where, model.schema))
 
 
-def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, rerank=None) -> list[dict]:
+def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, rerank=None,
+               patient_key: str | None = None) -> list[dict]:
     """The paper's query: a new scan and a box drawn around the tumor, (x0, y0, z0, x1, y1, z1) in
     world millimetres (RAS) -> one entry (size unknown: no mask)."""
     box_mm = np.asarray(box_mm, dtype=np.float64)
@@ -190,7 +195,7 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
         predicted[t.name] = t.classes[int(np.argmax(parts["task_logits"][start:start + t.n_classes]))]
         start += t.n_classes
     return rank(model, archive, [{"tumor_id": None, "box_mm": box_mm.tolist(), "size_mm": None,
-                                "predicted": predicted, "embedding": vector}], k=k,
+                                "predicted": predicted, "embedding": vector, "patient_key": patient_key}], k=k,
                 where=parse_where(where, model.schema))
 
 

@@ -43,6 +43,27 @@ def test_knn_scores_by_hand():
     assert b["precision_t"] == pytest.approx(2 / 5) == b["map_t"]  # random retrieval: the frequency of class a
 
 
+def test_the_oracle_takes_shared_labels_first_then_the_nearest_size():
+    from retrieval.knn import oracle
+
+    # database: labels (t, u) and sizes; the query is (0, 0) at 20 mm
+    db = Split(x=np.zeros((5, 1)), labels={"t": np.array([0, 0, 1, 0, 0]), "u": np.array([0, 0, 0, 1, MISSING])},
+               size_mm=np.array([10.0, 26.0, 20.0, 20.0, 21.0]))
+    q = Split(x=np.zeros((1, 1)), labels={"t": np.array([0]), "u": np.array([0])}, size_mm=np.array([20.0]))
+    odb, oq = oracle(db, q, ["t", "u"])
+    d2 = ((odb.x - oq.x) ** 2).sum(1)
+    # squared distance: label_mm^2 per disagreeing task (half of it for a missing label) + size difference^2
+    assert d2 == pytest.approx([100.0, 36.0, 1e4, 1e4, 5e3 + 1.0])
+    s = knn_scores(odb, oq, [1, 2], ["t", "u"])
+    assert s[1]["rmse_size_mm"] == pytest.approx(6.0)  # the 26 mm tumor shares both labels: it beats 20 mm ones
+    assert s[2]["rmse_size_mm"] == pytest.approx(2.0) and s[2]["acc_t"] == 1.0 == s[2]["acc_u"]  # (26 + 10) / 2 = 18
+    # a small label weight trades labels for size: a label is worth 3 mm here, so the 21 mm tumor whose
+    # u is unknown (4.5 + 1) and the 20 mm ones with one label off (9) come before the 26 mm one (36)
+    odb3, oq3 = oracle(db, q, ["t", "u"], label_mm=3.0)
+    assert ((odb3.x - oq3.x) ** 2).sum(1) == pytest.approx([100.0, 36.0, 9.0, 9.0, 5.5])
+    assert knn_scores(odb3, oq3, [1], ["t", "u"])[1]["rmse_size_mm"] == pytest.approx(1.0)
+
+
 def test_missing_labels_neither_vote_nor_count():
     train = Split(x=np.array([[0.0], [0.1], [5.0]]), labels={"t": np.array([MISSING, 1, 0])},
                   size_mm=np.ones(3))
@@ -105,8 +126,11 @@ def test_evaluation_takes_the_split_from_the_model(tmp_path, small_cohort):
     held_out = sum(1 for r in cohort.rows if r.scan_id in set(test7))
     assert res["test_tumors"] == held_out and res["train_tumors"] == len(cohort.rows) - held_out
     assert res["split"]["seed"] == 7 and res["split"]["test_fraction"] == 0.25
-    learned, hand, none = (res["rows"][r] for r in ("learned", "handcrafted", "no_embedding"))
+    learned, hand, none, best = (res["rows"][r] for r in ("learned", "handcrafted", "no_embedding", "oracle"))
     assert learned["acc_tumor_type"] == 1.0 > none["acc_tumor_type"]
+    # the oracle (true labels, most shared first) beats noise vectors on every task and on size
+    assert all(best[f"acc_{t}"] > hand[f"acc_{t}"] for t in res["tasks"])
+    assert best["rmse_size_mm"] < hand["rmse_size_mm"]
     # AP@5 divides by min(5, R): a rare type with fewer than 5 training tumors still scores 1; precision does not
     assert learned["map_tumor_type"] == 1.0 and 0.9 < learned["precision_tumor_type"] <= 1.0
     assert hand["acc_tumor_type"] < 1.0  # noise vectors
@@ -114,6 +138,7 @@ def test_evaluation_takes_the_split_from_the_model(tmp_path, small_cohort):
     assert learned["rmse_size_mm"] < none["rmse_size_mm"]
     text = format_evaluation(res)
     assert "| tumor_type accuracy | 100.0 % |" in text and "| tumor_type mAP@5 | 100.0 % |" in text
+    assert "| oracle (true labels, then size) |" in text
     write_evaluation(res, tmp_path / "e.json")
     assert "NaN" not in (tmp_path / "e.json").read_text()
     with pytest.raises(InputError, match="0 training and 0 held-out tumors match"):
@@ -227,3 +252,37 @@ def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_c
     # a second stage that weighs nothing again leaves the order as it was
     (same,) = search_archived(archive / "model.pt", archive / "emb", f"{key}:{row['tumor_id']}", k=10, rerank=4)
     assert [h["scan_key"] for h in same["hits"]] == [h["scan_key"] for h in a["hits"]]
+
+
+def test_a_new_scans_query_with_its_patient_key_never_returns_that_patient(archive, small_cohort, capsys):
+    from embedder.shards import read_embeddings
+    from ray_job import main
+    from retrieval.search import query_rows, search, search_box
+    from tumornet.keys import patient_key
+
+    cohort = read_manifest(small_cohort)
+    scan = next(s for s in cohort.scans().values() if len(s) > 1)
+    mine = patient_key(scan[0].patient_id, SECRET)
+    model, emb = archive / "model.pt", archive / "emb"
+    rows = query_rows(scan[0].image, scan[0].mask)
+    unknown = search(model, emb, rows, k=4)
+    assert all(q["hits"][0]["patient_key"] == mine for q in unknown)  # itself first, when the patient is unknown
+    known = search(model, emb, rows, k=4, patient_key=mine)
+    for q, u in zip(known, unknown, strict=True):
+        assert len(q["hits"]) == 4 and all(h["patient_key"] != mine for h in q["hits"])
+        # the others keep their order: the nearest of another patient is the first such hit of before
+        others = [h for h in u["hits"] if h["patient_key"] != mine]
+        assert [h["scan_key"] for h in q["hits"][:len(others)]] == [h["scan_key"] for h in others]
+        assert "patient_key" not in q  # the query's key is never echoed
+    table_row = next(r for r in read_embeddings(emb).to_pylist() if r["patient_key"] == mine)
+    (b,) = search_box(model, emb, rows[0].image, table_row["bbox_mm"], k=3, patient_key=mine)
+    assert all(h["patient_key"] != mine for h in b["hits"])
+    argv = ["search", "--model", str(model), "--embeddings", str(emb), "--image", str(scan[0].image),
+            "--mask", str(scan[0].mask), "--k", "3", "--json"]
+    assert main([*argv, "--patient-key", mine]) == 0
+    out = capsys.readouterr().out
+    assert mine not in out and '"hits"' in out
+    tumor = f"{keyed_id(scan[0].scan_id, SECRET)}:1"
+    assert main(["search", "--model", str(model), "--embeddings", str(emb), "--tumor", tumor,
+                 "--patient-key", mine]) == 2
+    assert "--patient-key is for a new scan's query" in capsys.readouterr().err
