@@ -166,7 +166,9 @@ def cmd_evaluate(args) -> None:
         raise InputError(f"--detect-thresholds: each must be in (0, 1), got {args.detect_thresholds!r}")
     secret = read_secret(args.secret_file)
     res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_number_list(args.ks, "--ks"),
-                   on=args.on, rerank=args.rerank)
+                   on=args.on, rerank=args.rerank,
+                   oracle_mm=_number_list(args.oracle_frontier, "--oracle-frontier", float) if args.oracle_frontier
+                   else ())
     print(format_evaluation(res))
     if args.detection:
         from retrieval.detection import detection_sweep, format_detection, parse_windows
@@ -379,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--on", default="test", choices=["test", "validation"],
                     help="the queries: the held-out test patients, or the validation patients (to choose a recipe on)")
     sp.add_argument("--robustness", action="store_true", help="also score held-out tumors with distorted boxes (eq. 2)")
+    sp.add_argument("--oracle-frontier", help="also the oracle with a label worth these mm of size (e.g. 2,5,10)")
     sp.add_argument("--detection", action="store_true", help="also score the tumors found without masks (recall)")
     sp.add_argument("--detect-thresholds", help="--detection at these thresholds too (e.g. 0.2,0.3,0.5)")
     sp.add_argument("--detect-windows", help="--detection with these sliding windows too, WINDOW:OVERLAP (e.g. 64:0.5)")

@@ -116,15 +116,22 @@ def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Sequence[int] = K_CURVE,
-             on: str = "test", retrieval: RetrievalConfig | None = None, rerank: int | None = None) -> dict:
-    """-> the evaluation record: learned / handcrafted / no-embedding rows at K, K curves, the split
-    (`retrieval`, `rerank`: as load_evaluation)."""
+             on: str = "test", retrieval: RetrievalConfig | None = None, rerank: int | None = None,
+             oracle_mm: Sequence[float] = ()) -> dict:
+    """-> the evaluation record: learned / handcrafted / no-embedding / oracle rows at K, K curves, the
+    split (`retrieval`, `rerank`: as load_evaluation); `oracle_mm`: the oracle's frontier too, one row
+    per label weight (a label worth that many mm of size, retrieval.knn.oracle)."""
     ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on, retrieval=retrieval, rerank=rerank)
     ks = sorted(set(ks) | {k})
     learned = knn_scores(ev.train, ev.test, ks, ev.tasks, rerank=ev.rerank)
     hand = knn_scores(ev.train_hand, ev.test_hand, ks, ev.tasks)
     extra = ev.meta["extra"]
     split = extra["split"]
+    frontier = {}
+    for mm in oracle_mm:
+        if not mm > 0:
+            raise InputError(f"--oracle-frontier: each label weight must be > 0 mm, got {mm}")
+        frontier[f"{mm:g}"] = knn_scores(*oracle(ev.train, ev.test, ev.tasks, label_mm=mm), [k], ev.tasks)[k]
     return {"model_id": ev.meta["model_id"], "run": extra.get("run"), "steps": extra.get("steps"), "k": k, "on": on,
             "rerank": ev.rerank[0] if ev.rerank else 0,
             "tasks": list(ev.tasks), "train_tumors": len(ev.train.x), "test_tumors": len(ev.test.x),
@@ -134,7 +141,8 @@ def evaluate(emb_dir, manifest, secret: bytes, model_path, *, k: int = 5, ks: Se
             "rows": {"learned": learned[k], "handcrafted": hand[k],
                      "no_embedding": no_embedding(ev.train, ev.test, ev.tasks),
                      "oracle": knn_scores(*oracle(ev.train, ev.test, ev.tasks), [k], ev.tasks)[k]},
-            "k_curve": {"learned": {str(q): learned[q] for q in ks}, "handcrafted": {str(q): hand[q] for q in ks}}}
+            "k_curve": {"learned": {str(q): learned[q] for q in ks}, "handcrafted": {str(q): hand[q] for q in ks}},
+            **({"oracle_frontier": frontier} if frontier else {})}
 
 
 def metric_label(key: str, k: int | None = None) -> str:
@@ -175,6 +183,13 @@ def format_evaluation(res: dict) -> str:
               "| metric | " + " | ".join(f"K = {q}" for q in shown) + " |", "|---|" + "---|" * len(shown)]
     for key in [f"acc_{t}" for t in res["tasks"]] + ["rmse_size_mm"]:
         lines.append(f"| {metric_label(key)} | " + " | ".join(fmt_metric(curve[q][key], key) for q in shown) + " |")
+    if res.get("oracle_frontier"):
+        keys = [f"acc_{t}" for t in res["tasks"]] + ["rmse_size_mm"]
+        lines += ["", "The oracle's frontier (true labels and sizes; a label worth that many mm of size):", "",
+                  "| a label is worth | " + " | ".join(metric_label(key) for key in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        lines += [f"| {mm} mm | " + " | ".join(fmt_metric(row[key], key) for key in keys) + " |"
+                  for mm, row in res["oracle_frontier"].items()]
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 taken from the model, the handcrafted baseline; search; robustness; command errors."""
 
 import datetime
+import json
 import math
 import re
 
@@ -212,8 +213,17 @@ def test_evaluate_and_search_commands_name_bad_input(tmp_path, archive, small_co
     assert "--ks: expected comma-separated integers" in capsys.readouterr().err
     assert main([*base, "--rerank", "-1"]) == 2
     assert "--rerank: retrieval.rerank: expected a whole number >= 0" in capsys.readouterr().err
-    assert main([*base, "--out", str(tmp_path / "e.json")]) == 0
-    assert "KNN evaluation of model" in capsys.readouterr().out and (tmp_path / "e.json").is_file()
+    assert main([*base, "--oracle-frontier", "2,x"]) == 2
+    assert "--oracle-frontier: expected comma-separated numbers" in capsys.readouterr().err
+    assert main([*base, "--oracle-frontier", "0"]) == 2
+    assert "each label weight must be > 0 mm, got 0" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "e.json"), "--oracle-frontier", "0.001,100"]) == 0
+    out = capsys.readouterr().out
+    assert "KNN evaluation of model" in out and "| 100 mm |" in out and (tmp_path / "e.json").is_file()
+    frontier = json.loads((tmp_path / "e.json").read_text())["oracle_frontier"]
+    # a label worth nothing: the neighbours are the nearest in size alone; worth 100 mm: the oracle row itself
+    assert frontier["0.001"]["rmse_size_mm"] <= frontier["100"]["rmse_size_mm"]
+    assert frontier["100"] == json.loads((tmp_path / "e.json").read_text())["rows"]["oracle"]
     assert main(["search", "--model", str(archive / "model.pt"), "--embeddings", str(archive / "emb"),
                  "--image", str(tmp_path / "none.nii.gz"), "--mask", str(tmp_path / "none.nii.gz")]) == 2
     assert "none.nii.gz: file not found" in capsys.readouterr().err
