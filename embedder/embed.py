@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tumornet.boxes import voxel_to_mm
-from tumornet.descriptor import RetrievalConfig, compose, recipe_of, tumors_parts
+from tumornet.descriptor import RetrievalConfig, compose, recipe_of, refine_box, tumors_parts
 from tumornet.detect import DetectConfig, detect_tumors
 from tumornet.errors import InputError
 from tumornet.handcrafted import handcrafted_features
@@ -51,7 +51,8 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 
 # recipe keys added after archives existed -> their default
 RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0}
-SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position")  # recipe keys of the search, not of a stored vector
+# recipe keys of the search, not of a stored vector
+SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position", "refine_box")
 
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
@@ -112,7 +113,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     recipe: (RetrievalConfig, statistics) of the model file (tumornet.descriptor.recipe_of); None:
     the paper's raw RoiPool vector. box_fn (optional): box -> box, applied to each tumor's box
     before its patch is cut and pooled (the robustness evaluation passes the paper's box
-    distortion); rows then carry the box used. A scan without a mask (a Volume) gets its tumors from
+    distortion), then refined as a search by box does when the recipe says so (retrieval.refine_box);
+    rows then carry the box used. A scan without a mask (a Volume) gets its tumors from
     the segmentation head (tumornet.detect, settings `detect`): rows with source = predicted,
     labels -1. The tumors' patches go through the network together (tumornet.descriptor.tumors_parts)."""
     cfg, stats = recipe or (RetrievalConfig(), None)
@@ -133,6 +135,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
               "model_id": model_id, "source_hash": source_hash(rows) if file_hash is None else file_hash,
               "embedded_at": now}
     boxes = [t.bbox if box_fn is None else np.asarray(box_fn(t.bbox), dtype=np.int64) for t in scan.tumors]
+    if box_fn is not None and cfg.refine_box:  # drawn boxes, as a search by box refines them
+        boxes = [refine_box(model, image, b, patch_size=patch_size, head=head) for b in boxes]
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
                              frame=frame)
     out = []

@@ -18,7 +18,7 @@ import numpy as np
 from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_to_voxels
-from tumornet.descriptor import compose, recipe_of, tumor_parts
+from tumornet.descriptor import compose, recipe_of, refine_box, tumor_parts
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
@@ -187,6 +187,8 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
     vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
     if np.any(vbox[3:] <= vbox[:3]):
         raise InputError(f"{image}: the box {box_mm.tolist()} mm lies outside the scan")
+    if cfg.refine_box:  # the box of the tumor the segmentation head finds in the drawn one
+        vbox = refine_box(model, vol.array, vbox, patch_size=patch)
     frame = register(vol.array, vol.affine) if cfg.needs_frame else None
     parts = tumor_parts(model, vol.array, vbox, patch_size=patch, spacing_mm=spacing, frame=frame)
     vector = compose({key: np.asarray(v)[None] for key, v in parts.items()}, cfg, model.schema, stats)[0]

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .boxes import box_center, box_size
+from .boxes import box_center, box_from_mask, box_size, shift_box
 from .errors import InputError
 from .fitted import (
     POSITION_FRAMES,
@@ -61,7 +61,7 @@ from .fitted import (
 )
 from .labels import LabelSchema
 from .network import roi_mean_pool, roi_pool, shell_mean_pool
-from .patches import centred_patch, patch_size_for
+from .patches import centred_patch, patch_origin, patch_size_for
 from .volumes import head_box_voxels
 
 
@@ -103,6 +103,9 @@ class RetrievalConfig:
     rerank: int = 0
     rerank_size: float | None = None
     rerank_position: float | None = None
+    # a drawn box (search --box, and the robustness evaluation's distorted boxes) is first replaced by the
+    # box of the tumor the segmentation head finds in it (refine_box). Search-time only, like rerank
+    refine_box: bool = False
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -120,6 +123,8 @@ class RetrievalConfig:
             raise InputError(f"retrieval.head_draws: expected a whole number >= 0, got {self.head_draws!r}")
         if self.size_source not in SIZE_SOURCES:
             raise InputError(f"retrieval.size_source: expected box, seg or fit, got {self.size_source!r}")
+        if not isinstance(self.refine_box, bool):
+            raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:
             raise InputError(f"retrieval.rerank: expected a whole number >= 0 (candidates), got {self.rerank!r}")
         for key in ("size", "position"):
@@ -168,6 +173,38 @@ def segmented_voxels(foreground: np.ndarray, box) -> int:
     labels, _ = ndimage.label(foreground, structure=np.ones((3, 3, 3), bool))
     touched = np.unique(labels[inside])
     return int(np.isin(labels, touched[touched > 0]).sum())
+
+
+@torch.no_grad()
+def refine_box(model, image: np.ndarray, bbox, *, patch_size: int, head=None, core: float = 0.5,
+               min_share: float = 0.05) -> np.ndarray:
+    """A box drawn around a tumor (voxels of `image`, the model's working grid) -> the box of what the
+    segmentation head calls tumor there: the whole connected components (26-neighbourhood) of its
+    foreground, in the patch centred on the box, that reach the box's core (the box shrunk to `core`
+    of its size about its centre; a neighbouring tumor the box only grazes is left out). The drawn box
+    is kept where those cover less than `min_share` of it (nothing found, or a speck)."""
+    from scipy import ndimage
+
+    bbox = np.asarray(bbox, dtype=np.int64)
+    size = patch_size_for(bbox, patch_size)
+    origin = patch_origin(bbox, image.shape, size, None)
+    img, pbox, frame = centred_patch(image, bbox, size, head)
+    was_training = model.training
+    model.eval()
+    try:
+        f = model.features(torch.from_numpy(img[None]).to(model.device), torch.from_numpy(frame[None]))
+        foreground = (model.seg_head(f).argmax(1)[0] > 0).cpu().numpy()
+    finally:
+        model.train(was_training)
+    centre, half = box_center(pbox), np.maximum(box_size(pbox) * core / 2, 0.5)
+    lo = np.clip(np.floor(centre - half).astype(int), 0, size - 1)
+    hi = np.clip(np.ceil(centre + half).astype(int), lo + 1, size)
+    labels, _ = ndimage.label(foreground, structure=np.ones((3, 3, 3), bool))
+    touched = np.unique(labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    found = np.isin(labels, touched[touched > 0])
+    if found.sum() < min_share * float(np.prod(box_size(pbox))):
+        return bbox
+    return shift_box(box_from_mask(found), origin).astype(np.int64)
 
 
 @torch.no_grad()
