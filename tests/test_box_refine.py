@@ -44,5 +44,5 @@ def test_refine_box_is_a_search_time_switch():
     from embedder.embed import SEARCH_ONLY
 
     assert RetrievalConfig().refine_box is False and "refine_box" in SEARCH_ONLY  # archives stay valid
-    with pytest.raises(InputError, match="retrieval.refine_box: expected true or false, got 'yes'"):
+    with pytest.raises(InputError, match=r"retrieval\.refine_box: expected true or false, got 'yes'"):
         RetrievalConfig(refine_box="yes")
