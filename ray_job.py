@@ -151,6 +151,13 @@ def cmd_index(args) -> None:
                                  nprobe=args.nprobe), indent=2))
 
 
+def cmd_retune(args) -> None:
+    from tumornet.export import with_search_settings
+
+    mid = with_search_settings(args.model, args.out, args.set)
+    print(f"wrote {args.out}: model {mid} with {', '.join(args.set) or 'the same settings'}")
+
+
 def cmd_compact(args) -> None:
     from embedder.shards import compact_shards
 
@@ -367,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exact-below", type=int, default=100_000, help="exact index up to this many vectors, IVF above")
     sp.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
     sp.set_defaults(func=cmd_index)
+
+    sp = sub.add_parser("retune", help="a copy of a model file with search-time retrieval keys changed")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--out", required=True, help="the new model file (the same model id)")
+    sp.add_argument("--set", action="append", default=[], help="retrieval.KEY=VALUE: rerank, rerank_size, "
+                    "rerank_position or refine_box")
+    sp.set_defaults(func=cmd_retune)
 
     sp = sub.add_parser("compact", help="rewrite embedding shards into few large files (newest rows only)")
     sp.add_argument("--embeddings", required=True, help="folder of embedding shards")

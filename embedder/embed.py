@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tumornet.boxes import voxel_to_mm
-from tumornet.descriptor import RetrievalConfig, compose, recipe_of, refine_box, tumors_parts
+from tumornet.descriptor import SEARCH_ONLY, RetrievalConfig, compose, recipe_of, refine_box, tumors_parts
 from tumornet.detect import DetectConfig, detect_tumors
 from tumornet.errors import InputError
 from tumornet.handcrafted import handcrafted_features
@@ -51,8 +51,6 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 
 # recipe keys added after archives existed -> their default
 RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0}
-# recipe keys of the search, not of a stored vector
-SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position", "refine_box")
 
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:

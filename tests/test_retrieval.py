@@ -296,3 +296,29 @@ def test_a_new_scans_query_with_its_patient_key_never_returns_that_patient(archi
     assert main(["search", "--model", str(model), "--embeddings", str(emb), "--tumor", tumor,
                  "--patient-key", mine]) == 2
     assert "--patient-key is for a new scan's query" in capsys.readouterr().err
+
+
+def test_retune_changes_search_time_keys_only_and_the_archive_stays_valid(archive, small_cohort, tmp_path, capsys):
+    from ray_job import main
+    from retrieval.search import search_archived
+    from tumornet.descriptor import recipe_of
+    from tumornet.export import load_model, with_search_settings
+
+    model, emb, out = archive / "model.pt", archive / "emb", tmp_path / "retuned.pt"
+    mid = with_search_settings(model, out, ["retrieval.rerank=3", "retrieval.refine_box=true"])
+    _, meta = load_model(out)
+    cfg = recipe_of(meta)[0]
+    assert mid == meta["model_id"] == load_model(model)[1]["model_id"] and cfg.rerank == 3 and cfg.refine_box
+    assert recipe_of(meta)[1] == recipe_of(load_model(model)[1])[1]  # the statistics are the same
+    key = read_manifest(small_cohort).rows[0]
+    tumor = f"{keyed_id(key.scan_id, SECRET)}:{key.tumor_id}"
+    (a,) = search_archived(out, emb, tumor, k=5)  # the same shards, no new embedding
+    (b,) = search_archived(model, emb, tumor, k=5, rerank=3)
+    assert [h["scan_key"] for h in a["hits"]] == [h["scan_key"] for h in b["hits"]]
+    with pytest.raises(InputError, match=r"only the search-time keys .* train again"):
+        with_search_settings(model, tmp_path / "x.pt", ["retrieval.size=2"])
+    with pytest.raises(InputError, match=r"retrieval\.rerank: expected a whole number >= 0"):
+        with_search_settings(model, tmp_path / "x.pt", ["retrieval.rerank=-1"])
+    assert not (tmp_path / "x.pt").exists()
+    assert main(["retune", "--model", str(model), "--out", str(tmp_path / "y.pt"), "--set", "retrieval.rerank=0"]) == 0
+    assert f"model {mid}" in capsys.readouterr().out

@@ -64,6 +64,9 @@ from .network import roi_mean_pool, roi_pool, shell_mean_pool
 from .patches import centred_patch, patch_origin, patch_size_for
 from .volumes import head_box_voxels
 
+# recipe keys of the search, not of a stored vector: a model file's may change without embedding again
+SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position", "refine_box")
+
 
 @dataclass(frozen=True, kw_only=True)
 class RetrievalConfig:

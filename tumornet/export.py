@@ -59,3 +59,29 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[MultitaskNet, dict
     if model_id(model.state_dict()) != payload["model_id"]:
         raise InputError(f"{path}: weights do not match the recorded model id (corrupt file?)")
     return model, {k: payload[k] for k in ("model_id", "tasks", "model_config", "extra")}
+
+
+def with_search_settings(path: str | Path, out: str | Path, overrides: list[str]) -> str:
+    """A copy of a model file with search-time retrieval keys changed (`retrieval.<key>=<value>`, keys
+    of tumornet.descriptor.SEARCH_ONLY: rerank, rerank_size, rerank_position, refine_box): the weights,
+    the model id and the stored vectors stay the same, so an archive embedded with the model needs no new
+    embedding -> the model id. Any other key is refused (it would change the vectors: train again)."""
+    from .config import apply_overrides
+    from .descriptor import SEARCH_ONLY, RetrievalConfig
+
+    load_model(path)  # the file is a valid model
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    config = payload["extra"].setdefault("config", {})
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("retrieval.") or key.removeprefix("retrieval.") not in SEARCH_ONLY:
+            raise InputError(f"--set {item!r}: only the search-time keys retrieval.{{{', '.join(SEARCH_ONLY)}}} "
+                             "can change in a trained model (other keys change the stored vectors: train again)")
+    retrieval = apply_overrides({"retrieval": dict(config.get("retrieval") or {})}, overrides)["retrieval"]
+    try:
+        RetrievalConfig(**retrieval)
+    except TypeError as e:
+        raise InputError(f"{path}: {e}") from None
+    config["retrieval"] = retrieval
+    atomic_write(out, lambda tmp: torch.save(payload, tmp))
+    return payload["model_id"]
