@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -155,7 +156,7 @@ def cmd_retune(args) -> None:
     from tumornet.export import with_search_settings
 
     mid = with_search_settings(args.model, args.out, args.set)
-    print(f"wrote {args.out}: model {mid} with {', '.join(args.set) or 'the same settings'}")
+    print(f"wrote {args.out}: model {mid} with {', '.join(args.set)}")
 
 
 def cmd_compact(args) -> None:
@@ -211,6 +212,10 @@ def cmd_search(args) -> None:
         raise InputError("search: give --image (alone, with --mask or with --box), or --tumor SCAN_KEY:TUMOR_ID")
     if args.tumor and args.patient_key:
         raise InputError("search: --patient-key is for a new scan's query; --tumor knows its own patient")
+    if args.patient_key is not None and not re.fullmatch(r"[0-9a-f]{16}", args.patient_key):
+        # not echoed: a raw patient id given by mistake must not reach a log
+        raise InputError("--patient-key: expected the patient's keyed id (16 hex characters, as in the shards' "
+                         "patient_key column), not a raw patient id")
     if args.tumor:
         results = search_archived(args.model, args.embeddings, args.tumor, k=args.k, where=args.where,
                                   rerank=args.rerank)

@@ -166,17 +166,17 @@ def metric_keys(tasks: Sequence[str]) -> list[str]:
 
 def format_evaluation(res: dict) -> str:
     rows = res["rows"]
-    shown = [r for r in ROWS if r in rows]
+    columns = [r for r in ROWS if r in rows]
     on = res.get("on", "test")
     lines = [f"KNN evaluation of model {res['model_id']}: {res['test_tumors']} {on} tumors searched among "
              f"{res['train_tumors']} database tumors of other patients (split recorded in the model: "
              f"{res['split'][f'{on}_patients']} {on} patients"
              + (f"; two-stage search, the {res['rerank']} nearest re-ordered)" if res.get("rerank") else ")"), "",
-             f"| metric (K = {res['k']}) | " + " | ".join(ROW_NAMES[r] for r in shown) + " |",
-             "|---|" + "---|" * len(shown)]
+             f"| metric (K = {res['k']}) | " + " | ".join(ROW_NAMES[r] for r in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for key in metric_keys(res["tasks"]):
         lines.append(f"| {metric_label(key, res['k'])} | " + " | ".join(fmt_metric(rows[r].get(key), key)
-                                                                     for r in shown) + " |")
+                                                                     for r in columns) + " |")
     curve = res["k_curve"]["learned"]
     shown = [q for q in ("1", "3", "5", "10", "20") if q in curve]
     lines += ["", "K curve of the learned embedding:", "",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tumornet.descriptor import RetrievalConfig, refine_box
+from tumornet.descriptor import SEARCH_ONLY, RetrievalConfig, refine_box
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.network import MultitaskNet, NetConfig
@@ -41,8 +41,6 @@ def test_a_drawn_box_becomes_the_found_tumors_box_and_a_grazed_neighbour_stays_o
 
 
 def test_refine_box_is_a_search_time_switch():
-    from embedder.embed import SEARCH_ONLY
-
     assert RetrievalConfig().refine_box is False and "refine_box" in SEARCH_ONLY  # archives stay valid
     with pytest.raises(InputError, match=r"retrieval\.refine_box: expected true or false, got 'yes'"):
         RetrievalConfig(refine_box="yes")

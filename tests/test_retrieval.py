@@ -296,6 +296,9 @@ def test_a_new_scans_query_with_its_patient_key_never_returns_that_patient(archi
     assert main(["search", "--model", str(model), "--embeddings", str(emb), "--tumor", tumor,
                  "--patient-key", mine]) == 2
     assert "--patient-key is for a new scan's query" in capsys.readouterr().err
+    assert main([*argv, "--patient-key", "SYN0001"]) == 2  # a raw id by mistake: refused, never echoed
+    err = capsys.readouterr().err
+    assert "expected the patient's keyed id (16 hex characters" in err and "SYN0001" not in err
 
 
 def test_retune_changes_search_time_keys_only_and_the_archive_stays_valid(archive, small_cohort, tmp_path, capsys):
@@ -319,6 +322,8 @@ def test_retune_changes_search_time_keys_only_and_the_archive_stays_valid(archiv
         with_search_settings(model, tmp_path / "x.pt", ["retrieval.size=2"])
     with pytest.raises(InputError, match=r"retrieval\.rerank: expected a whole number >= 0"):
         with_search_settings(model, tmp_path / "x.pt", ["retrieval.rerank=-1"])
+    with pytest.raises(InputError, match="give at least one --set"):
+        with_search_settings(model, tmp_path / "x.pt", [])
     assert not (tmp_path / "x.pt").exists()
     assert main(["retune", "--model", str(model), "--out", str(tmp_path / "y.pt"), "--set", "retrieval.rerank=0"]) == 0
     assert f"model {mid}" in capsys.readouterr().out

@@ -77,11 +77,10 @@ def with_search_settings(path: str | Path, out: str | Path, overrides: list[str]
         if not key.startswith("retrieval.") or key.removeprefix("retrieval.") not in SEARCH_ONLY:
             raise InputError(f"--set {item!r}: only the search-time keys retrieval.{{{', '.join(SEARCH_ONLY)}}} "
                              "can change in a trained model (other keys change the stored vectors: train again)")
+    if not overrides:
+        raise InputError("retune: give at least one --set retrieval.KEY=VALUE")
     retrieval = apply_overrides({"retrieval": dict(config.get("retrieval") or {})}, overrides)["retrieval"]
-    try:
-        RetrievalConfig(**retrieval)
-    except TypeError as e:
-        raise InputError(f"{path}: {e}") from None
+    RetrievalConfig(**retrieval)  # checked as at training (only search-time keys can differ)
     config["retrieval"] = retrieval
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
     return payload["model_id"]
