@@ -50,7 +50,8 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 
 
 # recipe keys added after archives existed -> their default
-RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0}
+RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0,
+                "head_select": "fixed"}
 
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:

@@ -136,7 +136,7 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
     from dataclasses import fields
 
     from tumornet.descriptor import RetrievalConfig
-    from tumornet.fitted import POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS
+    from tumornet.fitted import HEAD_SELECT, POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS
 
     p = find_config(path)
     try:
@@ -153,7 +153,8 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             raise InputError(f"{p}: {key}: expected a non-empty list of values, got {values!r}")
         for v in values:
             number = isinstance(v, int | float) and not isinstance(v, bool)
-            ok = (v in ("network", "refit") if key == "heads" else isinstance(v, bool) if key == "whiten"
+            ok = (v in ("network", "refit") if key == "heads" else v in HEAD_SELECT if key == "head_select"
+                  else isinstance(v, bool) if key == "whiten"
                   else v in POSITION_FRAMES if key == "position_frame" else v in SIZE_UNITS if key == "size_units"
                   else v in SIZE_SOURCES if key == "size_source"
                   else isinstance(v, int) and not isinstance(v, bool) and v >= 0 if key in ("head_draws", "rerank")
@@ -162,7 +163,8 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false",
                         "position_frame": "head, template or atlas", "size_units": "log or mm",
-                        "size_source": "box, seg or fit", "head_draws": "a whole number >= 0",
+                        "size_source": "box, seg or fit", "head_select": "fixed or cv",
+                        "head_draws": "a whole number >= 0",
                         "rerank": "a whole number >= 0", "rerank_size": "a weight >= 0 or null",
                         "rerank_position": "a weight >= 0 or null",
                         "task_temperature": "a number > 0"}.get(key, "a weight >= 0")
@@ -216,17 +218,18 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     base.update(fit_size(train_parts, ev.train.size_mm, base))
     head_draws = sorted(set(grid.get("head_draws", (0,))))
     # rough-box copies of the database tumors for the refit heads (another seed than the queries')
-    rough = [(shard_parts(pa.Table.from_pylist(rows)), query_split(rows, ev.tasks).labels)
+    rough = [(shard_parts(pa.Table.from_pylist(rows)), query_split(rows, ev.tasks))
              for rows in (distorted_queries(model, ev, manifest, secret, draws=max(head_draws), seed=1,
                                             scan_ids=ev.train_scans) if max(head_draws) else [])]
-    stats_of = {}  # (position frame, size source, head draws) -> the database tumors' statistics and heads
-    for frame, source, n in itertools.product(sorted(frames), sorted(set(grid.get("size_source", ("box",)))),
-                                              head_draws):
-        on = [(train_parts, ev.train.labels), *rough[:n]]
+    stats_of = {}  # (position frame, size source, head draws, head select) -> the database tumors' statistics and heads
+    for frame, source, n, select in itertools.product(sorted(frames), sorted(set(grid.get("size_source", ("box",)))),
+                                                      head_draws, sorted(set(grid.get("head_select", ("fixed",))))):
+        on = [(train_parts, ev.train), *rough[:n]]
         fit_on = {key: np.concatenate([p[key] for p, _ in on]) for key in train_parts if all(key in p for p, _ in on)}
-        labels = {t: np.concatenate([lab[t] for _, lab in on]) for t in ev.train.labels}
-        stats_of[frame, source, n] = {**base, "heads": fit_heads(fit_on, labels, schema, base, position_frame=frame,
-                                                                 size_source=source)}
+        labels = {t: np.concatenate([s.labels[t] for _, s in on]) for t in ev.train.labels}
+        stats_of[frame, source, n, select] = {**base, "heads": fit_heads(
+            fit_on, labels, schema, base, position_frame=frame, size_source=source, select=select,
+            groups=np.concatenate([s.patients for _, s in on]))}
     distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
                  for rows in (distorted_queries(model, ev, manifest, secret, draws=draws) if draws else [])]
     hand = knn_scores(ev.train_hand, ev.test_hand, [k], ev.tasks)[k]
@@ -235,7 +238,8 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
         w = dict(zip(grid, values, strict=True))
         if (all(w.get(key, 0) == 0 for key in ("roipool", "tasks", "roimean", "context"))
                 or (w["tasks"] == 0 and w.get("heads") == "refit") or (w.get("whiten") and w["roipool"] == 0)
-                or (w.get("head_draws", 0) and (w["tasks"] == 0 or w.get("heads") != "refit"))):
+                or ((w.get("head_draws", 0) or w.get("head_select", "fixed") != "fixed")
+                    and (w["tasks"] == 0 or w.get("heads") != "refit"))):
             continue  # nothing to retrieve by / the same vector as a recipe already scored
         again = {key: w.get(f"rerank_{key}") for key in ("size", "position")}
         if (any(v is not None and w[key] == 0 for key, v in again.items())
@@ -247,7 +251,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
             cfg = RetrievalConfig(standardize=True, **w)
         except TypeError as e:
             raise InputError(f"recipe grid: {e}") from None
-        stats = stats_of[cfg.position_frame, cfg.size_source, cfg.head_draws]
+        stats = stats_of[cfg.position_frame, cfg.size_source, cfg.head_draws, cfg.head_select]
         x = compose(parts, cfg, schema, stats)
         rerank = recipe_rerank(cfg, ev.meta, x.shape[1], str(embeddings))
         db = ev.train.with_x(x[ev.train_rows])

@@ -132,3 +132,63 @@ def test_export_statistics_fit_the_size_on_the_training_masks(small_cohort, tmp_
     fitted = with_fitted_size(parts, stats)["fit_log_volume"]
     assert np.corrcoef(fitted, np.log(truth))[0, 1] > 0.8
     assert compose(parts, cfg.retrieval, DEFAULT_SCHEMA, stats).shape[0] == len(truth)
+
+
+def test_head_select_cv_lets_each_head_read_what_tells_its_label(tmp_path):
+    """head_select: cv -> per task the inputs and C chosen by cross-validation over patients: a label
+    that is the side of the box's place is read from the place alone (the fixed heads, reading every
+    part with C = 1, let 64 numbers of noise outvote it), one the RoiPool vector tells from all parts;
+    the choice is stored per head (plain lists), composes only for a cv recipe, heads exported before
+    (no inputs stored) compose as before, a grid may try both, and the default keeps older archives'
+    fingerprints."""
+    from retrieval.experiments import read_grid
+
+    names = list(DEFAULT_SCHEMA.names)
+
+    def cohort(n, seed):
+        rng = np.random.default_rng(seed)
+        parts = {"roipool": rng.normal(size=(n, 64)), "position": rng.uniform(-1, 1, (n, 3)),
+                 "box_log_volume": rng.normal(size=n), "task_logits": rng.normal(size=(n, 20))}
+        labels = {t: np.full(n, -1) for t in names}
+        labels["left_right"] = (parts["position"][:, 0] > 0).astype(int)
+        labels["tumor_type"] = (parts["roipool"][:, 0] > 0).astype(int)
+        return parts, labels
+
+    parts, labels = cohort(120, 0)
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(120)])
+    patients = np.arange(120) // 2  # two tumors a patient
+    fixed = {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats)}
+    cv = {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats, select="cv", groups=patients)}
+    assert json.loads(json.dumps(cv)) == cv and cv["heads"]["select"] == "cv"
+    lr = cv["heads"]["left_right"]
+    assert lr["inputs"] in (["position"], ["position", "box_log_volume"]) and lr["c"] >= 10
+    assert "roipool" in cv["heads"]["tumor_type"]["inputs"]
+    assert fixed["heads"]["left_right"]["inputs"] == ["roipool", "position", "box_log_volume"]
+    new, truth = cohort(300, 1)
+    acc = {}
+    for name, st in (("fixed", fixed), ("cv", cv)):
+        probs = refit_probabilities(new, DEFAULT_SCHEMA, st, select=name)
+        acc[name] = {t: (probs[names.index(t)].argmax(1) == truth[t]).mean() for t in ("left_right", "tumor_type")}
+    assert acc["cv"]["left_right"] >= 0.95 and acc["cv"]["left_right"] > acc["fixed"]["left_right"] + 0.05
+    assert acc["cv"]["tumor_type"] >= max(0.75, acc["fixed"]["tumor_type"] - 0.02)
+    recipe = dict(roipool=0.0, tasks=1.0, heads="refit")
+    x = compose(new, RetrievalConfig(**recipe, head_select="cv"), DEFAULT_SCHEMA, cv)
+    assert x.shape == (300, 20) and np.allclose(x.sum(1), 5 / np.sqrt(2), atol=1e-4)  # 5 probability blocks
+    with pytest.raises(InputError, match="head_select: fixed, but the refit heads were fit with head_select: cv"):
+        compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, cv)
+    older = {**stats, "heads": {k: ({kk: vv for kk, vv in h.items() if kk not in ("inputs", "c")}
+                                    if isinstance(h, dict) else h)
+                                for k, h in fixed["heads"].items() if k != "select"}}
+    assert np.array_equal(compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, older),
+                          compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, fixed))
+    with pytest.raises(InputError, match="120 tumors but 3 patient groups"):
+        fit_heads(parts, labels, DEFAULT_SCHEMA, stats, select="cv", groups=np.arange(3))
+    with pytest.raises(InputError, match=r"retrieval\.head_select: expected fixed or cv, got 'auto'"):
+        RetrievalConfig(head_select="auto")
+    g = tmp_path / "g.yaml"
+    g.write_text("head_select: [fixed, cv]\n")
+    assert read_grid(g)["head_select"] == ("fixed", "cv")
+    g.write_text("head_select: [auto]\n")
+    with pytest.raises(InputError, match="head_select: expected fixed or cv, got 'auto'"):
+        read_grid(g)
+    _keeps_older_fingerprints("head_select", "fixed", "cv")

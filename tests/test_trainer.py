@@ -43,7 +43,8 @@ def _records(run_dir):
 
 
 def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, small_cohort):
-    s = _train(_config(tmp_path, small_cohort, "a"), "retrieval.position_frame=atlas")  # export registers scans
+    # export registers scans, and refits the heads with inputs chosen by cross-validation over patients
+    s = _train(_config(tmp_path, small_cohort, "a"), "retrieval.position_frame=atlas", "retrieval.head_select=cv")
     recs = _records(s["run_dir"])
     assert [r["step"] for r in recs] == [3, 6, 9]
     assert recs[-1]["train/loss"] < recs[0]["train/loss"]
@@ -60,11 +61,18 @@ def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, smal
     stats, cohort = meta["extra"]["retrieval_stats"], read_manifest(small_cohort)
     n_train = sum(len(cohort.scans()[sid]) for sid in split_of_model(cohort, meta, where="t")[0])
     frame = state["config"]["retrieval"]["position_frame"]
-    assert stats["tumors"] == n_train and set(stats["heads"]) == {*model.schema.names, "position_frame", "size_source"}
+    assert stats["tumors"] == n_train and set(stats["heads"]) == {*model.schema.names, "position_frame", "size_source",
+                                                                   "select"}
     assert stats["heads"]["size_source"] == "box" and len(stats["size_fit"]["coef"]) == 1 + 1 + 8  # fit_size
     assert stats["heads"]["position_frame"] == frame == "atlas"  # the heads fit for the run's recipe
-    # RoiPool, the template position, size, and what the atlas says of the box
-    assert len(stats["heads"]["tumor_type"]["coef"][0]) == 8 + 3 + 1 + 13
+    # each head reads what cross-validation chose of the RoiPool, the template position, size, and what the
+    # atlas says of the box
+    width = {"roipool": 8, "template_position": 3, "box_log_volume": 1, "atlas": 13}
+    assert stats["heads"]["select"] == "cv"
+    for t in model.schema.names:
+        head = stats["heads"][t]
+        assert set(head["inputs"]) <= set(width) and "template_position" in head["inputs"]
+        assert all(len(row) == sum(width[k] for k in head["inputs"]) for row in head["coef"])
     assert len(stats["atlas"]["mean"]) == 13 and len(stats["template_position"]["mean"]) == 3
 
 

@@ -104,21 +104,24 @@ def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
     return validation_metrics(_all_reduce(sums, device), tasks)
 
 
-def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int = 400, seed: int = 1) -> dict:
+def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, max_tumors: int = 400,
+                    seed: int = 1) -> dict:
     """The training tumors' statistics of the retrieval parts (tumornet.descriptor.fit_stats) and the
     task heads refit on them (fit_heads), from the training scans (at most `max_tumors` tumors, every
     k-th scan): stored in the model file, so that embed and search compose the same vectors. With
     `retrieval.head_draws` the heads are also fit on that many rough-box copies of every tumor (the
-    paper's eq. 2, drawn with `seed`)."""
+    paper's eq. 2, drawn with `seed`). `patients`: each scan's patient, so that `retrieval.head_select:
+    cv` keeps a patient's tumors in one fold (None: every scan its own patient)."""
     scans = list(scans)
+    patients = list(range(len(scans))) if patients is None else list(patients)
     total = sum(len(s.tumors) for s in scans)
     step = max(1, -(-total // max_tumors))  # scans spread over the whole list, not its start
-    parts, labels, sizes = [], {t: [] for t in cfg.tasks.names}, []
+    parts, labels, sizes, groups, rough_groups = [], {t: [] for t in cfg.tasks.names}, [], [], []
     rough, rough_labels = [], {t: [] for t in cfg.tasks.names}
     voxel_mm3 = float(np.prod(np.broadcast_to(np.asarray(cfg.data.spacing_mm, float), 3)))
     rng = np.random.default_rng(seed)
     draws = cfg.retrieval.head_draws
-    for s in scans[::step]:
+    for s, patient in zip(scans[::step], patients[::step], strict=True):
         image, instances = (np.asarray(a) for a in s.arrays())
         head = head_box_voxels(image)
         # the cache keeps no origin: none is needed, the registration's translation absorbs it; the
@@ -134,6 +137,8 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int 
             of_scan = [t.labels.get(task, MISSING) for t in s.tumors]
             labels[task] += of_scan
             rough_labels[task] += of_scan * draws  # the rough boxes' order: draw by draw, the scan's tumors
+        groups += [patient] * len(s.tumors)  # cross-validation folds by patient (head_select: cv); never stored
+        rough_groups += [patient] * (len(s.tumors) * draws)
         sizes += [equivalent_diameter_mm(max(np.count_nonzero(instances == t.tumor_id), 1) * voxel_mm3)
                   for t in s.tumors]
     stats = fit_stats(parts)
@@ -142,7 +147,8 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, max_tumors: int 
     heads_on = stack_parts(parts + rough)
     stats["heads"] = fit_heads(heads_on, {k: np.asarray(labels[k] + rough_labels[k]) for k in labels}, cfg.tasks,
                                stats, position_frame=cfg.retrieval.position_frame,
-                               size_source=cfg.retrieval.size_source)
+                               size_source=cfg.retrieval.size_source, select=cfg.retrieval.head_select,
+                               groups=np.asarray(groups + rough_groups))
     return stats
 
 
@@ -269,8 +275,10 @@ def train_func(loop_config: dict) -> None:
         spacing = [float(v) for v in np.broadcast_to(cfg.data.spacing_mm, 3)]
         cohort = read_manifest(loop_config["manifest"], cfg.tasks)
         all_train = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=cache_dir) for s in train_ids]
+        patients = [scans[s][0].patient_id for s in train_ids]  # the refit heads' folds (head_select: cv)
         extra = {"spacing_mm": spacing, "patch_size": t.patch_size, "steps": total, "run": run_dir.name,
-                 "config": config_to_dict(cfg), "retrieval_stats": retrieval_stats(final, all_train, cfg),
+                 "config": config_to_dict(cfg),
+                 "retrieval_stats": retrieval_stats(final, all_train, cfg, patients=patients),
                  "split": record_split(cohort, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
                                        validation_fraction=cfg.data.validation_fraction)}
         export_model(final, run_dir / "model.pt", extra=extra)

@@ -49,6 +49,7 @@ import torch
 from .boxes import box_center, box_from_mask, box_size, shift_box
 from .errors import InputError
 from .fitted import (
+    HEAD_SELECT,
     POSITION_FRAMES,
     SIZE_SOURCES,
     SIZE_UNITS,
@@ -109,6 +110,10 @@ class RetrievalConfig:
     # a drawn box (search --box, and the robustness evaluation's distorted boxes) is first replaced by the
     # box of the tumor the segmentation head finds in it (refine_box). Search-time only, like rerank
     refine_box: bool = False
+    # how the refit heads are fit: every head on all of head_inputs with C = 1 ("fixed"), or per task the
+    # inputs (all, the box's place and size, or its place alone) and C chosen by cross-validation over the
+    # training patients ("cv", tumornet.fitted.select_head: eleventh round)
+    head_select: str = "fixed"
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -126,6 +131,8 @@ class RetrievalConfig:
             raise InputError(f"retrieval.head_draws: expected a whole number >= 0, got {self.head_draws!r}")
         if self.size_source not in SIZE_SOURCES:
             raise InputError(f"retrieval.size_source: expected box, seg or fit, got {self.size_source!r}")
+        if self.head_select not in HEAD_SELECT:
+            raise InputError(f"retrieval.head_select: expected fixed or cv, got {self.head_select!r}")
         if not isinstance(self.refine_box, bool):
             raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:
@@ -303,7 +310,8 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
         blocks.append(cfg.roipool * scaled)
     if cfg.tasks > 0:
         probs = (refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame,
-                                     size_source=cfg.size_source, temperature=cfg.task_temperature)
+                                     size_source=cfg.size_source, select=cfg.head_select,
+                                     temperature=cfg.task_temperature)
                  if cfg.heads == "refit"
                  else _softmax_blocks(np.asarray(parts["task_logits"]) / cfg.task_temperature, schema))
         blocks += [cfg.tasks * p / np.sqrt(2) for p in probs]

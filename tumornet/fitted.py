@@ -155,42 +155,100 @@ def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
     return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
 
 
-def _head_x(parts: Mapping, stats: Mapping, position_frame: str, size_source: str) -> np.ndarray:
-    if size_source == "fit":
-        parts = with_fitted_size(parts, stats)
-    return np.concatenate([_z(parts, k, stats) for k in head_inputs(position_frame, size_source)], axis=1)
+HEAD_SELECT = ("fixed", "cv")  # retrieval.head_select: every head reads head_inputs with C = 1, or per task
+# the inputs and C that predict its held-out folds best (select_head)
+HEAD_CS = (0.1, 1.0, 10.0, 100.0)
+
+
+def head_input_sets(position_frame: str = "head", size_source: str = "box") -> dict[str, tuple[str, ...]]:
+    """What a head selected by cross-validation may read: everything (head_inputs), the box's place and
+    size without the RoiPool vector, or its place alone (a location label is a side of the template's
+    midline or centre: the RoiPool vector's 32-128 numbers only add noise to three coordinates)."""
+    inputs = head_inputs(position_frame, size_source)
+    return {"all": inputs, "place": tuple(k for k in inputs if k != "roipool"),
+            "position": (POSITION_FRAMES[position_frame],)}
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, c: float):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=5000).fit(x, y)
+
+
+def select_head(xs: Mapping[str, np.ndarray], y: np.ndarray, groups: np.ndarray, n_classes: int, *,
+                cs: Sequence[float] = HEAD_CS, folds: int = 5) -> tuple[str, float]:
+    """The input set (a key of xs: its rows, the tumors that have the label) and inverse L2 strength C
+    whose logistic regression gives the lowest log-loss on held-out folds of patients (`groups`: a
+    patient's tumors, and their rough-box copies, in one fold) -> (set, C); ties keep the earlier set
+    and the smaller C."""
+    from sklearn.model_selection import GroupKFold
+
+    n_folds = min(folds, len(set(groups.tolist())))
+    if n_folds < 2:
+        return next(iter(xs)), 1.0
+    splits = list(GroupKFold(n_folds).split(y, y, groups))
+    best = None
+    for name, x in xs.items():
+        for c in cs:
+            loss = []
+            for train, held in splits:
+                classes = np.unique(y[train])
+                p = np.full((len(held), n_classes), 1e-6)
+                if len(classes) < 2:
+                    p[:, classes] = 1.0
+                else:
+                    p[:, classes] = np.clip(_logistic(x[train], y[train], c).predict_proba(x[held]), 1e-6, 1.0)
+                loss.append(-np.log(p[np.arange(len(held)), y[held]]))
+            loss = float(np.mean(np.concatenate(loss)))
+            if best is None or loss < best[0] - 1e-12:
+                best = (loss, name, float(c))
+    return best[1], best[2]
 
 
 def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], schema: LabelSchema,
-              stats: Mapping, *, c: float = 1.0, position_frame: str = "head", size_source: str = "box") -> dict:
+              stats: Mapping, *, c: float = 1.0, position_frame: str = "head", size_source: str = "box",
+              select: str = "fixed", groups: np.ndarray | None = None) -> dict:
     """Task heads refit on training tumors: per task, a multinomial logistic regression (L2, inverse
     strength `c`) on the z-scored RoiPool vector, position and box log volume (HEAD_INPUTS) of the
-    tumors that have that label -> plain lists for the model file ({task: {classes, coef, intercept}};
-    a task with one class seen predicts it; with none, uniform; "position_frame" / "size_source": the
-    position and the size they read). The network's own heads read the RoiPool vector alone, so they
-    must infer where the box is from its content; these see it."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = _head_x(parts, stats, position_frame, size_source)
-    out: dict = {"position_frame": position_frame, "size_source": size_source}
+    tumors that have that label -> plain lists for the model file ({task: {classes, coef, intercept,
+    inputs, c}}; a task with one class seen predicts it; with none, uniform; "position_frame" /
+    "size_source": the position and the size they read). The network's own heads read the RoiPool
+    vector alone, so they must infer where the box is from its content; these see it. `select: cv`:
+    per task, the inputs (head_input_sets) and C chosen by cross-validation over patients (`groups`,
+    one per row; None: every row its own patient) instead (select_head)."""
+    if select not in HEAD_SELECT:
+        raise InputError(f"retrieval.head_select: expected fixed or cv, got {select!r}")
+    sets = head_input_sets(position_frame, size_source)
+    if size_source == "fit":
+        parts = with_fitted_size(parts, stats)
+    x_of = {name: np.concatenate([_z(parts, k, stats) for k in inputs], axis=1) for name, inputs in sets.items()}
+    n = len(x_of["all"])
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    if len(groups) != n:
+        raise InputError(f"fit_heads: {n} tumors but {len(groups)} patient groups")
+    out: dict = {"position_frame": position_frame, "size_source": size_source, "select": select}
     for t in schema.tasks:
         y = np.asarray(labels[t.name])
         known = y >= 0
         classes = sorted({int(v) for v in y[known]})
+        name, c_t = "all", c
+        if select == "cv" and len(classes) >= 2:
+            name, c_t = select_head({k: v[known] for k, v in x_of.items()}, y[known], groups[known], t.n_classes)
+        x = x_of[name]
         if len(classes) < 2:
             coef, intercept = np.zeros((len(classes), x.shape[1])), np.zeros(len(classes))
         else:
-            clf = LogisticRegression(C=c, max_iter=5000).fit(x[known], y[known])
+            clf = _logistic(x[known], y[known], c_t)
             coef, intercept = clf.coef_, clf.intercept_
             if len(classes) == 2:  # sklearn's binary form: one row for class 1 -> a row per class
                 coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
         out[t.name] = {"classes": classes, "coef": np.asarray(coef).tolist(),
-                       "intercept": np.asarray(intercept).tolist()}
+                       "intercept": np.asarray(intercept).tolist(), "inputs": list(sets[name]), "c": float(c_t)}
     return out
 
 
 def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping, *,
-                        position_frame: str = "head", size_source: str = "box",
+                        position_frame: str = "head", size_source: str = "box", select: str = "fixed",
                         temperature: float = 1.0) -> list[np.ndarray]:
     """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
     if "heads" not in stats:
@@ -204,10 +262,21 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
     if fitted != size_source:
         raise InputError(f"retrieval.size_source: {size_source}, but the refit heads read the {fitted} size "
                          "(fit for another recipe): train or export again with this recipe")
-    x = _head_x(parts, stats, position_frame, size_source)
+    fitted = stats["heads"].get("select", "fixed")  # heads exported before head_select: fixed
+    if fitted != select:
+        raise InputError(f"retrieval.head_select: {select}, but the refit heads were fit with head_select: {fitted} "
+                         "(for another recipe): train or export again with this recipe")
+    if size_source == "fit":
+        parts = with_fitted_size(parts, stats)
+    every = head_inputs(position_frame, size_source)  # heads exported before head_select read them all
+    x_of: dict[tuple[str, ...], np.ndarray] = {}
     out = []
     for t in schema.tasks:
         h = stats["heads"][t.name]
+        inputs = tuple(h.get("inputs", every))
+        if inputs not in x_of:
+            x_of[inputs] = np.concatenate([_z(parts, k, stats) for k in inputs], axis=1)
+        x = x_of[inputs]
         p = np.full((len(x), t.n_classes), 1.0 / t.n_classes)
         if h["classes"]:
             p[:] = 0.0
