@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start / stop a local Ray head for the demo and the tests (dashboard + job server on 127.0.0.1).
 #   cluster/local.sh start [TEMP_DIR]   # default TEMP_DIR: ./outputs/ray (absolute path is used)
-#   cluster/local.sh stop
+#   cluster/local.sh stop [TEMP_DIR]    # only the head started with that TEMP_DIR (default as start)
+#   cluster/local.sh stop --all         # every Ray of this user on the machine (ray stop --force)
 #   cluster/local.sh status
 # Environment: RAY (ray executable, default .venv/bin/ray), NUM_CPUS (default: all cores),
 # RAY_PORT (GCS, default 6379), DASHBOARD_PORT (default 8265), AGENT_PORT (the head's dashboard agent,
@@ -45,7 +46,26 @@ PY
     echo "Ray head up: jobs at http://127.0.0.1:$DASHBOARD_PORT (ray job submit --address http://127.0.0.1:$DASHBOARD_PORT ...)"
     echo "to run ray_job.py commands on it from a shell: export RAY_ADDRESS=auto RAY_AUTH_MODE=$RAY_AUTH_MODE"
     ;;
-  stop) "$RAY" stop --force ;;
+  stop)
+    if [ "${2:-}" = "--all" ]; then "$RAY" stop --force; exit 0; fi
+    # the head's processes name its session folder under TEMP_DIR; the workers are their descendants
+    SESSION="$(realpath -m "${2:-outputs/ray}")/session_"
+    PIDS=$(pgrep -f -- "$SESSION" || true)
+    if [ -z "$PIDS" ]; then echo "no Ray head of $(dirname "$SESSION") is running"; exit 0; fi
+    ALL="" NEXT="$PIDS"
+    while [ -n "$NEXT" ]; do
+      ALL="$ALL $NEXT"
+      NEXT=$(for p in $NEXT; do pgrep -P "$p" || true; done)
+    done
+    kill -TERM $ALL 2>/dev/null || true
+    for _ in $(seq 20); do
+      LEFT=$(for p in $ALL; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
+      [ -z "$LEFT" ] && break
+      sleep 0.5
+    done
+    [ -n "${LEFT:-}" ] && kill -KILL $LEFT 2>/dev/null || true
+    echo "stopped the Ray head of $(dirname "$SESSION") ($(echo $ALL | wc -w) processes)"
+    ;;
   status) "$RAY" status --address "127.0.0.1:$RAY_PORT" ;;
-  *) echo "usage: $0 start [TEMP_DIR] | stop | status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [TEMP_DIR] | stop [TEMP_DIR | --all] | status" >&2; exit 2 ;;
 esac

@@ -98,7 +98,8 @@ def ray_head(tmp_path_factory):
     ray.init(address=f"127.0.0.1:{RAY_PORT}")
     yield env
     ray.shutdown()
-    subprocess.run([str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)
+    # only this head: a Ray the user runs beside the tests keeps running
+    subprocess.run([str(ROOT / "cluster" / "local.sh"), "stop", str(temp)], env=env, capture_output=True, timeout=120)
 
 
 SECRET = b"0123456789abcdef-site-key"

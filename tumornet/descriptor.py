@@ -28,7 +28,9 @@ The `tasks` part is each task's class probabilities: from the network's own head
 the RoiPool vector, which must guess where the box is from its content), or, with `heads: refit`, from
 heads refit at export on the training tumors' RoiPool vector, position and box size
 (`tumornet.fitted.fit_heads`: one multinomial logistic regression per task, stored in the model file),
-which know where it is.
+which know where it is; with `head_select: cv` each head reads only the inputs, and with the L2
+strength, that cross-validation over the training patients chose (a side of the midline from the
+place alone).
 
 `compose` turns these parts into one vector with the weights of `RetrievalConfig` (config section
 `retrieval`). Every part is scaled so that two random training tumors differ by about 1 in
