@@ -81,7 +81,7 @@ def small_cohort(tmp_path_factory) -> Path:
 
 
 ROOT = Path(__file__).resolve().parent.parent
-RAY_PORT, DASHBOARD_PORT, AGENT_PORT = "6391", "8271", "52391"
+RAY_PORT, DASHBOARD_PORT, AGENT_PORT, CLIENT_PORT = "6391", "8271", "52391", "9991"
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +92,7 @@ def ray_head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("ray")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # one auth mode for the head, this client and job submit
     env = {**os.environ, "RAY": str(Path(sys.executable).parent / "ray"), "NUM_CPUS": "2", "RAY_PORT": RAY_PORT,
-           "DASHBOARD_PORT": DASHBOARD_PORT, "AGENT_PORT": AGENT_PORT}
+           "DASHBOARD_PORT": DASHBOARD_PORT, "AGENT_PORT": AGENT_PORT, "CLIENT_PORT": CLIENT_PORT}
     subprocess.run([str(ROOT / "cluster" / "local.sh"), "start", str(temp)], env=env, check=True,
                    capture_output=True, timeout=180)
     ray.init(address=f"127.0.0.1:{RAY_PORT}")
