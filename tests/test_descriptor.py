@@ -386,22 +386,26 @@ def _keeps_older_fingerprints(key: str, default, other) -> None:
     assert fp[0] == "18bcc0f1f9804716" and fp[1] != fp[0]
 
 
-def test_size_units_in_a_grid_and_the_fingerprint_of_older_archives(tmp_path):
-    """A grid may try both size units; the default units leave the embedding fingerprint of an archive
-    embedded before they existed unchanged (the value the previous version computed), mm changes it."""
+def _grid_takes(tmp_path, key: str, good: str, bad: str, error: str) -> tuple:
+    """A recipe grid with `key: good` (YAML list) is read (-> its values); with `key: bad` it is refused
+    with `error`."""
     from retrieval.experiments import read_grid
 
     g = tmp_path / "g.yaml"
-    g.write_text("size_units: [log, mm]\n")
-    assert read_grid(g)["size_units"] == ("log", "mm")
-    g.write_text("size_units: [inch]\n")
-    with pytest.raises(InputError, match="size_units: expected log or mm, got 'inch'"):
+    g.write_text(f"{key}: {bad}\n")
+    with pytest.raises(InputError, match=error):
         read_grid(g)
-    g.write_text("task_temperature: [1, 0.5]\n")
-    assert read_grid(g)["task_temperature"] == (1, 0.5)
-    g.write_text("task_temperature: [0.5, 0]\n")
-    with pytest.raises(InputError, match="task_temperature: expected a number > 0, got 0"):
-        read_grid(g)
+    g.write_text(f"{key}: {good}\n")
+    return read_grid(g)[key]
+
+
+def test_size_units_in_a_grid_and_the_fingerprint_of_older_archives(tmp_path):
+    """A grid may try both size units; the default units leave the embedding fingerprint of an archive
+    embedded before they existed unchanged (the value the previous version computed), mm changes it."""
+    assert _grid_takes(tmp_path, "size_units", "[log, mm]", "[inch]",
+                       "size_units: expected log or mm, got 'inch'") == ("log", "mm")
+    assert _grid_takes(tmp_path, "task_temperature", "[1, 0.5]", "[0.5, 0]",
+                       "task_temperature: expected a number > 0, got 0") == (1, 0.5)
     _keeps_older_fingerprints("size_units", "log", "mm")
 
 

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from test_descriptor import _keeps_older_fingerprints, _model, _parts, _stack
+from test_descriptor import _grid_takes, _keeps_older_fingerprints, _model, _parts, _stack
 
 from tumornet.descriptor import RetrievalConfig, compose
 from tumornet.errors import InputError
@@ -141,8 +141,6 @@ def test_head_select_cv_lets_each_head_read_what_tells_its_label(tmp_path):
     the choice is stored per head (plain lists), composes only for a cv recipe, heads exported before
     (no inputs stored) compose as before, a grid may try both, and the default keeps older archives'
     fingerprints."""
-    from retrieval.experiments import read_grid
-
     names = list(DEFAULT_SCHEMA.names)
 
     def cohort(n, seed):
@@ -185,10 +183,6 @@ def test_head_select_cv_lets_each_head_read_what_tells_its_label(tmp_path):
         fit_heads(parts, labels, DEFAULT_SCHEMA, stats, select="cv", groups=np.arange(3))
     with pytest.raises(InputError, match=r"retrieval\.head_select: expected fixed or cv, got 'auto'"):
         RetrievalConfig(head_select="auto")
-    g = tmp_path / "g.yaml"
-    g.write_text("head_select: [fixed, cv]\n")
-    assert read_grid(g)["head_select"] == ("fixed", "cv")
-    g.write_text("head_select: [auto]\n")
-    with pytest.raises(InputError, match="head_select: expected fixed or cv, got 'auto'"):
-        read_grid(g)
+    assert _grid_takes(tmp_path, "head_select", "[fixed, cv]", "[auto]",
+                       "head_select: expected fixed or cv, got 'auto'") == ("fixed", "cv")
     _keeps_older_fingerprints("head_select", "fixed", "cv")
