@@ -153,6 +153,13 @@ def cmd_index(args) -> None:
 
 
 def cmd_retune(args) -> None:
+    if args.manifest:  # any retrieval key: the recipe's statistics and refit heads fit again
+        from trainer.loop import with_recipe
+
+        mid = with_recipe(args.model, args.out, args.set, args.manifest)
+        print(f"wrote {args.out}: model {mid} with {', '.join(args.set)}, its statistics fit again on the training "
+              "scans (embed the archive again: its vectors change)")
+        return
     from tumornet.export import with_search_settings
 
     mid = with_search_settings(args.model, args.out, args.set)
@@ -380,11 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
     sp.set_defaults(func=cmd_index)
 
-    sp = sub.add_parser("retune", help="a copy of a model file with search-time retrieval keys changed")
+    sp = sub.add_parser("retune", help="a copy of a model file with its retrieval recipe changed (no training)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--out", required=True, help="the new model file (the same model id)")
     sp.add_argument("--set", action="append", default=[], help="retrieval.KEY=VALUE: rerank, rerank_size, "
-                    "rerank_position or refine_box")
+                    "rerank_position or refine_box; any retrieval key with --manifest")
+    sp.add_argument("--manifest", help="the training cohort: the recipe's statistics and refit heads are fit "
+                    "again on the model's training scans, so any retrieval key may change")
     sp.set_defaults(func=cmd_retune)
 
     sp = sub.add_parser("compact", help="rewrite embedding shards into few large files (newest rows only)")

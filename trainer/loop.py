@@ -9,6 +9,7 @@ alone: that hangs). Rank 0 writes metrics (JSONL + TensorBoard) and, at the end,
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -26,6 +27,7 @@ from tumornet.config import Config, config_from_dict, config_to_dict
 from tumornet.descriptor import stack_parts, tumors_parts
 from tumornet.export import export_model, model_id
 from tumornet.fitted import fit_heads, fit_size, fit_stats
+from tumornet.io import atomic_write
 from tumornet.labels import MISSING
 from tumornet.loss import EmbeddingBank, as_float32, multitask_loss
 from tumornet.manifest import read_manifest
@@ -150,6 +152,35 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
                                size_source=cfg.retrieval.size_source, select=cfg.retrieval.head_select,
                                groups=np.asarray(groups + rough_groups))
     return stats
+
+
+def with_recipe(path, out, overrides: list[str], manifest) -> str:
+    """A copy of a model file with any retrieval keys changed (`retrieval.<key>=<value>`) and the
+    recipe's statistics and refit heads fit again on the model's training scans (its recorded split
+    applied to `manifest`, as at export) -> the model id: the same weights, so no training, but other
+    vectors, so `embed` embeds the archive again (the settings fingerprint changes)."""
+    from tumornet.export import load_model, retuned_recipe
+    from tumornet.split import split_of_model
+
+    payload, retrieval = retuned_recipe(path, overrides, search_only=False)
+    model, meta = load_model(path)
+    extra = payload["extra"]
+    cfg = config_from_dict({**extra["config"], "retrieval": retrieval})
+    # the grid and patch the model was trained on, as recorded, and its own tasks
+    cfg = dataclasses.replace(cfg, tasks=model.schema,
+                              data=dataclasses.replace(cfg.data, spacing_mm=tuple(extra["spacing_mm"])),
+                              train=dataclasses.replace(cfg.train, patch_size=int(extra.get("patch_size") or 64)))
+    cohort = read_manifest(manifest, model.schema)
+    on = "validation" if (extra.get("split") or {}).get("validation_patients") else "test"
+    train_ids = split_of_model(cohort, meta, where=str(path), on=on)[0]  # the scans the model was trained on
+    scans = cohort.scans()
+    cache_dir = cfg.train.cache_dir or str(Path.home() / ".cache" / "tumornet" / "scans")
+    train = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=cache_dir) for s in train_ids]
+    extra["config"]["retrieval"] = retrieval
+    extra["retrieval_stats"] = json.loads(json.dumps(
+        retrieval_stats(model, train, cfg, patients=[scans[s][0].patient_id for s in train_ids]), default=float))
+    atomic_write(out, lambda tmp: torch.save(payload, tmp))
+    return payload["model_id"]
 
 
 def failure_injector(cfg: Config, rank: int, world: int, run_dir: Path):

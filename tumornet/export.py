@@ -61,11 +61,11 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[MultitaskNet, dict
     return model, {k: payload[k] for k in ("model_id", "tasks", "model_config", "extra")}
 
 
-def with_search_settings(path: str | Path, out: str | Path, overrides: list[str]) -> str:
-    """A copy of a model file with search-time retrieval keys changed (`retrieval.<key>=<value>`, keys
-    of tumornet.descriptor.SEARCH_ONLY: rerank, rerank_size, rerank_position, refine_box): the weights,
-    the model id and the stored vectors stay the same, so an archive embedded with the model needs no new
-    embedding -> the model id. Any other key is refused (it would change the vectors: train again)."""
+def retuned_recipe(path: str | Path, overrides: list[str], *, search_only: bool = True) -> tuple[dict, dict]:
+    """A model file's payload and its retrieval config section with `retrieval.<key>=<value>` overrides
+    applied and checked -> (payload, retrieval section). `search_only`: only keys of
+    tumornet.descriptor.SEARCH_ONLY may change (rerank, rerank_size, rerank_position, refine_box: the
+    stored vectors stay the same); otherwise any retrieval key (the caller fits the statistics again)."""
     from .config import apply_overrides
     from .descriptor import SEARCH_ONLY, RetrievalConfig
 
@@ -74,13 +74,25 @@ def with_search_settings(path: str | Path, out: str | Path, overrides: list[str]
     config = payload["extra"].setdefault("config", {})
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if not key.startswith("retrieval.") or key.removeprefix("retrieval.") not in SEARCH_ONLY:
-            raise InputError(f"--set {item!r}: only the search-time keys retrieval.{{{', '.join(SEARCH_ONLY)}}} "
-                             "can change in a trained model (other keys change the stored vectors: train again)")
+        if not key.startswith("retrieval."):
+            raise InputError(f"--set {item!r}: only retrieval.KEY can change in a trained model (other keys "
+                             "change the weights: train again)")
+        if search_only and key.removeprefix("retrieval.") not in SEARCH_ONLY:
+            raise InputError(f"--set {item!r}: without --manifest only the search-time keys retrieval."
+                             f"{{{', '.join(SEARCH_ONLY)}}} can change (other keys change the stored vectors: give "
+                             "the training manifest to fit the recipe's statistics again)")
     if not overrides:
         raise InputError("retune: give at least one --set retrieval.KEY=VALUE")
     retrieval = apply_overrides({"retrieval": dict(config.get("retrieval") or {})}, overrides)["retrieval"]
-    RetrievalConfig(**retrieval)  # checked as at training (only search-time keys can differ)
-    config["retrieval"] = retrieval
+    RetrievalConfig(**retrieval)  # checked as at training
+    return payload, retrieval
+
+
+def with_search_settings(path: str | Path, out: str | Path, overrides: list[str]) -> str:
+    """A copy of a model file with search-time retrieval keys changed (retuned_recipe): the weights, the
+    model id and the stored vectors stay the same, so an archive embedded with the model needs no new
+    embedding -> the model id. Any other key is refused here (trainer.loop.with_recipe fits it)."""
+    payload, retrieval = retuned_recipe(path, overrides)
+    payload["extra"]["config"]["retrieval"] = retrieval
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
     return payload["model_id"]
