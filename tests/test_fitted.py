@@ -110,7 +110,7 @@ def test_export_statistics_fit_the_size_on_the_training_masks(small_cohort, tmp_
 
     cfg = load_config("demo")
     cfg = with_overrides(cfg, data={"spacing_mm": 4.0}, train={"patch_size": 16},
-                         retrieval={"position_frame": "head", "size_source": "fit", "heads": "refit"})
+                         retrieval={"position_frame": "head", "size_source": "fit", "heads": "refit", "head_draws": 0})
     scans = [prepare_scan(rows, spacing_mm=4.0, cache_dir=tmp_path / "cache")
              for rows in list(read_manifest(small_cohort).scans().values())[:16]]
     model = _model()
