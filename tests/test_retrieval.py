@@ -359,6 +359,8 @@ def test_retune_with_the_manifest_fits_a_new_recipe_without_training(archive, sm
     assert recipe_of(load_model(tmp_path / "again.pt")[1])[1] == stats  # fit on the same scans, the same way
     with pytest.raises(InputError, match=r"only retrieval\.KEY can change .* train again"):
         with_recipe(model, tmp_path / "x.pt", ["train.epochs=3"], small_cohort)
+    with pytest.raises(InputError, match=r"'retrieval\.sizee=1': unknown retrieval key \(expected one of .*size,"):
+        with_recipe(model, tmp_path / "x.pt", ["retrieval.sizee=1"], small_cohort)
     assert not (tmp_path / "x.pt").exists()
     assert main(["retune", "--model", str(out), "--out", str(tmp_path / "y.pt"), "--set", "retrieval.head_select=fixed",
                  "--manifest", str(small_cohort)]) == 0

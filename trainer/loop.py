@@ -106,6 +106,11 @@ def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
     return validation_metrics(_all_reduce(sums, device), tasks)
 
 
+def scan_cache_dir(cfg: Config) -> str:
+    """Where preprocessed scans are cached (train.cache_dir; default ~/.cache/tumornet/scans)."""
+    return cfg.train.cache_dir or str(Path.home() / ".cache" / "tumornet" / "scans")
+
+
 def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, max_tumors: int = 400,
                     seed: int = 1) -> dict:
     """The training tumors' statistics of the retrieval parts (tumornet.descriptor.fit_stats) and the
@@ -174,8 +179,7 @@ def with_recipe(path, out, overrides: list[str], manifest) -> str:
     on = "validation" if (extra.get("split") or {}).get("validation_patients") else "test"
     train_ids = split_of_model(cohort, meta, where=str(path), on=on)[0]  # the scans the model was trained on
     scans = cohort.scans()
-    cache_dir = cfg.train.cache_dir or str(Path.home() / ".cache" / "tumornet" / "scans")
-    train = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=cache_dir) for s in train_ids]
+    train = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=scan_cache_dir(cfg)) for s in train_ids]
     extra["config"]["retrieval"] = retrieval
     extra["retrieval_stats"] = json.loads(json.dumps(
         retrieval_stats(model, train, cfg, patients=[scans[s][0].patient_id for s in train_ids]), default=float))
@@ -218,7 +222,7 @@ def train_func(loop_config: dict) -> None:
     dtype = torch.bfloat16 if cfg.distributed.bf16 else torch.float32
 
     scans, train_ids, val_ids = split_scans(cfg, loop_config["manifest"])
-    cache_dir = cfg.train.cache_dir or str(Path.home() / ".cache" / "tumornet" / "scans")
+    cache_dir = scan_cache_dir(cfg)
     mine = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=cache_dir) for s in train_ids[rank::world]]
     val_mine = [prepare_scan(scans[s], spacing_mm=cfg.data.spacing_mm, cache_dir=cache_dir)
                 for s in val_ids[rank::world]]

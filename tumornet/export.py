@@ -66,6 +66,8 @@ def retuned_recipe(path: str | Path, overrides: list[str], *, search_only: bool 
     applied and checked -> (payload, retrieval section). `search_only`: only keys of
     tumornet.descriptor.SEARCH_ONLY may change (rerank, rerank_size, rerank_position, refine_box: the
     stored vectors stay the same); otherwise any retrieval key (the caller fits the statistics again)."""
+    from dataclasses import fields
+
     from .config import apply_overrides
     from .descriptor import SEARCH_ONLY, RetrievalConfig
 
@@ -77,6 +79,9 @@ def retuned_recipe(path: str | Path, overrides: list[str], *, search_only: bool 
         if not key.startswith("retrieval."):
             raise InputError(f"--set {item!r}: only retrieval.KEY can change in a trained model (other keys "
                              "change the weights: train again)")
+        known = sorted(f.name for f in fields(RetrievalConfig))
+        if key.removeprefix("retrieval.") not in known:
+            raise InputError(f"--set {item!r}: unknown retrieval key (expected one of {', '.join(known)})")
         if search_only and key.removeprefix("retrieval.") not in SEARCH_ONLY:
             raise InputError(f"--set {item!r}: without --manifest only the search-time keys retrieval."
                              f"{{{', '.join(SEARCH_ONLY)}}} can change (other keys change the stored vectors: give "

@@ -155,6 +155,11 @@ def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
     return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
 
 
+def _inputs_x(parts: Mapping, inputs: Sequence[str], stats: Mapping) -> np.ndarray:
+    """A head's input rows: the z-scored parts it reads, side by side."""
+    return np.concatenate([_z(parts, k, stats) for k in inputs], axis=1)
+
+
 HEAD_SELECT = ("fixed", "cv")  # retrieval.head_select: every head reads head_inputs with C = 1, or per task
 # the inputs and C that predict its held-out folds best (select_head)
 HEAD_CS = (0.1, 1.0, 10.0, 100.0)
@@ -221,7 +226,7 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
     sets = head_input_sets(position_frame, size_source)
     if size_source == "fit":
         parts = with_fitted_size(parts, stats)
-    x_of = {name: np.concatenate([_z(parts, k, stats) for k in inputs], axis=1) for name, inputs in sets.items()}
+    x_of = {name: _inputs_x(parts, inputs, stats) for name, inputs in sets.items()}
     n = len(x_of["all"])
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if len(groups) != n:
@@ -257,15 +262,16 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
     fitted = stats["heads"].get("position_frame", "head")  # heads exported before frames read the head's
     if fitted != position_frame:
         raise InputError(f"retrieval.position_frame: {position_frame}, but the refit heads read the {fitted} "
-                         "position (fit for another recipe): train or export again with this recipe")
+                         "position (fit for another recipe): train again, or ray_job.py retune --manifest with this "
+                         "recipe")
     fitted = stats["heads"].get("size_source", "box")  # heads exported before size sources read the box's
     if fitted != size_source:
         raise InputError(f"retrieval.size_source: {size_source}, but the refit heads read the {fitted} size "
-                         "(fit for another recipe): train or export again with this recipe")
+                         "(fit for another recipe): train again, or ray_job.py retune --manifest with this recipe")
     fitted = stats["heads"].get("select", "fixed")  # heads exported before head_select: fixed
     if fitted != select:
         raise InputError(f"retrieval.head_select: {select}, but the refit heads were fit with head_select: {fitted} "
-                         "(for another recipe): train or export again with this recipe")
+                         "(for another recipe): train again, or ray_job.py retune --manifest with this recipe")
     if size_source == "fit":
         parts = with_fitted_size(parts, stats)
     every = head_inputs(position_frame, size_source)  # heads exported before head_select read them all
@@ -275,7 +281,7 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
         h = stats["heads"][t.name]
         inputs = tuple(h.get("inputs", every))
         if inputs not in x_of:
-            x_of[inputs] = np.concatenate([_z(parts, k, stats) for k in inputs], axis=1)
+            x_of[inputs] = _inputs_x(parts, inputs, stats)
         x = x_of[inputs]
         p = np.full((len(x), t.n_classes), 1.0 / t.n_classes)
         if h["classes"]:
