@@ -17,8 +17,8 @@ import numpy as np
 
 from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
-from tumornet.boxes import box_mm_to_voxels
-from tumornet.descriptor import compose, recipe_of, refine_box, tumor_parts
+from tumornet.boxes import box_mm_extent, box_mm_to_voxels
+from tumornet.descriptor import box_log_volume, compose, recipe_of, refine_box, tumor_parts
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
@@ -173,6 +173,24 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=No
                 k=k, where=parse_where(where, model.schema))
 
 
+def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where) -> dict:
+    """The parts of a box drawn on a scan (`vol` at the model's spacing; world mm, RAS) as a search by box
+    reads them (tumornet.descriptor.tumor_parts): pooled over the voxels that cover the box (refined first
+    when the recipe says refine_box), its size the drawn box's own (the covering voxels can be one more
+    on each side: a 10 mm box on a 2 mm grid covers up to 14 mm, 2.7x its volume)."""
+    vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
+    if np.any(vbox[3:] <= vbox[:3]):
+        raise InputError(f"{where}: the box {np.asarray(box_mm).tolist()} mm lies outside the scan")
+    drawn = vbox
+    if cfg.refine_box:  # the box of the tumor the segmentation head finds in the drawn one
+        vbox = refine_box(model, vol.array, vbox, patch_size=patch_size)
+    frame = register(vol.array, vol.affine) if cfg.needs_frame else None
+    parts = tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame)
+    if vbox is drawn:
+        parts["box_log_volume"] = box_log_volume(box_mm_extent(box_mm, vol.affine, vol.array.shape), vol.spacing_mm)
+    return parts
+
+
 def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, rerank=None,
                patient_key: str | None = None) -> list[dict]:
     """The paper's query: a new scan and a box drawn around the tumor, (x0, y0, z0, x1, y1, z1) in
@@ -183,14 +201,8 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
                          f"got {box_mm.tolist()}")
     model, meta, archive = _archive(model_path, emb_dir, rerank)
     spacing, patch, (cfg, stats) = embed_settings(meta, model_path)
-    vol = load_volume(image, scan_id="query", spacing_mm=spacing)
-    vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
-    if np.any(vbox[3:] <= vbox[:3]):
-        raise InputError(f"{image}: the box {box_mm.tolist()} mm lies outside the scan")
-    if cfg.refine_box:  # the box of the tumor the segmentation head finds in the drawn one
-        vbox = refine_box(model, vol.array, vbox, patch_size=patch)
-    frame = register(vol.array, vol.affine) if cfg.needs_frame else None
-    parts = tumor_parts(model, vol.array, vbox, patch_size=patch, spacing_mm=spacing, frame=frame)
+    parts = drawn_box_parts(model, load_volume(image, scan_id="query", spacing_mm=spacing), box_mm, cfg=cfg,
+                            patch_size=patch, where=image)
     vector = compose({key: np.asarray(v)[None] for key, v in parts.items()}, cfg, model.schema, stats)[0]
     start, predicted = 0, {}
     for t in model.schema.tasks:

@@ -53,6 +53,19 @@ def test_box_mm_to_coarser_grid_covers_the_box():
     assert np.all(B.box_size(cbox) <= np.ceil(B.box_size(box) / 2) + 1)
 
 
+def test_a_drawn_box_measures_its_own_extent_not_the_voxels_covering_it():
+    affine = np.array([[-2.0, 0, 0, 50], [0, 2.0, 0, -20], [0, 0, 2.0, 7], [0, 0, 0, 1]])
+    box = B.make_box([10, 10, 10], [15, 15, 15])  # 5 voxels = 10 mm a side
+    mm = np.asarray(B.box_to_mm(box, affine))
+    centre, half = (mm[:3] + mm[3:]) / 2, (mm[3:] - mm[:3]) / 2 * 1.2  # drawn 20 % too large
+    drawn = np.concatenate([centre - half, centre + half])
+    assert np.allclose(B.box_mm_extent(mm, affine, (40, 40, 40)), 5.0)
+    assert np.allclose(B.box_mm_extent(drawn, affine, (40, 40, 40)), 6.0)
+    assert B.box_size(B.box_mm_to_voxels(drawn, affine, (40, 40, 40))).tolist() == [7, 7, 7]  # a voxel more a side
+    # clipped to the array: the part outside the scan is not measured
+    assert np.allclose(B.box_mm_extent(drawn, affine, (40, 40, 14)), [6.0, 6.0, 4.5])  # voxels 9 to 13.5
+
+
 def test_distort_box_statistics_match_paper_eq2():
     rng = np.random.default_rng(0)
     box = B.make_box([100, 100, 100], [140, 140, 140])

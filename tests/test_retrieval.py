@@ -242,6 +242,25 @@ def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_c
     (q,) = search_box(archive / "model.pt", archive / "emb", scan[0].image, row["bbox_mm"], k=3)
     assert q["hits"][0]["scan_key"] == key and q["hits"][0]["tumor_id"] == row["tumor_id"]
     assert q["hits"][0]["distance"] < 1e-3 and q["size_mm"] is None and "query box" in format_search([q])
+    # a box drawn 20 % too large reads as its own size, pooled over the voxels that cover it (one more a side)
+    from retrieval.search import drawn_box_parts
+    from tumornet.boxes import box_mm_to_voxels, box_size, box_to_mm
+    from tumornet.descriptor import RetrievalConfig, tumor_parts
+    from tumornet.export import load_model
+    from tumornet.volumes import load_volume
+
+    net = load_model(archive / "model.pt")[0]
+    vol = load_volume(scan[0].image, scan_id="q", spacing_mm=4.0)
+    bmm = np.asarray(row["bbox_mm"])
+    centre, half = (bmm[:3] + bmm[3:]) / 2, (bmm[3:] - bmm[:3]) / 2 * 1.2
+    drawn = [*(centre - half), *(centre + half)]
+    covering = box_mm_to_voxels(drawn, vol.affine, vol.array.shape)
+    parts = drawn_box_parts(net, vol, drawn, cfg=RetrievalConfig(), patch_size=16, where="q")
+    same = tumor_parts(net, vol.array, covering, patch_size=16, spacing_mm=4.0)
+    assert np.allclose(parts["roipool"], same["roipool"], atol=1e-5)
+    assert parts["box_log_volume"] == pytest.approx(np.log(np.prod(bmm[3:] - bmm[:3]) * 1.2 ** 3 / 1000))
+    assert np.prod(box_size(covering)) * 64 > np.prod(bmm[3:] - bmm[:3]) * 1.2 ** 3 * 1.2  # the voxels: larger
+    assert np.allclose(box_to_mm(box_mm_to_voxels(row["bbox_mm"], vol.affine), vol.affine), bmm)
     with pytest.raises(InputError, match="lies outside the scan"):
         search_box(archive / "model.pt", archive / "emb", scan[0].image, [900, 900, 900, 910, 910, 910])
     with pytest.raises(InputError, match="--box: expected"):

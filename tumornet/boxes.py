@@ -129,6 +129,16 @@ def box_mm_to_voxels(box_mm, affine: np.ndarray, shape=None, *, tol: float = 1e-
     return box if shape is None else clip_box(box, shape)
 
 
+def box_mm_extent(box_mm, affine: np.ndarray, shape) -> np.ndarray:
+    """World millimetre box -> its own extent per array axis in voxels of the grid `affine` (continuous,
+    clipped to the array): what a drawn box measures, where box_mm_to_voxels gives the voxels that
+    cover it (up to one voxel more on each side: a 10 mm box on a 2 mm grid can cover 14 mm)."""
+    box_mm = np.asarray(box_mm, dtype=np.float64)
+    corners = _apply(np.linalg.inv(affine), _corners(box_mm[:3], box_mm[3:]))
+    top = np.asarray(shape, dtype=np.float64) - 0.5
+    return np.maximum(np.clip(corners.max(0), -0.5, top) - np.clip(corners.min(0), -0.5, top), 0.0)
+
+
 def voxel_to_mm(points, affine: np.ndarray) -> np.ndarray:
     """(..., 3) continuous voxel coordinates -> world millimetres."""
     p = np.asarray(points, dtype=np.float64)

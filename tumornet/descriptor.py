@@ -219,6 +219,12 @@ def refine_box(model, image: np.ndarray, bbox, *, patch_size: int, head=None, co
     return shift_box(box_from_mask(found), origin).astype(np.int64)
 
 
+def box_log_volume(extent, spacing_mm) -> float:
+    """The `box_log_volume` part: log of a box's volume in ml from its extent per axis in voxels."""
+    voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
+    return float(np.log(max(float(np.prod(extent)) * voxel_ml, 1e-6)))
+
+
 @torch.no_grad()
 def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None, frame=None,
                  batch: int = 8) -> list[dict]:
@@ -254,7 +260,7 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                 for n, i in enumerate(idx):
                     bbox = bboxes[i]
                     out[i] = {"roipool": emb[n], "task_logits": logits[n], "roimean": mean[n], "context": shell[n],
-                              "box_log_volume": float(np.log(max(float(np.prod(box_size(bbox))) * voxel_ml, 1e-6))),
+                              "box_log_volume": box_log_volume(box_size(bbox), spacing_mm),
                               "position": ((box_center(bbox) - centre) / half).astype(np.float32),
                               "seg_log_volume": float(np.log(segmented_voxels(foreground[n], cut[i][1]) * voxel_ml))}
                     if frame is not None:
