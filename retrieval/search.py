@@ -18,7 +18,7 @@ import numpy as np
 from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels
-from tumornet.descriptor import box_log_volume, compose, recipe_of, refine_box, tumor_parts
+from tumornet.descriptor import compose, recipe_of, refine_box, tumor_parts
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
@@ -177,7 +177,8 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where) -> dict:
     """The parts of a box drawn on a scan (`vol` at the model's spacing; world mm, RAS) as a search by box
     reads them (tumornet.descriptor.tumor_parts): pooled over the voxels that cover the box (refined first
     when the recipe says refine_box), its size the drawn box's own (the covering voxels can be one more
-    on each side: a 10 mm box on a 2 mm grid covers up to 14 mm, 2.7x its volume)."""
+    on each side: a 10 mm box on a 2 mm grid covers up to 14 mm, 2.7x its volume), and so is the size of
+    the segmented volume's fallback where the segmentation finds nothing in the box."""
     vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
     if np.any(vbox[3:] <= vbox[:3]):
         raise InputError(f"{where}: the box {np.asarray(box_mm).tolist()} mm lies outside the scan")
@@ -185,10 +186,8 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where) -> dict:
     if cfg.refine_box:  # the box of the tumor the segmentation head finds in the drawn one
         vbox = refine_box(model, vol.array, vbox, patch_size=patch_size)
     frame = register(vol.array, vol.affine) if cfg.needs_frame else None
-    parts = tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame)
-    if vbox is drawn:
-        parts["box_log_volume"] = box_log_volume(box_mm_extent(box_mm, vol.affine, vol.array.shape), vol.spacing_mm)
-    return parts
+    return tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame,
+                       extent=box_mm_extent(box_mm, vol.affine, vol.array.shape) if vbox is drawn else None)
 
 
 def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, rerank=None,

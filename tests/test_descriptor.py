@@ -188,6 +188,9 @@ def test_segmented_size_counts_whole_components_the_box_touches():
     assert segmented_voxels(fg, [8, 8, 8, 11, 11, 11]) == 1000  # too small, inside it: the whole component
     assert segmented_voxels(fg, [10, 10, 10, 27, 27, 27]) == 1125  # touching both
     assert segmented_voxels(fg, [30, 0, 0, 40, 6, 6]) == round(np.pi / 6 * 10 * 6 * 6)  # none: the ellipsoid
+    # a drawn box's own extent (the voxels covering it are larger): its ellipsoid; a segmented tumor: unchanged
+    assert segmented_voxels(fg, [30, 0, 0, 40, 6, 6], [8.4, 4.8, 4.8]) == round(np.pi / 6 * 8.4 * 4.8 * 4.8)
+    assert segmented_voxels(fg, [3, 3, 3, 18, 18, 18], [12.0, 12.0, 12.0]) == 1000
 
 
 def test_tumors_of_a_scan_in_one_batch_give_the_same_parts(small_cohort):

@@ -259,6 +259,13 @@ def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_c
     same = tumor_parts(net, vol.array, covering, patch_size=16, spacing_mm=4.0)
     assert np.allclose(parts["roipool"], same["roipool"], atol=1e-5)
     assert parts["box_log_volume"] == pytest.approx(np.log(np.prod(bmm[3:] - bmm[:3]) * 1.2 ** 3 / 1000))
+    # where nothing is segmented in the box, the segmented volume's fallback is the drawn box's ellipsoid too
+    def ellipsoid(voxels):
+        return np.log(max(round(np.pi / 6 * voxels), 1) * 64 / 1000)
+
+    fell_back = same["seg_log_volume"] == pytest.approx(ellipsoid(np.prod(box_size(covering))))
+    drawn_voxels = np.prod(bmm[3:] - bmm[:3]) * 1.2 ** 3 / 64
+    assert parts["seg_log_volume"] == pytest.approx(ellipsoid(drawn_voxels) if fell_back else same["seg_log_volume"])
     assert np.prod(box_size(covering)) * 64 > np.prod(bmm[3:] - bmm[:3]) * 1.2 ** 3 * 1.2  # the voxels: larger
     assert np.allclose(box_to_mm(box_mm_to_voxels(row["bbox_mm"], vol.affine), vol.affine), bmm)
     with pytest.raises(InputError, match="lies outside the scan"):

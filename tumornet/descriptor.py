@@ -173,15 +173,16 @@ class RetrievalConfig:
                 or self.roimean > 0 or self.context > 0 or (self.tasks > 0 and self.heads == "refit"))
 
 
-def segmented_voxels(foreground: np.ndarray, box) -> int:
+def segmented_voxels(foreground: np.ndarray, box, extent=None) -> int:
     """Voxels of the connected components (26-neighbourhood) of a binary segmentation that the box
-    (lo0, lo1, lo2, hi0, hi1, hi2) touches, whole; none touched: the box's inscribed ellipsoid."""
+    (lo0, lo1, lo2, hi0, hi1, hi2) touches, whole; none touched: the box's inscribed ellipsoid (of
+    `extent` voxels per axis when given: a drawn box's own size, see tumors_parts)."""
     from scipy import ndimage
 
     lo, hi = np.asarray(box[:3], int), np.asarray(box[3:], int)
     inside = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     if not foreground[inside].any():
-        return max(round(np.pi / 6 * np.prod(hi - lo)), 1)
+        return max(round(np.pi / 6 * float(np.prod(hi - lo if extent is None else extent))), 1)
     labels, _ = ndimage.label(foreground, structure=np.ones((3, 3, 3), bool))
     touched = np.unique(labels[inside])
     return int(np.isin(labels, touched[touched > 0]).sum())
@@ -227,14 +228,16 @@ def box_log_volume(extent, spacing_mm) -> float:
 
 @torch.no_grad()
 def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None, frame=None,
-                 batch: int = 8) -> list[dict]:
+                 batch: int = 8, extents=None) -> list[dict]:
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
     "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on
     it (larger for a larger tumor); patches of one size go through the network together, up to
     `batch` at a time (eval mode: the numbers of one at a time, to float rounding). With the scan's TemplateFrame
     (`frame`, tumornet.register) each dict also has "template_position" (3,) and "atlas"
-    (anatomy.ATLAS_FEATURES)."""
+    (anatomy.ATLAS_FEATURES). `extents` (one per box, voxels per axis, continuous; None: the boxes' own):
+    the size the box parts read (its volume, and the segmented volume's fallback) where a box was drawn
+    in millimetres and `bboxes` are the voxels covering it (up to one more on each side)."""
     centre, half = head = head if head is not None else head_box_voxels(image)
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
     cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
@@ -259,10 +262,12 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                 shell = shell_mean_pool(f, boxes).float().cpu().numpy()
                 for n, i in enumerate(idx):
                     bbox = bboxes[i]
+                    extent = box_size(bbox) if extents is None or extents[i] is None else extents[i]
+                    seg = segmented_voxels(foreground[n], cut[i][1], extent)
                     out[i] = {"roipool": emb[n], "task_logits": logits[n], "roimean": mean[n], "context": shell[n],
-                              "box_log_volume": box_log_volume(box_size(bbox), spacing_mm),
+                              "box_log_volume": box_log_volume(extent, spacing_mm),
                               "position": ((box_center(bbox) - centre) / half).astype(np.float32),
-                              "seg_log_volume": float(np.log(segmented_voxels(foreground[n], cut[i][1]) * voxel_ml))}
+                              "seg_log_volume": float(np.log(seg * voxel_ml))}
                     if frame is not None:
                         out[i]["template_position"] = frame.position(box_center(bbox))
                         out[i]["atlas"] = frame.atlas(bbox)
@@ -271,10 +276,11 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     return out
 
 
-def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None, frame=None) -> dict:
+def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None, frame=None,
+                extent=None) -> dict:
     """The parts of one tumor box (see tumors_parts)."""
     return tumors_parts(model, image, [bbox], patch_size=patch_size, spacing_mm=spacing_mm, head=head,
-                        frame=frame)[0]
+                        frame=frame, extents=[extent])[0]
 
 
 def stack_parts(parts: Sequence[Mapping]) -> dict[str, np.ndarray]:
