@@ -7,6 +7,7 @@ This is what `ray job submit ... -- python ray_job.py <subcommand>` runs, and th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -241,7 +242,8 @@ def cmd_demo(args) -> None:
     """The pipeline on the synthetic cohort, composed of the subcommands a user runs."""
     import shutil
 
-    from retrieval.search import held_out_example
+    from retrieval.search import drawn_box_example, held_out_example
+    from tumornet.export import load_model
     from tumornet.keys import ensure_secret, patient_key, read_secret
 
     cfg = _config(args)
@@ -252,6 +254,7 @@ def cmd_demo(args) -> None:
     shutil.rmtree(emb, ignore_errors=True)  # the demo always starts from scratch
     common = ["--config", args.config, *[a for s in args.set for a in ("--set", s)]]
     d = cfg.distributed
+    example = functools.cache(lambda: held_out_example(manifest, model))  # the searches' query scan (after training)
     steps = [
         (f"synthetic cohort: {cfg.phantom.patients} patients at {cfg.phantom.voxel_mm} mm",
          lambda: ["phantom", *common, "--out", str(manifest.parent)]),
@@ -266,8 +269,13 @@ def cmd_demo(args) -> None:
                   str(key), "--workers", str(d.workers), "--threads", str(d.cpus_per_worker)]),
         ("search: a held-out scan as the query, its 5 nearest tumors of other patients",
          lambda: ["search", "--model", str(model), "--embeddings", str(emb),
-                  "--image", str((q := held_out_example(manifest, model)).image), "--mask", str(q.mask),
-                  "--patient-key", patient_key(q.patient_id, read_secret(key))]),
+                  "--image", str(example().image), "--mask", str(example().mask),
+                  "--patient-key", patient_key(example().patient_id, read_secret(key))]),
+        ("search by box, the paper's query: a box drawn 20 % too large around that scan's first tumor",
+         lambda: ["search", "--model", str(model), "--embeddings", str(emb), "--image", str(example().image),
+                  "--box", ",".join(f"{v:.1f}" for v in drawn_box_example(
+                      example(), load_model(model)[1]["extra"]["spacing_mm"])),
+                  "--patient-key", patient_key(example().patient_id, read_secret(key))]),
         ("evaluation: the K nearest training tumors of each held-out tumor, learned vs handcrafted vs none; "
          "boxes distorted; tumors found without masks",
          lambda: ["evaluate", "--embeddings", str(emb), "--manifest", str(manifest), "--secret-file", str(key),

@@ -21,6 +21,7 @@ import numpy as np
 from embedder.embed import embed_settings
 from retrieval.evaluate import load_evaluation, shard_parts
 from retrieval.search import drawn_box_parts
+from tumornet.boxes import grown_box_mm
 from tumornet.descriptor import compose, stack_parts
 from tumornet.export import load_model
 from tumornet.keys import keyed_id, read_secret
@@ -47,10 +48,8 @@ def main() -> None:
         key = ev.table["scan_key"][int(i)].as_py()
         if last[0] != key:
             last = (key, load_volume(images[key], scan_id="query", spacing_mm=spacing))
-        box = np.asarray(ev.table["bbox_mm"][int(i)].as_py(), dtype=float)
-        centre, half = (box[:3] + box[3:]) / 2, (box[3:] - box[:3]) / 2 * (1 + args.grow)
-        box_parts.append(drawn_box_parts(model, last[1], [*(centre - half), *(centre + half)], cfg=cfg,
-                                         patch_size=patch, where=images[key]))
+        box = grown_box_mm(ev.table["bbox_mm"][int(i)].as_py(), args.grow)
+        box_parts.append(drawn_box_parts(model, last[1], box, cfg=cfg, patch_size=patch, where=images[key]))
     drawn = stack_parts(box_parts)
     mask = {k: v[rows] for k, v in parts.items()}
     db = compose({k: v[ev.train_rows] for k, v in parts.items()}, cfg, model.schema, stats)

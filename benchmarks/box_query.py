@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from retrieval.search import search, search_box
+from tumornet.boxes import grown_box_mm
 from tumornet.export import load_model
 from tumornet.keys import patient_key, read_secret
 from tumornet.manifest import read_manifest
@@ -46,10 +45,8 @@ def main() -> None:
         by_mask = search(args.model, args.embeddings, rows, k=5, rerank=args.rerank, patient_key=mine)
         tumors = {t.tumor_id: t for t in load_scan(rows, spacing_mm=meta["extra"]["spacing_mm"]).tumors}
         for q, r in zip(by_mask, rows, strict=True):
-            box = np.asarray(tumors[r.tumor_id].bbox_mm, dtype=float)
-            centre, half = (box[:3] + box[3:]) / 2, (box[3:] - box[:3]) / 2 * (1 + args.grow)
-            (b,) = search_box(args.model, args.embeddings, r.image, [*(centre - half), *(centre + half)], k=5,
-                              rerank=args.rerank, patient_key=mine)
+            (b,) = search_box(args.model, args.embeddings, r.image, grown_box_mm(tumors[r.tumor_id].bbox_mm, args.grow),
+                              k=5, rerank=args.rerank, patient_key=mine)
             top_mask, top_box = ([(h["scan_key"], h["tumor_id"]) for h in x["hits"]] for x in (q, b))
             same += top_mask[0] == top_box[0]
             within += top_box[0] in top_mask

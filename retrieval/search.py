@@ -17,7 +17,7 @@ import numpy as np
 
 from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
-from tumornet.boxes import box_mm_extent, box_mm_to_voxels
+from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
 from tumornet.descriptor import compose, recipe_of, refine_box, tumor_parts
 from tumornet.errors import InputError
 from tumornet.export import load_model
@@ -245,6 +245,15 @@ def format_search(results: list[dict]) -> str:
             lines.append("| " + " | ".join(cells + [v or "?" for v in h["labels"].values()]) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def drawn_box_example(row: ManifestRow, spacing_mm, grow: float = 0.2) -> list[float]:
+    """A box drawn around a manifest row's tumor as a user might: its mask's box in world mm, each side
+    `grow` too large about its centre (the demo's box query)."""
+    from tumornet.scans import load_scan
+
+    (tumor,) = (t for t in load_scan([row], spacing_mm=spacing_mm).tumors if t.tumor_id == row.tumor_id)
+    return grown_box_mm(tumor.bbox_mm, grow).tolist()
 
 
 def held_out_example(manifest, model_path) -> ManifestRow:

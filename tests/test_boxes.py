@@ -57,8 +57,10 @@ def test_a_drawn_box_measures_its_own_extent_not_the_voxels_covering_it():
     affine = np.array([[-2.0, 0, 0, 50], [0, 2.0, 0, -20], [0, 0, 2.0, 7], [0, 0, 0, 1]])
     box = B.make_box([10, 10, 10], [15, 15, 15])  # 5 voxels = 10 mm a side
     mm = np.asarray(B.box_to_mm(box, affine))
-    centre, half = (mm[:3] + mm[3:]) / 2, (mm[3:] - mm[:3]) / 2 * 1.2  # drawn 20 % too large
-    drawn = np.concatenate([centre - half, centre + half])
+    drawn = B.grown_box_mm(mm, 0.2)  # drawn 20 % too large, about the same centre
+    assert np.allclose(drawn[3:] - drawn[:3], 1.2 * (mm[3:] - mm[:3]))
+    assert np.allclose(drawn[:3] + drawn[3:], mm[:3] + mm[3:])
+    assert np.allclose(B.grown_box_mm(drawn, -1 / 6), mm)
     assert np.allclose(B.box_mm_extent(mm, affine, (40, 40, 40)), 5.0)
     assert np.allclose(B.box_mm_extent(drawn, affine, (40, 40, 40)), 6.0)
     assert B.box_size(B.box_mm_to_voxels(drawn, affine, (40, 40, 40))).tolist() == [7, 7, 7]  # a voxel more a side

@@ -243,8 +243,8 @@ def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_c
     assert q["hits"][0]["scan_key"] == key and q["hits"][0]["tumor_id"] == row["tumor_id"]
     assert q["hits"][0]["distance"] < 1e-3 and q["size_mm"] is None and "query box" in format_search([q])
     # a box drawn 20 % too large reads as its own size, pooled over the voxels that cover it (one more a side)
-    from retrieval.search import drawn_box_parts
-    from tumornet.boxes import box_mm_to_voxels, box_size, box_to_mm
+    from retrieval.search import drawn_box_example, drawn_box_parts
+    from tumornet.boxes import box_mm_to_voxels, box_size, box_to_mm, grown_box_mm
     from tumornet.descriptor import RetrievalConfig, tumor_parts
     from tumornet.export import load_model
     from tumornet.volumes import load_volume
@@ -252,8 +252,9 @@ def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_c
     net = load_model(archive / "model.pt")[0]
     vol = load_volume(scan[0].image, scan_id="q", spacing_mm=4.0)
     bmm = np.asarray(row["bbox_mm"])
-    centre, half = (bmm[:3] + bmm[3:]) / 2, (bmm[3:] - bmm[:3]) / 2 * 1.2
-    drawn = [*(centre - half), *(centre + half)]
+    first = next(r for r in scan if r.tumor_id == row["tumor_id"])
+    drawn = drawn_box_example(first, 4.0)  # the demo's box query: the mask's box, 20 % too large a side
+    assert np.allclose(drawn, grown_box_mm(bmm, 0.2))
     covering = box_mm_to_voxels(drawn, vol.affine, vol.array.shape)
     parts = drawn_box_parts(net, vol, drawn, cfg=RetrievalConfig(), patch_size=16, where="q")
     same = tumor_parts(net, vol.array, covering, patch_size=16, spacing_mm=4.0)

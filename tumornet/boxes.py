@@ -129,6 +129,14 @@ def box_mm_to_voxels(box_mm, affine: np.ndarray, shape=None, *, tol: float = 1e-
     return box if shape is None else clip_box(box, shape)
 
 
+def grown_box_mm(box_mm, share: float) -> np.ndarray:
+    """A millimetre box with each side `share` larger (or smaller, below 0) about its centre: a box drawn
+    around a tumor the way a user might, too large (the box query benchmarks, the demo's box query)."""
+    box_mm = np.asarray(box_mm, dtype=np.float64)
+    centre, half = (box_mm[:3] + box_mm[3:]) / 2, (box_mm[3:] - box_mm[:3]) / 2 * (1 + share)
+    return _frozen(np.concatenate([centre - half, centre + half]))
+
+
 def box_mm_extent(box_mm, affine: np.ndarray, shape) -> np.ndarray:
     """World millimetre box -> its own extent per array axis in voxels of the grid `affine` (continuous,
     clipped to the array): what a drawn box measures, where box_mm_to_voxels gives the voxels that
