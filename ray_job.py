@@ -451,10 +451,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# options whose value may start with "-" (a box in mm left of or behind the origin: --box -20,10,5,-2,30,22),
+# which argparse would otherwise take for an option
+DASH_VALUES = ("--box",)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    while argv:
+        a = argv.pop(0)
+        out.append(f"{a}={argv.pop(0)}" if a in DASH_VALUES and argv and argv[0].startswith("-") else a)
+    return build_parser().parse_args(out)
+
+
 def run(argv: list[str]) -> None:
     """Run one subcommand in this process (what the demo composes); InputError propagates, and a
     non-zero exit status of the subcommand stops the caller too."""
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     status = args.func(args) or 0
     if status:
         raise SystemExit(status)
@@ -462,7 +476,7 @@ def run(argv: list[str]) -> None:
 
 def main(argv=None) -> int:
     """Exit status: 0 done; 1 a batch job failed above its tolerance (embed); 2 bad input."""
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.func(args) or 0
     except InputError as e:

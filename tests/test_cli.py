@@ -109,6 +109,11 @@ def test_new_readers_name_the_bad_file(tmp_path, capsys):
     assert len(read_secret(key)) == 64 and ensure_secret(key).read_text() == key.read_text()
     assert main(["search", "--model", "m.pt", "--embeddings", "e", "--image", "x.nii.gz", "--box", "1,2,3"]) == 2
     assert "--box: expected 6 comma-separated numbers" in capsys.readouterr().err
+    # a box left of the origin: its value starts with "-", still the box (then the missing model is the error)
+    for box in (["--box", "-20,10,5,-2,30,22"], ["--box=-20,10,5,-2,30,22"]):
+        assert main(["search", "--model", "m.pt", "--embeddings", "e", "--image", "x.nii.gz", *box]) == 2
+        assert "expected one argument" not in (err := capsys.readouterr().err) and "--box: expected" not in err
+        assert "m.pt" in err
     assert main(["evaluate", "--model", "m.pt", "--embeddings", "e", "--manifest", "x.csv", "--secret-file", "k",
                  "--detection", "--detect-thresholds", "0.3,high"]) == 2
     assert "--detect-thresholds: expected comma-separated numbers, got '0.3,high'" in capsys.readouterr().err
