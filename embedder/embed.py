@@ -20,7 +20,16 @@ import numpy as np
 import torch
 
 from tumornet.boxes import voxel_to_mm
-from tumornet.descriptor import SEARCH_ONLY, RetrievalConfig, compose, recipe_of, refine_box, tumors_parts
+from tumornet.descriptor import (
+    SEARCH_ONLY,
+    RetrievalConfig,
+    compose,
+    predicted_classes,
+    recipe_of,
+    refine_box,
+    stack_parts,
+    tumors_parts,
+)
 from tumornet.detect import DetectConfig, detect_tumors
 from tumornet.errors import InputError
 from tumornet.handcrafted import handcrafted_features
@@ -138,8 +147,9 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
         boxes = [refine_box(model, image, b, patch_size=patch_size, head=head) for b in boxes]
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
                              frame=frame)
+    classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}
     out = []
-    for t, bbox, parts in zip(scan.tumors, boxes, all_parts, strict=True):
+    for i, (t, bbox, parts) in enumerate(zip(scan.tumors, boxes, all_parts, strict=True)):
         vector = compose({k: np.asarray(v)[None] for k, v in parts.items()}, cfg, model.schema, stats)[0]
         row = dict(common, tumor_id=t.tumor_id, source="predicted" if predicted else "mask",
                    bbox=bbox.astype(int).tolist(),
@@ -152,11 +162,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
                    seg_log_volume=parts["seg_log_volume"], roimean=parts["roimean"].tolist(),
                    context=parts["context"].tolist(),
                    handcrafted=handcrafted_features(image, scan.instances, t, centre_mm).tolist())
-        start = 0
         for k in tasks:
-            n = model.schema[k].n_classes
             row[f"label_{k}"] = int(t.labels.get(k, -1))
-            row[f"pred_{k}"] = int(np.argmax(parts["task_logits"][start:start + n]))
-            start += n
+            row[f"pred_{k}"] = int(classes[k][i])
         out.append(row)
     return out

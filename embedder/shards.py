@@ -33,7 +33,7 @@ def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = No
          ("bbox_mm", pa.list_(pa.float32(), 6)), ("centroid_mm", pa.list_(pa.float32(), 3)),
          ("volume_ml", pa.float32()), ("size_mm", pa.float32())]  # size: equivalent-sphere diameter
         + [(f"label_{t}", pa.int16()) for t in tasks]  # the manifest's label, -1 missing
-        + [(f"pred_{t}", pa.int16()) for t in tasks]  # the model's prediction
+        + [(f"pred_{t}", pa.int16()) for t in tasks]  # the recipe's predicted class (descriptor.predicted_classes)
         + [("embedding", pa.list_(pa.float32(), vector or channels)),  # the retrieval vector (descriptor.compose)
            ("roipool", pa.list_(pa.float32(), channels)),  # the paper's RoiPool vector
            ("task_logits", pa.list_(pa.float32(), max(logits, 1))),  # the task heads' logits on it

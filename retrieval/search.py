@@ -18,7 +18,7 @@ import numpy as np
 from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
-from tumornet.descriptor import compose, recipe_of, refine_box, tumor_parts
+from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
@@ -202,11 +202,10 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
     spacing, patch, (cfg, stats) = embed_settings(meta, model_path)
     parts = drawn_box_parts(model, load_volume(image, scan_id="query", spacing_mm=spacing), box_mm, cfg=cfg,
                             patch_size=patch, where=image)
-    vector = compose({key: np.asarray(v)[None] for key, v in parts.items()}, cfg, model.schema, stats)[0]
-    start, predicted = 0, {}
-    for t in model.schema.tasks:
-        predicted[t.name] = t.classes[int(np.argmax(parts["task_logits"][start:start + t.n_classes]))]
-        start += t.n_classes
+    one = {key: np.asarray(v)[None] for key, v in parts.items()}
+    vector = compose(one, cfg, model.schema, stats)[0]
+    classes = predicted_classes(one, cfg, model.schema, stats)
+    predicted = {t.name: t.classes[int(classes[t.name][0])] for t in model.schema.tasks}
     return rank(model, archive, [{"tumor_id": None, "box_mm": box_mm.tolist(), "size_mm": None,
                                 "predicted": predicted, "embedding": vector, "patient_key": patient_key}], k=k,
                 where=parse_where(where, model.schema))

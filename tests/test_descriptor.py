@@ -10,7 +10,15 @@ import torch
 
 from conftest import SECRET
 from embedder.embed import embed_scan
-from tumornet.descriptor import RetrievalConfig, compose, segmented_voxels, tumor_parts, tumors_parts, vector_size
+from tumornet.descriptor import (
+    RetrievalConfig,
+    compose,
+    predicted_classes,
+    segmented_voxels,
+    tumor_parts,
+    tumors_parts,
+    vector_size,
+)
 from tumornet.errors import InputError
 from tumornet.fitted import HEAD_INPUTS, fit_heads, fit_stats, refit_probabilities
 from tumornet.labels import DEFAULT_SCHEMA
@@ -234,6 +242,13 @@ def test_refit_heads_read_where_the_box_is():
     a, b = compose(parts, refit, DEFAULT_SCHEMA, stats), compose(parts, RetrievalConfig(roipool=0.0, tasks=1.0),
                                                                 DEFAULT_SCHEMA, stats)
     assert a.shape == b.shape == (n, 20) and not np.allclose(a, b)
+    # the predicted classes search prints: the refit heads' when the recipe uses them, else the network's
+    pred = predicted_classes(parts, refit, DEFAULT_SCHEMA, stats)
+    assert (pred["left_right"] == labels["left_right"]).mean() >= 0.95 and (pred["tumor_type"] == 1).all()
+    assert all((pred[t] == p.argmax(1)).all() for t, p in zip(names, probs, strict=True))
+    net = predicted_classes(parts, RetrievalConfig(roipool=0.0, tasks=1.0), DEFAULT_SCHEMA, stats)
+    assert (net["left_right"] == parts["task_logits"][:, 14:16].argmax(1)).all()
+    assert (net["area"] == parts["task_logits"][:, 3:14].argmax(1)).all()
     with pytest.raises(InputError, match="refit needs the heads refit on the training tumors"):
         compose(parts, refit, DEFAULT_SCHEMA, {k: v for k, v in stats.items() if k != "heads"})
     with pytest.raises(InputError, match=r"retrieval\.heads: expected network or refit, got 'mlp'"):
