@@ -461,7 +461,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     out = []
     while argv:
         a = argv.pop(0)
-        out.append(f"{a}={argv.pop(0)}" if a in DASH_VALUES and argv and argv[0].startswith("-") else a)
+        negative = a in DASH_VALUES and argv and re.match(r"-[\d.]", argv[0])  # not the next option
+        out.append(f"{a}={argv.pop(0)}" if negative else a)
     return build_parser().parse_args(out)
 
 

@@ -114,6 +114,9 @@ def test_new_readers_name_the_bad_file(tmp_path, capsys):
         assert main(["search", "--model", "m.pt", "--embeddings", "e", "--image", "x.nii.gz", *box]) == 2
         assert "expected one argument" not in (err := capsys.readouterr().err) and "--box: expected" not in err
         assert "m.pt" in err
+    with pytest.raises(SystemExit):  # no value before the next option: argparse's own message names --box
+        main(["search", "--model", "m.pt", "--embeddings", "e", "--image", "x.nii.gz", "--box", "--k", "3"])
+    assert "argument --box: expected one argument" in capsys.readouterr().err
     assert main(["evaluate", "--model", "m.pt", "--embeddings", "e", "--manifest", "x.csv", "--secret-file", "k",
                  "--detection", "--detect-thresholds", "0.3,high"]) == 2
     assert "--detect-thresholds: expected comma-separated numbers, got '0.3,high'" in capsys.readouterr().err
