@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from test_descriptor import _grid_takes, _keeps_older_fingerprints, _model, _parts, _stack
 
-from tumornet.descriptor import RetrievalConfig, compose
+from tumornet.descriptor import RetrievalConfig, compose, predicted_classes
 from tumornet.errors import InputError
-from tumornet.fitted import fit_heads, fit_stats, refit_probabilities
+from tumornet.fitted import HEAD_INPUTS, fit_heads, fit_stats, refit_probabilities
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest
 from tumornet.scans import load_scan
@@ -186,3 +186,44 @@ def test_head_select_cv_lets_each_head_read_what_tells_its_label(tmp_path):
     assert _grid_takes(tmp_path, "head_select", "[fixed, cv]", "[auto]",
                        "head_select: expected fixed or cv, got 'auto'") == ("fixed", "cv")
     _keeps_older_fingerprints("head_select", "fixed", "cv")
+
+
+def test_refit_heads_read_where_the_box_is():
+    """Heads refit on training tumors' RoiPool + position + size (stored as plain lists): a label
+    that only the position tells is learned; one class seen -> that class; no label -> uniform."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n, names = 80, list(DEFAULT_SCHEMA.names)
+    parts = {"roipool": rng.normal(size=(n, 8)), "position": rng.uniform(-1, 1, (n, 3)),
+             "box_log_volume": rng.normal(size=n), "task_logits": rng.normal(size=(n, 20))}
+    labels = {t: np.full(n, -1) for t in names}
+    labels["left_right"] = (parts["position"][:, 0] > 0).astype(int)
+    labels["tumor_type"] = np.where(np.arange(n) % 2 == 0, 1, -1)
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(n)])
+    stats["heads"] = fit_heads(parts, labels, DEFAULT_SCHEMA, stats)
+    assert json.loads(json.dumps(stats)) == stats  # plain lists: the model file
+    probs = refit_probabilities(parts, DEFAULT_SCHEMA, stats)
+    lr = probs[names.index("left_right")]
+    assert (lr.argmax(1) == labels["left_right"]).mean() >= 0.95
+    x = np.concatenate([(np.asarray(parts[k], float).reshape(n, -1) - stats[k]["mean"]) / stats[k]["sd"]
+                        for k in HEAD_INPUTS], axis=1)
+    assert np.allclose(lr, LogisticRegression(C=1.0, max_iter=5000).fit(x, labels["left_right"]).predict_proba(x),
+                       atol=1e-6)  # sklearn's binary form, as two softmax rows
+    assert np.allclose(probs[names.index("tumor_type")], [0.0, 1.0, 0.0])
+    assert np.allclose(probs[names.index("area")], 1 / 11)
+    refit = RetrievalConfig(roipool=0.0, tasks=1.0, heads="refit")
+    a, b = compose(parts, refit, DEFAULT_SCHEMA, stats), compose(parts, RetrievalConfig(roipool=0.0, tasks=1.0),
+                                                                DEFAULT_SCHEMA, stats)
+    assert a.shape == b.shape == (n, 20) and not np.allclose(a, b)
+    # the predicted classes search prints: the refit heads' when the recipe uses them, else the network's
+    pred = predicted_classes(parts, refit, DEFAULT_SCHEMA, stats)
+    assert (pred["left_right"] == labels["left_right"]).mean() >= 0.95 and (pred["tumor_type"] == 1).all()
+    assert all((pred[t] == p.argmax(1)).all() for t, p in zip(names, probs, strict=True))
+    net = predicted_classes(parts, RetrievalConfig(roipool=0.0, tasks=1.0), DEFAULT_SCHEMA, stats)
+    assert (net["left_right"] == parts["task_logits"][:, 14:16].argmax(1)).all()
+    assert (net["area"] == parts["task_logits"][:, 3:14].argmax(1)).all()
+    with pytest.raises(InputError, match="refit needs the heads refit on the training tumors"):
+        compose(parts, refit, DEFAULT_SCHEMA, {k: v for k, v in stats.items() if k != "heads"})
+    with pytest.raises(InputError, match=r"retrieval\.heads: expected network or refit, got 'mlp'"):
+        RetrievalConfig(heads="mlp")
