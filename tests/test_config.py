@@ -9,7 +9,7 @@ from tumornet.labels import DEFAULT_SCHEMA
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "site.yaml", "site-gpu.yaml", "site-detect.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "site.yaml", "site-gpu.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.tasks == DEFAULT_SCHEMA and cfg.phantom.patients > 0
@@ -24,12 +24,10 @@ def test_site_recipe_scaled_up_for_gpu_nodes_is_the_papers_training():
     assert paper.retrieval.roipool == 1.0 and not paper.retrieval.standardize and paper.retrieval.tasks == 0.0
 
 
-def test_site_detect_is_the_site_config_with_a_dice_term():
-    import dataclasses
-
-    site, detect = load_config(CONFIGS / "site.yaml"), load_config(CONFIGS / "site-detect.yaml")
-    assert site.loss.seg_dice == 0.0 and detect.loss.seg_dice == 0.25
-    assert dataclasses.replace(detect, name=site.name, loss=site.loss) == site
+def test_site_config_trains_with_the_dice_term_the_paper_does_not():
+    site, paper, demo = (load_config(CONFIGS / f"{n}.yaml") for n in ("site", "paper", "demo"))
+    assert site.loss.seg_dice == 0.25 and site.loss.seg == 1.0 and site.loss.task == 0.01
+    assert paper.loss.seg_dice == 0.0 and demo.loss.seg_dice == 0.0
 
 
 @pytest.mark.parametrize("name", ["demo", "paper"])
