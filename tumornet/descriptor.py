@@ -303,15 +303,25 @@ def _softmax_blocks(logits: np.ndarray, schema: LabelSchema) -> list[np.ndarray]
     return out
 
 
+def _task_probabilities(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: LabelSchema,
+                        stats: Mapping | None) -> list[np.ndarray]:
+    """Each task's class probabilities (n, n_classes) as the recipe's `tasks` part reads them: the refit
+    heads' (`heads: refit`) or the network's task heads', softmax(logits / task_temperature)."""
+    if cfg.heads == "refit":
+        return refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame,
+                                   size_source=cfg.size_source, select=cfg.head_select,
+                                   temperature=cfg.task_temperature)
+    return _softmax_blocks(np.asarray(parts["task_logits"]) / cfg.task_temperature, schema)
+
+
 def predicted_classes(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: LabelSchema,
                       stats: Mapping | None) -> dict[str, np.ndarray]:
     """Parts of n tumors -> each task's predicted class index (n,): the likeliest class of the
     probabilities the recipe's vector carries, the refit heads' where it uses them (twelfth round: on
     validation they beat the network's task heads on every task, area 0.57-0.66 -> 0.91-0.93), the
     network's task heads otherwise. What search prints as the query's and the archive's predictions."""
-    if cfg.tasks > 0 and cfg.heads == "refit" and stats:
-        probs = refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame,
-                                    size_source=cfg.size_source, select=cfg.head_select)
+    if cfg.tasks > 0 and (cfg.heads == "network" or stats):
+        probs = _task_probabilities(parts, cfg, schema, stats)  # a temperature keeps the likeliest class
     else:
         probs = _softmax_blocks(np.asarray(parts["task_logits"]), schema)
     return {t.name: np.asarray(p).argmax(-1) for t, p in zip(schema.tasks, probs, strict=True)}
@@ -337,12 +347,7 @@ def compose(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, schema: Label
             scaled = scaled / np.sqrt(2 * roi.shape[1])
         blocks.append(cfg.roipool * scaled)
     if cfg.tasks > 0:
-        probs = (refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame,
-                                     size_source=cfg.size_source, select=cfg.head_select,
-                                     temperature=cfg.task_temperature)
-                 if cfg.heads == "refit"
-                 else _softmax_blocks(np.asarray(parts["task_logits"]) / cfg.task_temperature, schema))
-        blocks += [cfg.tasks * p / np.sqrt(2) for p in probs]
+        blocks += [cfg.tasks * p / np.sqrt(2) for p in _task_probabilities(parts, cfg, schema, stats)]
     if cfg.size > 0 and cfg.size_source == "fit":
         parts = with_fitted_size(parts, stats)
     if cfg.size_units != "log":
