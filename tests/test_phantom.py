@@ -104,3 +104,51 @@ def test_config_validation():
         PhantomConfig(missing_fraction=1.5)
     with pytest.raises(InputError, match="orientations"):
         PhantomConfig(orientations=("LRS",))
+    with pytest.raises(InputError, match=r"phantom\.t1_gamma"):
+        PhantomConfig(t1_gamma=10)
+    with pytest.raises(InputError, match=r"phantom\.head_scale"):
+        PhantomConfig(head_scale=(1.1, 0.9))
+    with pytest.raises(InputError, match=r"phantom\.template_warp_mm"):
+        PhantomConfig(template_warp_mm=-1)
+
+
+def _tumor_centroids_mm(manifest):
+    out = {}
+    for r in _rows(manifest):
+        mask, affine = read_label_map(manifest.parent / r["mask"])
+        vox = np.argwhere(mask == int(r["tumor_id"])).mean(0)
+        out[(r["scan_id"], r["tumor_id"])] = affine[:3, :3] @ vox + affine[:3, 3]
+    return out
+
+
+def test_another_population_moves_the_anatomy_not_its_labels(tmp_path):
+    """A cohort on a brain unlike the template (one shared warp, another contrast): the same patients'
+    tumors lie elsewhere in the scan, their labels (read on the cohort's own anatomy) stay."""
+    base = dict(patients=6, seed=4, voxel_mm=4.0, missing_fraction=0.0)
+    a = generate_cohort(PhantomConfig(**base), tmp_path / "a", log=lambda *_: None)
+    b = generate_cohort(PhantomConfig(**base, template_warp_mm=6.0, template_seed=2, t1_gamma=1.5), tmp_path / "b",
+                        log=lambda *_: None)
+    ra, rb = _rows(a), _rows(b)
+    assert [(r["scan_id"], r["tumor_id"], r["tumor_type"]) for r in ra] == \
+        [(r["scan_id"], r["tumor_id"], r["tumor_type"]) for r in rb]
+    tasks = ("area", "left_right", "front_rear", "upper_lower")
+    same = np.mean([ra[i][t] == rb[i][t] for i in range(len(ra)) for t in tasks])
+    assert same >= 0.9
+    ca, cb = _tumor_centroids_mm(a), _tumor_centroids_mm(b)
+    moved = np.array([np.linalg.norm(ca[k] - cb[k]) for k in ca])
+    assert np.median(moved) > 2.0  # the anatomy, and the tumors with it, moved by millimetres
+    # the warp is the cohort's: drawn from template_seed, the same for every patient
+    from tumornet.synth.phantom import _template_warp
+    w1, w2, w3 = _template_warp(2, 6.0, None), _template_warp(2, 6.0, None), _template_warp(3, 6.0, None)
+    assert np.array_equal(w1, w2) and not np.allclose(w1, w3)
+    assert 1.0 < float(np.abs(w1).max()) < 40.0
+
+
+def test_t1_gamma_changes_the_grey_white_contrast():
+    from tumornet.synth.phantom import _template_for
+    anat, t1, _ = _template_for((4.0, 4.0, 4.0), None, 1.0)
+    _, t1g, _ = _template_for((4.0, 4.0, 4.0), None, 2.0)
+    grey = np.isin(anat.cerebra, np.unique(anat.cerebra[anat.cerebra > 0])) & anat.brain
+    white = anat.brain & (anat.cerebra == 0)
+    ratio, ratio_g = (float(np.median(v[grey]) / np.median(v[white])) for v in (t1, t1g))
+    assert ratio < 1.0 and abs(ratio_g - ratio**2) < 0.05  # grey darker than white, squared

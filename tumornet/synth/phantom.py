@@ -52,6 +52,18 @@ class PhantomConfig:
     max_metastases: int = 5
     orientations: tuple[str, ...] = ORIENTATIONS
     workers: int = 1
+    # how far a patient's head is from the template (each scan's pose comes on top): the amplitude of
+    # the smooth random deformation (mm), the head size range per axis, the tilt range (degrees, per axis)
+    anatomy_mm: float = 2.5
+    head_scale: tuple[float, float] = (0.93, 1.07)
+    tilt_deg: float = 6.0
+    # another population than the template's: one smooth deformation of this amplitude (mm), drawn from
+    # `template_seed` and shared by every patient of the cohort (a brain template unlike ICBM152, whose
+    # labels still follow its own anatomy), and another scanner's grey / white / CSF contrast (the
+    # healthy T1 raised to this power around the white-matter level; tumors keep their enhancement)
+    template_warp_mm: float = 0.0
+    template_seed: int = 0
+    t1_gamma: float = 1.0
 
     def __post_init__(self) -> None:
         if self.patients < 1:
@@ -65,6 +77,15 @@ class PhantomConfig:
             if len(o) != 3 or {axis for c in o for axis in ("LR", "AP", "SI") if c in axis} != {"LR", "AP", "SI"}:
                 raise InputError(f"phantom.orientations: {o!r} is not an orientation like 'LPS'")
         as_spacing(self.voxel_mm)
+        for key in ("anatomy_mm", "tilt_deg", "template_warp_mm"):
+            if not (isinstance(getattr(self, key), int | float) and 0.0 <= getattr(self, key) <= 30.0):
+                raise InputError(f"phantom.{key}: expected a number in [0, 30], got {getattr(self, key)!r}")
+        hs = tuple(self.head_scale)
+        if len(hs) != 2 or not all(isinstance(v, int | float) for v in hs) or not 0.5 <= hs[0] <= hs[1] <= 2.0:
+            raise InputError(f"phantom.head_scale: expected [low, high] with 0.5 <= low <= high <= 2, "
+                             f"got {list(self.head_scale)}")
+        if not (isinstance(self.t1_gamma, int | float) and 0.25 <= self.t1_gamma <= 4.0):
+            raise InputError(f"phantom.t1_gamma: expected a number in [0.25, 4], got {self.t1_gamma!r}")
 
 
 @dataclass(frozen=True)
@@ -189,14 +210,28 @@ def _schwannoma(rng: np.random.Generator, sites: Sites, min_d: float) -> Lesion:
 
 
 @lru_cache(maxsize=4)
-def _template_for(spacing: tuple[float, float, float], cache_dir: str | None):
-    """Template T1 and white-matter map, blurred for sampling at `spacing` (anti-aliasing)."""
+def _template_for(spacing: tuple[float, float, float], cache_dir: str | None, t1_gamma: float = 1.0):
+    """Template T1 and white-matter map, blurred for sampling at `spacing` (anti-aliasing); with
+    `t1_gamma` != 1 the T1 raised to that power around its white-matter level (another contrast)."""
     anat = load_anatomy(cache_dir)
     sigma = np.maximum(np.asarray(spacing) - 1.0, 0) / 2.0
     t1 = ndimage.gaussian_filter(anat.t1, sigma) if sigma.any() else anat.t1
     white = (anat.brain & (anat.cerebra == 0)) | np.isin(anat.cerebra, [39, 90])
+    if t1_gamma != 1.0:
+        level = float(np.median(anat.t1[white]))
+        t1 = (level * (np.maximum(t1, 0.0) / level) ** t1_gamma).astype(np.float32)
     wm = ndimage.gaussian_filter(white.astype(np.float32), 1.0)
     return anat, t1, wm
+
+
+@lru_cache(maxsize=2)
+def _template_warp(seed: int, amplitude: float, cache_dir: str | None) -> np.ndarray:
+    """A cohort's own brain: one smooth displacement field (3, *template grid) in mm, the same for
+    every patient drawn with (seed, amplitude)."""
+    anat = load_anatomy(cache_dir)
+    rng = np.random.default_rng([seed, 8128])
+    return np.stack([smooth_field(anat.shape, rng, control=4, amplitude=amplitude) for _ in range(3)]).astype(
+        np.float32)
 
 
 def _sample(volume: np.ndarray, anat: Anatomy, pts_mm: np.ndarray) -> np.ndarray:
@@ -204,22 +239,27 @@ def _sample(volume: np.ndarray, anat: Anatomy, pts_mm: np.ndarray) -> np.ndarray
     return ndimage.map_coordinates(volume, np.moveaxis(v, -1, 0), order=1, mode="constant", cval=0.0)
 
 
-def render_scan(lesions, *, pose_rng, anatomy_seed, spacing, cache_dir=None):
-    """-> (image float32 RAS, instance mask int16 RAS, affine, template points of each voxel)."""
-    anat, t1, wm = _template_for(spacing, cache_dir)
+def render_scan(lesions, *, pose_rng, anatomy_seed, spacing, cache_dir=None, cfg: PhantomConfig | None = None):
+    """-> (image float32 RAS, instance mask int16 RAS, affine, template points of each voxel);
+    `cfg`: the anatomy and contrast settings (PhantomConfig's defaults when None)."""
+    cfg = cfg or PhantomConfig()
+    anat, t1, wm = _template_for(spacing, cache_dir, float(cfg.t1_gamma))
     sp = np.asarray(spacing)
-    head_scale = np.random.default_rng(anatomy_seed).uniform(0.93, 1.07, 3)
+    head_scale = np.random.default_rng(anatomy_seed).uniform(*cfg.head_scale, 3)
     extent = np.asarray(anat.shape) * head_scale
     shape = tuple(int(v) for v in np.ceil(extent / sp))
     origin = pose_rng.uniform(-15, 15, 3)  # head centre in scanner mm
     ax = [np.arange(n) - (n - 1) / 2.0 for n in shape]
     w = np.stack(np.meshgrid(*[a * s for a, s in zip(ax, sp, strict=True)], indexing="ij"), -1)
-    rot = rotation_matrix(np.deg2rad(pose_rng.uniform(-6, 6, 3)))
+    rot = rotation_matrix(np.deg2rad(pose_rng.uniform(-cfg.tilt_deg, cfg.tilt_deg, 3)))
     tmpl_center = voxel_to_mm((np.asarray(anat.shape) - 1) / 2.0, anat.affine)
     q = (w @ rot.T) / head_scale + tmpl_center
     arng = np.random.default_rng(anatomy_seed)
     for k in range(3):  # smooth anatomical deformation, a few mm
-        q[..., k] += smooth_field(shape, arng, control=5, amplitude=2.5)
+        q[..., k] += smooth_field(shape, arng, control=5, amplitude=cfg.anatomy_mm)
+    if cfg.template_warp_mm > 0:  # the cohort's own brain, unlike the template's
+        warp = _template_warp(cfg.template_seed, float(cfg.template_warp_mm), cache_dir)
+        q += np.stack([_sample(w, anat, q) for w in warp], -1)
     q = q.astype(np.float32)
     image = _sample(t1, anat, push_coordinates(q, lesions))
     image, mask = render_lesions(image, q, lesions, white_matter=lambda p: _sample(wm, anat, p),
@@ -269,7 +309,7 @@ def make_patient(index: int, cfg: PhantomConfig, out: Path, cache_dir: str | Non
         scan_rng = np.random.default_rng([cfg.seed, index, s + 1])
         les = lesions if s == 0 else [x.scaled(scan_rng.uniform(0.8, 1.25)) for x in lesions]
         image, mask, affine, q = render_scan(les, pose_rng=scan_rng, anatomy_seed=anatomy_seed, spacing=spacing,
-                                             cache_dir=cache_dir)
+                                             cache_dir=cache_dir, cfg=cfg)
         scan_id = f"{patient_id}-{s:02d}"
         axcodes = cfg.orientations[scan_rng.integers(len(cfg.orientations))]
         kept = [i + 1 for i in range(len(les)) if (mask == i + 1).any()]
