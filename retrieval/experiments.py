@@ -163,7 +163,7 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false",
                         "position_frame": "head, template or atlas", "size_units": "log or mm",
-                        "size_source": "box, seg or fit", "head_select": "fixed or cv",
+                        "size_source": "box, seg or fit", "head_select": ", ".join(HEAD_SELECT),
                         "head_draws": "a whole number >= 0",
                         "rerank": "a whole number >= 0", "rerank_size": "a weight >= 0 or null",
                         "rerank_position": "a weight >= 0 or null",

@@ -181,11 +181,44 @@ def test_head_select_cv_lets_each_head_read_what_tells_its_label(tmp_path):
                           compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, fixed))
     with pytest.raises(InputError, match="120 tumors but 3 patient groups"):
         fit_heads(parts, labels, DEFAULT_SCHEMA, stats, select="cv", groups=np.arange(3))
-    with pytest.raises(InputError, match=r"retrieval\.head_select: expected fixed or cv, got 'auto'"):
+    with pytest.raises(InputError, match=r"retrieval\.head_select: expected fixed, cv, cv-context, got 'auto'"):
         RetrievalConfig(head_select="auto")
-    assert _grid_takes(tmp_path, "head_select", "[fixed, cv]", "[auto]",
-                       "head_select: expected fixed or cv, got 'auto'") == ("fixed", "cv")
+    assert _grid_takes(tmp_path, "head_select", "[fixed, cv-context]", "[auto]",
+                       "head_select: expected fixed, cv, cv-context, got 'auto'") == ("fixed", "cv-context")
     _keeps_older_fingerprints("head_select", "fixed", "cv")
+
+
+def test_head_select_cv_context_may_read_around_the_box():
+    """head_select: cv-context -> the cross-validation may also choose everything plus the feature map
+    around the box: a label that only the surroundings tell (an extra-axial tumor where the template's
+    atlas is wrong) is read from them, one the place tells still from the place alone; cv cannot."""
+    names = list(DEFAULT_SCHEMA.names)
+
+    def cohort(n, seed):
+        rng = np.random.default_rng(seed)
+        parts = {"roipool": rng.normal(size=(n, 16)), "position": rng.uniform(-1, 1, (n, 3)),
+                 "box_log_volume": rng.normal(size=n), "context": rng.normal(size=(n, 16)),
+                 "task_logits": rng.normal(size=(n, 20))}
+        labels = {t: np.full(n, -1) for t in names}
+        labels["tumor_type"] = (parts["context"][:, 3] > 0).astype(int)
+        labels["left_right"] = (parts["position"][:, 0] > 0).astype(int)
+        return parts, labels
+
+    parts, labels = cohort(160, 0)
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(160)])
+    groups = np.arange(160) // 2
+    heads = {m: {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats, select=m, groups=groups)}
+             for m in ("cv", "cv-context")}
+    assert heads["cv-context"]["heads"]["tumor_type"]["inputs"] == ["roipool", "position", "box_log_volume", "context"]
+    assert "context" not in heads["cv-context"]["heads"]["left_right"]["inputs"]
+    assert all("context" not in h["inputs"] for t, h in heads["cv"]["heads"].items() if isinstance(h, dict)
+               and "inputs" in h)
+    new, truth = cohort(300, 1)
+    acc = {m: (refit_probabilities(new, DEFAULT_SCHEMA, st, select=m)[names.index("tumor_type")].argmax(1)
+               == truth["tumor_type"]).mean() for m, st in heads.items()}
+    assert acc["cv-context"] >= 0.85 and acc["cv"] < 0.65
+    with pytest.raises(InputError, match="head_select: cv, but the refit heads were fit with head_select: cv-context"):
+        compose(new, RetrievalConfig(tasks=1.0, heads="refit", head_select="cv"), DEFAULT_SCHEMA, heads["cv-context"])
 
 
 def test_refit_heads_read_where_the_box_is():

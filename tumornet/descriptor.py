@@ -114,7 +114,8 @@ class RetrievalConfig:
     refine_box: bool = False
     # how the refit heads are fit: every head on all of head_inputs with C = 1 ("fixed"), or per task the
     # inputs (all, the box's place and size, or its place alone) and C chosen by cross-validation over the
-    # training patients ("cv", tumornet.fitted.select_head: eleventh round)
+    # training patients ("cv", tumornet.fitted.select_head: eleventh round); "cv-context": the same with
+    # everything plus the feature map around the box (`context`) as one more choice (fourteenth round)
     head_select: str = "fixed"
 
     def __post_init__(self) -> None:
@@ -134,7 +135,7 @@ class RetrievalConfig:
         if self.size_source not in SIZE_SOURCES:
             raise InputError(f"retrieval.size_source: expected box, seg or fit, got {self.size_source!r}")
         if self.head_select not in HEAD_SELECT:
-            raise InputError(f"retrieval.head_select: expected fixed or cv, got {self.head_select!r}")
+            raise InputError(f"retrieval.head_select: expected {', '.join(HEAD_SELECT)}, got {self.head_select!r}")
         if not isinstance(self.refine_box, bool):
             raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:

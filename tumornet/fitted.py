@@ -160,18 +160,23 @@ def _inputs_x(parts: Mapping, inputs: Sequence[str], stats: Mapping) -> np.ndarr
     return np.concatenate([_z(parts, k, stats) for k in inputs], axis=1)
 
 
-HEAD_SELECT = ("fixed", "cv")  # retrieval.head_select: every head reads head_inputs with C = 1, or per task
-# the inputs and C that predict its held-out folds best (select_head)
+HEAD_SELECT = ("fixed", "cv", "cv-context")  # retrieval.head_select: every head reads head_inputs with C = 1,
+# or per task the inputs and C that predict its held-out folds best (select_head); "cv-context": the same
+# with one more input set to choose from, everything plus the feature map around the box (`context`)
 HEAD_CS = (0.1, 1.0, 10.0, 100.0)
 
 
-def head_input_sets(position_frame: str = "head", size_source: str = "box") -> dict[str, tuple[str, ...]]:
+def head_input_sets(position_frame: str = "head", size_source: str = "box", *,
+                    context: bool = False) -> dict[str, tuple[str, ...]]:
     """What a head selected by cross-validation may read: everything (head_inputs), the box's place and
     size without the RoiPool vector, or its place alone (a location label is a side of the template's
-    midline or centre: the RoiPool vector's 32-128 numbers only add noise to three coordinates)."""
+    midline or centre: the RoiPool vector's 32-128 numbers only add noise to three coordinates); with
+    `context` also everything plus the feature map's mean over a shell around the box (what surrounds
+    the tumor on the scan itself: skull and dura or brain, whatever the template says)."""
     inputs = head_inputs(position_frame, size_source)
-    return {"all": inputs, "place": tuple(k for k in inputs if k != "roipool"),
+    sets = {"all": inputs, "place": tuple(k for k in inputs if k != "roipool"),
             "position": (POSITION_FRAMES[position_frame],)}
+    return {**sets, "context": (*inputs, "context")} if context else sets
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, c: float):
@@ -222,8 +227,8 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
     per task, the inputs (head_input_sets) and C chosen by cross-validation over patients (`groups`,
     one per row; None: every row its own patient) instead (select_head)."""
     if select not in HEAD_SELECT:
-        raise InputError(f"retrieval.head_select: expected fixed or cv, got {select!r}")
-    sets = head_input_sets(position_frame, size_source)
+        raise InputError(f"retrieval.head_select: expected {', '.join(HEAD_SELECT)}, got {select!r}")
+    sets = head_input_sets(position_frame, size_source, context=select == "cv-context")
     if size_source == "fit":
         parts = with_fitted_size(parts, stats)
     x_of = {name: _inputs_x(parts, inputs, stats) for name, inputs in sets.items()}
@@ -237,7 +242,7 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
         known = y >= 0
         classes = sorted({int(v) for v in y[known]})
         name, c_t = "all", c
-        if select == "cv" and len(classes) >= 2:
+        if select != "fixed" and len(classes) >= 2:
             name, c_t = select_head({k: v[known] for k, v in x_of.items()}, y[known], groups[known], t.n_classes)
         x = x_of[name]
         if len(classes) < 2:
