@@ -57,8 +57,8 @@ def test_installed_command_works_from_another_folder(tmp_path, small_cohort):
     r = subprocess.run([str(exe), "summary", str(small_cohort), "--config", "nope"], capture_output=True, text=True,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 2
-    assert ("nope: config file not found (bundled configs: ['ablation', 'demo', 'grid-context', 'grid-dice', "
-            "'grid-frame', 'grid-heads', 'grid-labelsize', 'grid-pooling', 'grid-rerank', 'grid-robust', "
+    assert ("nope: config file not found (bundled configs: ['ablation', 'demo', 'grid-cohorts', 'grid-context', "
+            "'grid-dice', 'grid-frame', 'grid-heads', 'grid-labelsize', 'grid-pooling', 'grid-rerank', 'grid-robust', "
             "'grid-roipool', 'grid-rough', 'grid-size', 'grid-sizefit', 'grid-temperature', 'paper', 'recipes', "
             "'site', 'site-gpu']") in r.stderr
 
