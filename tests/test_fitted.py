@@ -134,6 +134,19 @@ def test_export_statistics_fit_the_size_on_the_training_masks(small_cohort, tmp_
     assert compose(parts, cfg.retrieval, DEFAULT_SCHEMA, stats).shape[0] == len(truth)
 
 
+def _random_tumors(n, seed, *, channels, context=False):
+    """Parts of n random tumors (RoiPool of `channels`, place, size, network logits; the context too) and
+    their labels: left/right the side of the place, the others missing."""
+    rng = np.random.default_rng(seed)
+    parts = {"roipool": rng.normal(size=(n, channels)), "position": rng.uniform(-1, 1, (n, 3)),
+             "box_log_volume": rng.normal(size=n), "task_logits": rng.normal(size=(n, 20))}
+    if context:
+        parts["context"] = rng.normal(size=(n, channels))
+    labels = {t: np.full(n, -1) for t in DEFAULT_SCHEMA.names}
+    labels["left_right"] = (parts["position"][:, 0] > 0).astype(int)
+    return parts, labels
+
+
 def test_head_select_cv_lets_each_head_read_what_tells_its_label(tmp_path):
     """head_select: cv -> per task the inputs and C chosen by cross-validation over patients: a label
     that is the side of the box's place is read from the place alone (the fixed heads, reading every
@@ -144,11 +157,7 @@ def test_head_select_cv_lets_each_head_read_what_tells_its_label(tmp_path):
     names = list(DEFAULT_SCHEMA.names)
 
     def cohort(n, seed):
-        rng = np.random.default_rng(seed)
-        parts = {"roipool": rng.normal(size=(n, 64)), "position": rng.uniform(-1, 1, (n, 3)),
-                 "box_log_volume": rng.normal(size=n), "task_logits": rng.normal(size=(n, 20))}
-        labels = {t: np.full(n, -1) for t in names}
-        labels["left_right"] = (parts["position"][:, 0] > 0).astype(int)
+        parts, labels = _random_tumors(n, seed, channels=64)
         labels["tumor_type"] = (parts["roipool"][:, 0] > 0).astype(int)
         return parts, labels
 
@@ -195,13 +204,8 @@ def test_head_select_cv_context_may_read_around_the_box():
     names = list(DEFAULT_SCHEMA.names)
 
     def cohort(n, seed):
-        rng = np.random.default_rng(seed)
-        parts = {"roipool": rng.normal(size=(n, 16)), "position": rng.uniform(-1, 1, (n, 3)),
-                 "box_log_volume": rng.normal(size=n), "context": rng.normal(size=(n, 16)),
-                 "task_logits": rng.normal(size=(n, 20))}
-        labels = {t: np.full(n, -1) for t in names}
+        parts, labels = _random_tumors(n, seed, channels=16, context=True)
         labels["tumor_type"] = (parts["context"][:, 3] > 0).astype(int)
-        labels["left_right"] = (parts["position"][:, 0] > 0).astype(int)
         return parts, labels
 
     parts, labels = cohort(160, 0)
