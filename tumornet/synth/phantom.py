@@ -259,7 +259,7 @@ def render_scan(lesions, *, pose_rng, anatomy_seed, spacing, cache_dir=None, cfg
         q[..., k] += smooth_field(shape, arng, control=5, amplitude=cfg.anatomy_mm)
     if cfg.template_warp_mm > 0:  # the cohort's own brain, unlike the template's
         warp = _template_warp(cfg.template_seed, float(cfg.template_warp_mm), cache_dir)
-        q += np.stack([_sample(w, anat, q) for w in warp], -1)
+        q += np.stack([_sample(field, anat, q) for field in warp], -1)
     q = q.astype(np.float32)
     image = _sample(t1, anat, push_coordinates(q, lesions))
     image, mask = render_lesions(image, q, lesions, white_matter=lambda p: _sample(wm, anat, p),
