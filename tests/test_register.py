@@ -117,3 +117,85 @@ def test_the_fit_settings_decide_an_embedding_only_where_the_recipe_reads_the_te
     monkeypatch.setattr(embed, "FIT_SETTINGS", reg.FIT_SETTINGS | {"steps": (10, 10)})
     after = [embed.settings_fingerprint(2.0, 64, r, DetectConfig()) for r in (atlas, head)]
     assert before[0] != after[0] and before[1] == after[1]
+
+
+def _warped_template(spacing=3.0, amplitude=6.0, seed=3):
+    """The tilted template of another brain: the scan at world w shows template point q(w) + f(q(w)),
+    f a smooth random displacement of `amplitude` mm (as the phantom's template_warp_mm) -> (image,
+    affine, the template point each voxel shows (D, H, W, 3))."""
+    from tumornet.synth.lesions import smooth_field
+
+    anat = load_anatomy()
+    m = rotation_matrix(np.deg2rad((5.0, -4.0, 3.0))) @ np.diag((1.04, 0.97, 1.02))
+    b = np.asarray((6.0, -4.0, 8.0))
+    shape = tuple(int(np.ceil(n * 1.15 / spacing)) for n in anat.shape)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = b - (np.asarray(shape) - 1) / 2.0 * spacing
+    world = voxel_to_mm(np.indices(shape).reshape(3, -1).T, affine)
+    q = ((world - b) @ np.linalg.inv(m).T).reshape(*shape, 3)
+    rng = np.random.default_rng(seed)
+    q = q + np.stack([smooth_field(shape, rng, control=4, amplitude=amplitude) for _ in range(3)], -1)
+    v = mm_to_voxel(q.reshape(-1, 3), anat.affine)
+    image = ndimage.map_coordinates(anat.t1, v.T, order=1, cval=0.0).reshape(shape)
+    return image.astype(np.float32), affine, q
+
+
+def test_the_deformable_stage_reads_a_brain_unlike_the_template_where_the_affine_map_cannot():
+    """register(warp_mm=24): a brain whose parts sit millimetres away from the template's (a smooth
+    deformation no affine map removes) comes back to template space with a fraction of the affine
+    registration's error (a fifth here: a template without noise or tumor), and the same settings
+    again reuse the fit."""
+    import tumornet.register as reg
+
+    image, affine, q = _warped_template()
+    brain = np.argwhere(image > np.percentile(image, 70))[::40]
+    truth = q[tuple(brain.T)]
+    affine_only = reg._register(image, affine, cache_dir=None, skull_stripped=False)
+    warped = register(image, affine, warp_mm=24)
+    assert affine_only.warp is None and warped.warp.shape[0] == 3
+    err_affine = np.linalg.norm(affine_only.template_mm(brain) - truth, axis=1).mean()
+    err_warp = np.linalg.norm(warped.template_mm(brain) - truth, axis=1).mean()
+    assert err_affine > 5.0  # measured: 7.5 mm
+    assert err_warp < 0.4 * err_affine  # measured: 1.4 mm
+    assert register(image, affine, warp_mm=24) is warped and register(image, affine) is not warped
+
+
+def test_the_deformation_is_inverted_where_the_scan_is_read():
+    """TemplateFrame.template_mm inverts t -> t + u(t) (fixed point): the template points a fitted
+    deformation sends into the scan come back to themselves within a fraction of a millimetre."""
+    image, affine, _ = _warped_template(spacing=4.0)
+    frame = register(image, affine, warp_mm=24)
+    anat = load_anatomy()
+    t = voxel_to_mm(np.argwhere(anat.brain)[::700], anat.affine)
+    assert np.abs(frame.displacement(t)).max() > 5.0  # a real deformation (measured: 15 mm at most)
+    # template -> the affine frame's mm (t + u(t)) -> scan voxels -> back
+    y = t + frame.displacement(t)
+    vox = mm_to_voxel(y, frame.voxel_to_template)
+    assert np.linalg.norm(frame.template_mm(vox) - t, axis=1).max() < 0.5  # measured: 0.22 mm
+
+
+def test_a_warping_recipe_is_validated_and_decides_the_embedding(monkeypatch):
+    """retrieval.warp_mm: 0 or a spacing >= 8 mm (else an error naming the key); a recipe that warps
+    gets another settings fingerprint, so its archive is embedded again, and the deformable stage's
+    settings decide it as the affine stage's do."""
+    from test_descriptor import _keeps_older_fingerprints
+
+    import tumornet.register as reg
+    from embedder import embed
+    from tumornet.descriptor import RetrievalConfig
+    from tumornet.detect import DetectConfig
+    from tumornet.errors import InputError
+
+    for bad in (4, -1, True, "24"):
+        with pytest.raises(InputError, match=r"retrieval\.warp_mm"):
+            RetrievalConfig(position=1.0, position_frame="atlas", warp_mm=bad)
+
+    def fingerprint(**kw):
+        return embed.settings_fingerprint(2.0, 64, (RetrievalConfig(position=1.0, position_frame="atlas", **kw), {}),
+                                          DetectConfig())
+
+    _keeps_older_fingerprints("warp_mm", 0.0, 24)  # archives embedded before the key stay valid
+    affine, warped = fingerprint(), fingerprint(warp_mm=24)
+    assert fingerprint(warp_mm=0.0) == affine != warped != fingerprint(warp_mm=32)
+    monkeypatch.setattr(embed, "WARP_SETTINGS", reg.WARP_SETTINGS | {"smooth": 1.0})
+    assert fingerprint(warp_mm=24) != warped and fingerprint() == affine

@@ -117,6 +117,10 @@ class RetrievalConfig:
     # training patients ("cv", tumornet.fitted.select_head: eleventh round); "cv-context": the same with
     # everything plus the feature map around the box (`context`) as one more choice (fourteenth round)
     head_select: str = "fixed"
+    # the scan's registration onto the template (position_frame template / atlas): affine only (0), or
+    # then a smooth deformation on control points this many mm apart (tumornet.register, fifteenth
+    # round), so that the atlas reads a brain whose parts sit otherwise than the template's
+    warp_mm: float = 0.0
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -136,6 +140,10 @@ class RetrievalConfig:
             raise InputError(f"retrieval.size_source: expected box, seg or fit, got {self.size_source!r}")
         if self.head_select not in HEAD_SELECT:
             raise InputError(f"retrieval.head_select: expected {', '.join(HEAD_SELECT)}, got {self.head_select!r}")
+        if isinstance(self.warp_mm, bool) or not isinstance(self.warp_mm, int | float) or not (
+                self.warp_mm == 0 or self.warp_mm >= 8):
+            raise InputError(f"retrieval.warp_mm: expected 0 (affine registration only) or a control-point "
+                             f"spacing >= 8 mm, got {self.warp_mm!r}")
         if not isinstance(self.refine_box, bool):
             raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:

@@ -7,6 +7,11 @@ the scan's world mm by normalized cross-correlation of intensities (torch, coars
 4 mm), starting from the foreground-box alignment, so that `TemplateFrame.position` gives every point
 of the scan in template coordinates, whatever the scan's orientation, spacing or tilt.
 
+An affine map cannot undo a brain whose parts sit otherwise than the template's (another population,
+another patient's anatomy): `register(..., warp_mm=S)` then fits, after the affine, a smooth
+displacement of template space on a lattice of control points S mm apart (trilinear between them,
+a membrane penalty on its gradient), so that the atlas reads the patient's own anatomy.
+
 Positions are scaled so that the template brain spans [-1, 1] per axis (RAS) around the reference
 the location labels use (Anatomy.center_mm; left / right at x = 0): the same scale as the head-box
 position, in a frame shared by every scan.
@@ -35,6 +40,15 @@ POINT_EVERY = (2, 4)
 # what decides a fit besides the scan: part of the embedding settings (embedder.embed.settings_fingerprint),
 # so an archive embedded with another fit is embedded again
 FIT_SETTINGS = {"levels_mm": LEVELS_MM, "steps": STEPS, "point_every": POINT_EVERY}
+# the deformable stage (warp_mm > 0): optimizer steps per level, its step (mm), the membrane penalty's
+# weight (the mean squared gradient of the displacement, unitless, against the similarity's ~1) and the
+# fixed-point iterations that invert it; part of the embedding settings where a recipe warps
+WARP_STEPS = (40, 60)
+WARP_LR_MM = 0.3
+WARP_SMOOTH = 0.1
+WARP_INVERSE_ITERATIONS = 12
+WARP_SETTINGS = {"steps": WARP_STEPS, "lr_mm": WARP_LR_MM, "smooth": WARP_SMOOTH,
+                 "inverse_iterations": WARP_INVERSE_ITERATIONS}
 
 
 @dataclass(frozen=True)
@@ -45,9 +59,31 @@ class TemplateFrame:
     centre_mm: np.ndarray
     half_mm: np.ndarray
     cache_dir: str | None = None  # where the template anatomy is cached (anatomy.load_anatomy)
+    # the deformable stage (register's warp_mm): the displacement u (3, n0, n1, n2) in template mm on a
+    # lattice spanning warp_lo_mm..warp_hi_mm; the scan shows template point t where the affine map
+    # puts t + u(t). None: affine only
+    warp: np.ndarray | None = None
+    warp_lo_mm: np.ndarray | None = None
+    warp_hi_mm: np.ndarray | None = None
 
     def template_mm(self, voxels) -> np.ndarray:
-        return voxel_to_mm(np.asarray(voxels, dtype=np.float64), self.voxel_to_template)
+        y = voxel_to_mm(np.asarray(voxels, dtype=np.float64), self.voxel_to_template)
+        if self.warp is None:
+            return y
+        # t + u(t) = y, solved by the fixed point t <- y - u(t) (u smooth: its gradient well under 1)
+        t = y
+        for _ in range(WARP_INVERSE_ITERATIONS):
+            t = y - self.displacement(t)
+        return t
+
+    def displacement(self, template_mm) -> np.ndarray:
+        """The fitted displacement u at template points (..., 3), mm (trilinear; constant outside)."""
+        pts = np.asarray(template_mm, dtype=np.float64)
+        n = np.asarray(self.warp.shape[1:])
+        idx = (pts - self.warp_lo_mm) / (self.warp_hi_mm - self.warp_lo_mm) * (n - 1)
+        coords = np.moveaxis(idx.reshape(-1, 3), -1, 0)
+        u = [ndimage.map_coordinates(self.warp[k], coords, order=1, mode="nearest") for k in range(3)]
+        return np.stack(u, -1).reshape(pts.shape)
 
     def position(self, voxels) -> np.ndarray:
         """Scan voxel coordinates (..., 3) -> template position, the template brain = [-1, 1] (RAS)."""
@@ -135,26 +171,39 @@ FITTED_KEPT = 64
 
 
 def register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None = None,
-             skull_stripped: bool = False) -> TemplateFrame:
+             skull_stripped: bool = False, warp_mm: float = 0.0) -> TemplateFrame:
     """Fit the affine map of a canonical-RAS scan (array, voxel -> world mm affine) onto the template
-    (its skull-stripped T1 for a skull-stripped scan, e.g. BraTS). The same scan again (the same
-    array, affine and settings: a scan embedded again from distorted boxes) reuses its fit."""
+    (its skull-stripped T1 for a skull-stripped scan, e.g. BraTS), then where `warp_mm` > 0 a smooth
+    displacement on control points that far apart. The same scan again (the same array, affine and
+    settings: a scan embedded again from distorted boxes) reuses its fit."""
     h = hashlib.sha256(np.ascontiguousarray(image).view(np.uint8).data)
     for part in (str(image.shape), str(image.dtype), np.asarray(affine, np.float64).tobytes(),
-                 repr((cache_dir, skull_stripped))):
+                 repr((cache_dir, skull_stripped, float(warp_mm)))):
         h.update(part if isinstance(part, bytes) else part.encode())
     key = h.digest()
     if key in _FITTED:
         _FITTED.move_to_end(key)
         return _FITTED[key]
-    frame = _register(image, affine, cache_dir=cache_dir, skull_stripped=skull_stripped)
+    frame = _register(image, affine, cache_dir=cache_dir, skull_stripped=skull_stripped, warp_mm=float(warp_mm))
     _FITTED[key] = frame
     while len(_FITTED) > FITTED_KEPT:
         _FITTED.popitem(last=False)
     return frame
 
 
-def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, skull_stripped: bool) -> TemplateFrame:
+def _to_grid(img: torch.Tensor, aff: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scan mm -> grid_sample's [-1, 1] of a grid image (x=W, y=H, z=D): (3 x 3 map, shift)."""
+    inv = _t(np.linalg.inv(aff))
+    scale = 2.0 / (torch.tensor(img.shape[2:], dtype=torch.float32) - 1)
+    return (scale[:, None] * inv[:3, :3]).flip(0), (scale * inv[:3, 3] - 1).flip(0)
+
+
+def _sample_at(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(img, grid.view(1, 1, 1, -1, 3), align_corners=True, padding_mode="zeros").view(-1)
+
+
+def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, skull_stripped: bool,
+              warp_mm: float = 0.0) -> TemplateFrame:
     levels, (tlo, thi), centre, half = _template(cache_dir, skull_stripped)
     slo, shi = _box_mm(image, affine)
     # start: the foreground boxes aligned per axis (template mm -> scan mm: x_s = a0 x_t + b0)
@@ -165,15 +214,12 @@ def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, s
     a0_t, b0_t, tc = _t(a0), _t(b0), _t((tlo + thi) / 2.0)
     norm = _zscore_foreground(np.asarray(image, dtype=np.float32))
     eye = torch.eye(3, dtype=torch.float32)
+    grids = [_grid_image(norm, affine, step_mm) for step_mm in LEVELS_MM]
     with torch.enable_grad():
-        for step_mm, steps, (pts, target) in zip(LEVELS_MM, STEPS, levels, strict=True):
-            img, aff = _grid_image(norm, affine, step_mm)
+        for (img, aff), steps, (pts, target) in zip(grids, STEPS, levels, strict=True):
             img = img.float()
-            inv = _t(np.linalg.inv(aff))
-            # template mm -> scan mm -> scan voxel -> grid_sample's [-1, 1], (x=W, y=H, z=D): one 3 x 4 map
-            scale = 2.0 / (torch.tensor(img.shape[2:], dtype=torch.float32) - 1)
-            to_grid = (scale[:, None] * inv[:3, :3]).flip(0)
-            grid_shift = (scale * inv[:3, 3] - 1).flip(0)
+            # template mm -> scan mm -> scan voxel -> grid_sample's [-1, 1]: one 3 x 4 map
+            to_grid, grid_shift = _to_grid(img, aff)
             centred = target - target.mean()
             target_ss = (centred * centred).sum()
             adam = _Adam(((lin, 0.01), (shift, 1.0)))
@@ -181,17 +227,45 @@ def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, s
                 a = a0_t @ (eye + lin)
                 m = to_grid @ a
                 c = to_grid @ (a0_t @ tc + b0_t + shift - a @ tc) + grid_shift
-                grid = torch.addmm(c, pts, m.T)
-                sampled = F.grid_sample(img, grid.view(1, 1, 1, -1, 3), align_corners=True,
-                                        padding_mode="zeros").view(-1)
-                loss = -_ncc_centred(sampled, centred, target_ss)
+                loss = -_ncc_centred(_sample_at(img, torch.addmm(c, pts, m.T)), centred, target_ss)
                 adam.step(torch.autograd.grad(loss, [lin, shift]))
     with torch.no_grad():
         a = (a0_t @ (torch.eye(3, dtype=torch.float32) + lin)).numpy()
         b = (a0_t @ tc + b0_t + shift).numpy() - a @ tc.numpy()
+    warp = _fit_warp(grids, levels, a, b, tlo, thi, warp_mm) if warp_mm > 0 else None
     # scan voxel -> scan mm -> template mm: x_t = a^-1 (x_s - b)
     a_inv = np.linalg.inv(a)
     to_template = np.eye(4)
     to_template[:3, :3] = a_inv
     to_template[:3, 3] = -a_inv @ b
-    return TemplateFrame(voxel_to_template=to_template @ affine, centre_mm=centre, half_mm=half, cache_dir=cache_dir)
+    return TemplateFrame(voxel_to_template=to_template @ affine, centre_mm=centre, half_mm=half, cache_dir=cache_dir,
+                         warp=warp, warp_lo_mm=None if warp is None else np.asarray(tlo, float),
+                         warp_hi_mm=None if warp is None else np.asarray(thi, float))
+
+
+def _fit_warp(grids, levels, a: np.ndarray, b: np.ndarray, tlo, thi, warp_mm: float) -> np.ndarray:
+    """The deformable stage: with the affine map fixed (x_s = a (t + u(t)) + b), fit the displacement u
+    on control points about `warp_mm` apart over the template's head box (trilinear in between) by the
+    same similarity, plus WARP_SMOOTH x the mean squared gradient of u -> u (3, n0, n1, n2), mm."""
+    lo, hi = _t(tlo), _t(thi)
+    n = np.maximum(np.ceil((np.asarray(thi) - np.asarray(tlo)) / warp_mm).astype(int) + 1, 2)
+    spacing = _t((np.asarray(thi) - np.asarray(tlo)) / (n - 1))
+    u = torch.zeros(1, 3, *n, dtype=torch.float32, requires_grad=True)
+    a_t, b_t = _t(a), _t(b)
+    with torch.enable_grad():
+        for (img, aff), steps, (pts, target) in zip(grids, WARP_STEPS, levels, strict=True):
+            img = img.float()
+            to_grid, grid_shift = _to_grid(img, aff)
+            m, c = to_grid @ a_t, to_grid @ b_t + grid_shift
+            where = ((2 * (pts - lo) / (hi - lo) - 1).flip(-1)).view(1, 1, 1, -1, 3)  # pts on u's lattice
+            centred = target - target.mean()
+            target_ss = (centred * centred).sum()
+            adam = _Adam(((u, WARP_LR_MM),))
+            for _ in range(steps):
+                disp = F.grid_sample(u, where, align_corners=True, padding_mode="border").view(3, -1).T
+                grid = torch.addmm(c, pts + disp, m.T)
+                loss = -_ncc_centred(_sample_at(img, grid), centred, target_ss)
+                grads = [torch.diff(u, dim=d + 2) / spacing[d] for d in range(3)]
+                loss = loss + WARP_SMOOTH * sum((g * g).mean() for g in grads)
+                adam.step(torch.autograd.grad(loss, [u]))
+    return u.detach()[0].numpy().astype(np.float64)
