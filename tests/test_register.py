@@ -15,18 +15,27 @@ def _tilted_template(spacing=3.0, degrees=(7.0, -5.0, 6.0), scale=(1.06, 0.95, 1
                      skull_stripped=False):
     """The template T1 seen by a scanner: world = M template + b (a tilt, a head of another size and a
     shift), sampled on an axis-aligned grid of `spacing` mm -> (image, affine, template -> world map)."""
-    anat = load_anatomy()
     m = rotation_matrix(np.deg2rad(degrees)) @ np.diag(scale)
     b = np.asarray(shift)
-    shape = tuple(int(np.ceil(n * 1.15 / spacing)) for n in anat.shape)
+    affine, q = _scanner_grid(spacing, m, b)
+    anat = load_anatomy()
+    image = _sample_template(anat.t1_brain if skull_stripped else anat.t1, q)
+    return image, affine, lambda t: np.asarray(t) @ m.T + b
+
+
+def _scanner_grid(spacing: float, m: np.ndarray, b) -> tuple[np.ndarray, np.ndarray]:
+    """An axis-aligned grid of `spacing` mm around the template seen at world = m template + b ->
+    (its affine, the template point of each voxel (D, H, W, 3))."""
+    shape = tuple(int(np.ceil(n * 1.15 / spacing)) for n in load_anatomy().shape)
     affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = b - (np.asarray(shape) - 1) / 2.0 * spacing
+    affine[:3, 3] = np.asarray(b) - (np.asarray(shape) - 1) / 2.0 * spacing
     world = voxel_to_mm(np.indices(shape).reshape(3, -1).T, affine)
-    template_mm = (world - b) @ np.linalg.inv(m).T
-    v = mm_to_voxel(template_mm, anat.affine)
-    ref = anat.t1_brain if skull_stripped else anat.t1
-    image = ndimage.map_coordinates(ref, v.T, order=1, cval=0.0).reshape(shape)
-    return image.astype(np.float32), affine, lambda t: np.asarray(t) @ m.T + b
+    return affine, ((world - b) @ np.linalg.inv(m).T).reshape(*shape, 3)
+
+
+def _sample_template(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
+    v = mm_to_voxel(q.reshape(-1, 3), load_anatomy().affine)
+    return ndimage.map_coordinates(ref, v.T, order=1, cval=0.0).reshape(q.shape[:3]).astype(np.float32)
 
 
 def test_a_tilted_template_is_brought_back_to_template_space():
@@ -125,19 +134,11 @@ def _warped_template(spacing=3.0, amplitude=6.0, seed=3):
     affine, the template point each voxel shows (D, H, W, 3))."""
     from tumornet.synth.lesions import smooth_field
 
-    anat = load_anatomy()
     m = rotation_matrix(np.deg2rad((5.0, -4.0, 3.0))) @ np.diag((1.04, 0.97, 1.02))
-    b = np.asarray((6.0, -4.0, 8.0))
-    shape = tuple(int(np.ceil(n * 1.15 / spacing)) for n in anat.shape)
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = b - (np.asarray(shape) - 1) / 2.0 * spacing
-    world = voxel_to_mm(np.indices(shape).reshape(3, -1).T, affine)
-    q = ((world - b) @ np.linalg.inv(m).T).reshape(*shape, 3)
+    affine, q = _scanner_grid(spacing, m, (6.0, -4.0, 8.0))
     rng = np.random.default_rng(seed)
-    q = q + np.stack([smooth_field(shape, rng, control=4, amplitude=amplitude) for _ in range(3)], -1)
-    v = mm_to_voxel(q.reshape(-1, 3), anat.affine)
-    image = ndimage.map_coordinates(anat.t1, v.T, order=1, cval=0.0).reshape(shape)
-    return image.astype(np.float32), affine, q
+    q = q + np.stack([smooth_field(q.shape[:3], rng, control=4, amplitude=amplitude) for _ in range(3)], -1)
+    return _sample_template(load_anatomy().t1, q), affine, q
 
 
 def test_the_deformable_stage_reads_a_brain_unlike_the_template_where_the_affine_map_cannot():
