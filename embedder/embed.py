@@ -36,7 +36,7 @@ from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
 from tumornet.network import MultitaskNet
-from tumornet.register import FIT_SETTINGS, WARP_SETTINGS, register
+from tumornet.register import FIT_SETTINGS, IGNORE_MARGIN_MM, WARP_SETTINGS, register
 from tumornet.scans import Scan, load_image, load_scan
 from tumornet.volumes import Volume, head_box_voxels
 
@@ -60,7 +60,7 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 
 # recipe keys added after archives existed -> their default
 RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0,
-                "head_select": "fixed", "warp_mm": 0.0}
+                "head_select": "fixed", "warp_mm": 0.0, "frame_skips_tumors": False}
 
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
@@ -75,6 +75,8 @@ def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> s
         parts.append(FIT_SETTINGS)
         if recipe[0].warp_mm > 0:
             parts.append(WARP_SETTINGS)
+        if recipe[0].frame_skips_tumors:
+            parts.append({"ignore_margin_mm": IGNORE_MARGIN_MM})
     text = json.dumps(parts, sort_keys=True, default=float)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -137,8 +139,6 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     image = scan.volume.array
     head = head_box_voxels(image)
     centre_mm = voxel_to_mm(head[0], scan.volume.affine)
-    # a recipe that reads the box's place gets both places stored (another frame can be scored later)
-    frame = register(image, scan.volume.affine, warp_mm=cfg.warp_mm) if cfg.uses_position else None
     tasks = list(model.schema.names)
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     common = {"scan_key": keyed_id(rows[0].scan_id, secret), "patient_key": patient_key(rows[0].patient_id, secret),
@@ -147,6 +147,9 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     boxes = [t.bbox if box_fn is None else np.asarray(box_fn(t.bbox), dtype=np.int64) for t in scan.tumors]
     if box_fn is not None and cfg.refine_box:  # drawn boxes, as a search by box refines them
         boxes = [refine_box(model, image, b, patch_size=patch_size, head=head) for b in boxes]
+    # a recipe that reads the box's place gets both places stored (another frame can be scored later)
+    frame = (register(image, scan.volume.affine, warp_mm=cfg.warp_mm, ignore=boxes if cfg.frame_skips_tumors else None)
+             if cfg.uses_position else None)
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
                              frame=frame)
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}

@@ -185,7 +185,8 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where) -> dict:
     drawn = vbox
     if cfg.refine_box:  # the box of the tumor the segmentation head finds in the drawn one
         vbox = refine_box(model, vol.array, vbox, patch_size=patch_size)
-    frame = register(vol.array, vol.affine, warp_mm=cfg.warp_mm) if cfg.needs_frame else None
+    frame = (register(vol.array, vol.affine, warp_mm=cfg.warp_mm,
+                      ignore=[drawn, vbox] if cfg.frame_skips_tumors else None) if cfg.needs_frame else None)
     return tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame,
                        extent=box_mm_extent(box_mm, vol.affine, vol.array.shape) if vbox is drawn else None)
 

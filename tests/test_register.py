@@ -200,3 +200,47 @@ def test_a_warping_recipe_is_validated_and_decides_the_embedding(monkeypatch):
     assert fingerprint(warp_mm=0.0) == affine != warped != fingerprint(warp_mm=32)
     monkeypatch.setattr(embed, "WARP_SETTINGS", reg.WARP_SETTINGS | {"smooth": 1.0})
     assert fingerprint(warp_mm=24) != warped and fingerprint() == affine
+
+
+def test_a_tumor_left_out_of_the_similarity_no_longer_pulls_the_fit_around_it():
+    """register(ignore=[box]): a bright tumor of 30 mm (not in the template) pulls the deformable fit
+    around it; leaving its box out of the similarity brings the brain next to it back to template
+    space nearly as well as the scan without the tumor; the boxes are part of what a fit is reused for."""
+    image, affine, q = _warped_template()
+    centre = np.asarray(image.shape) // 2 + np.array([12, 8, 6])
+    dist = np.linalg.norm((np.indices(image.shape) - centre[:, None, None, None]) * 3.0, axis=0)
+    tumor = image.copy()
+    tumor[dist < 15.0] = image.max() * 1.2
+    box = np.r_[centre - 5, centre + 6]  # 33 mm around it
+    near = np.argwhere((dist > 18.0) & (dist < 30.0) & (image > np.percentile(image, 50)))  # the brain beside it
+
+    def error(frame):
+        return np.linalg.norm(frame.template_mm(near) - q[tuple(near.T)], axis=1).mean()
+
+    pulled, skipped = register(tumor, affine, warp_mm=24), register(tumor, affine, warp_mm=24, ignore=[box])
+    clean = error(register(image, affine, warp_mm=24))
+    assert error(pulled) > 2.0 and error(pulled) > 2.0 * clean  # measured: 2.4 mm, 0.8 without the tumor
+    assert error(skipped) < 0.6 * error(pulled)  # measured: 1.2 mm
+    assert register(tumor, affine, warp_mm=24, ignore=[box]) is skipped is not pulled
+
+
+def test_a_recipe_that_skips_the_tumors_is_validated_and_decides_the_embedding():
+    """retrieval.frame_skips_tumors: true or false (else an error naming the key); a recipe that
+    skips them gets another settings fingerprint, the archives embedded before keep theirs."""
+    from test_descriptor import _keeps_older_fingerprints
+
+    from embedder import embed
+    from tumornet.descriptor import RetrievalConfig
+    from tumornet.detect import DetectConfig
+    from tumornet.errors import InputError
+
+    for bad in (1, "yes", None):
+        with pytest.raises(InputError, match=r"retrieval\.frame_skips_tumors"):
+            RetrievalConfig(position=1.0, position_frame="atlas", frame_skips_tumors=bad)
+    _keeps_older_fingerprints("frame_skips_tumors", False, True)
+
+    def fingerprint(**kw):
+        return embed.settings_fingerprint(2.0, 64, (RetrievalConfig(position=1.0, position_frame="atlas", **kw), {}),
+                                          DetectConfig())
+
+    assert fingerprint(frame_skips_tumors=False) == fingerprint() != fingerprint(frame_skips_tumors=True)

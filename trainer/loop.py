@@ -133,9 +133,10 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
         head = head_box_voxels(image)
         # the cache keeps no origin: none is needed, the registration's translation absorbs it; the
         # refit heads below are fit on the recipe's frame whether or not the recipe reads them
-        frame = (register(image, np.diag([*s.spacing_mm, 1.0]), warp_mm=cfg.retrieval.warp_mm)
-                 if cfg.retrieval.position_frame != "head" else None)
         exact = [t.bbox for t in s.tumors]
+        frame = (register(image, np.diag([*s.spacing_mm, 1.0]), warp_mm=cfg.retrieval.warp_mm,
+                          ignore=exact if cfg.retrieval.frame_skips_tumors else None)
+                 if cfg.retrieval.position_frame != "head" else None)
         # two passes: the exact boxes' parts (and so the statistics) the same whatever head_draws is
         for boxes, out in ((exact, parts), ([distort_box(b, rng) for _ in range(draws) for b in exact], rough)):
             if boxes:

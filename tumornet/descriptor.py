@@ -121,6 +121,10 @@ class RetrievalConfig:
     # then a smooth deformation on control points this many mm apart (tumornet.register, fifteenth
     # round), so that the atlas reads a brain whose parts sit otherwise than the template's
     warp_mm: float = 0.0
+    # the registration leaves the tumors' boxes (a search by box: the drawn box) out of its similarity,
+    # each grown by tumornet.register.IGNORE_MARGIN_MM, so that a tumor does not pull the fit (sixteenth
+    # round)
+    frame_skips_tumors: bool = False
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -144,6 +148,8 @@ class RetrievalConfig:
                 self.warp_mm == 0 or self.warp_mm >= 8):
             raise InputError(f"retrieval.warp_mm: expected 0 (affine registration only) or a control-point "
                              f"spacing >= 8 mm, got {self.warp_mm!r}")
+        if not isinstance(self.frame_skips_tumors, bool):
+            raise InputError(f"retrieval.frame_skips_tumors: expected true or false, got {self.frame_skips_tumors!r}")
         if not isinstance(self.refine_box, bool):
             raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:

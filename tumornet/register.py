@@ -12,6 +12,11 @@ another patient's anatomy): `register(..., warp_mm=S)` then fits, after the affi
 displacement of template space on a lattice of control points S mm apart (trilinear between them,
 a membrane penalty on its gradient), so that the atlas reads the patient's own anatomy.
 
+A tumor is not in the template: its bright voxels, and the tissue it pushes aside, pull the fit
+towards the template's brightest structures, most where the tumor is. `register(..., ignore=boxes)`
+leaves the given voxel boxes (the tumors', or a box drawn around one), grown by IGNORE_MARGIN_MM,
+out of the similarity: cost-function masking, so that the fit follows the brain around the tumor.
+
 Positions are scaled so that the template brain spans [-1, 1] per axis (RAS) around the reference
 the location labels use (Anatomy.center_mm; left / right at x = 0): the same scale as the head-box
 position, in a frame shared by every scan.
@@ -49,6 +54,9 @@ WARP_SMOOTH = 0.1
 WARP_INVERSE_ITERATIONS = 12
 WARP_SETTINGS = {"steps": WARP_STEPS, "lr_mm": WARP_LR_MM, "smooth": WARP_SMOOTH,
                  "inverse_iterations": WARP_INVERSE_ITERATIONS}
+# boxes left out of the similarity (register's `ignore`) are grown by this much on every side (mm): the
+# tissue a tumor pushes aside; part of the embedding settings where a recipe masks the tumors
+IGNORE_MARGIN_MM = 4.0
 
 
 @dataclass(frozen=True)
@@ -171,24 +179,49 @@ FITTED_KEPT = 64
 
 
 def register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None = None,
-             skull_stripped: bool = False, warp_mm: float = 0.0) -> TemplateFrame:
+             skull_stripped: bool = False, warp_mm: float = 0.0, ignore=None) -> TemplateFrame:
     """Fit the affine map of a canonical-RAS scan (array, voxel -> world mm affine) onto the template
     (its skull-stripped T1 for a skull-stripped scan, e.g. BraTS), then where `warp_mm` > 0 a smooth
-    displacement on control points that far apart. The same scan again (the same array, affine and
-    settings: a scan embedded again from distorted boxes) reuses its fit."""
+    displacement on control points that far apart. `ignore`: voxel boxes (x0, y0, z0, x1, y1, z1, ends
+    excluded) left out of the similarity, each grown by IGNORE_MARGIN_MM (None or empty: none). The same
+    scan again (the same array, affine, boxes and settings) reuses its fit."""
+    boxes = np.zeros((0, 6), np.int64) if ignore is None else np.asarray(ignore, np.int64).reshape(-1, 6)
     h = hashlib.sha256(np.ascontiguousarray(image).view(np.uint8).data)
     for part in (str(image.shape), str(image.dtype), np.asarray(affine, np.float64).tobytes(),
-                 repr((cache_dir, skull_stripped, float(warp_mm)))):
+                 repr((cache_dir, skull_stripped, float(warp_mm))), np.sort(boxes, axis=0).tobytes()):
         h.update(part if isinstance(part, bytes) else part.encode())
     key = h.digest()
     if key in _FITTED:
         _FITTED.move_to_end(key)
         return _FITTED[key]
-    frame = _register(image, affine, cache_dir=cache_dir, skull_stripped=skull_stripped, warp_mm=float(warp_mm))
+    frame = _register(image, affine, cache_dir=cache_dir, skull_stripped=skull_stripped, warp_mm=float(warp_mm),
+                      keep=_kept_voxels(image.shape, affine, boxes) if len(boxes) else None)
     _FITTED[key] = frame
     while len(_FITTED) > FITTED_KEPT:
         _FITTED.popitem(last=False)
     return frame
+
+
+def _kept_voxels(shape, affine: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """1 where the similarity reads the scan, 0 in the boxes grown by IGNORE_MARGIN_MM (float32, `shape`)."""
+    keep = np.ones(shape, np.float32)
+    grow = np.ceil(IGNORE_MARGIN_MM / np.sqrt((affine[:3, :3] ** 2).sum(0))).astype(np.int64)
+    for box in boxes:
+        lo, hi = np.maximum(box[:3] - grow, 0), np.minimum(box[3:] + grow, shape)
+        keep[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 0.0
+    return keep
+
+
+def _similarity(img: torch.Tensor, grid: torch.Tensor, centred: torch.Tensor, target_ss: torch.Tensor,
+                keep: torch.Tensor | None) -> torch.Tensor:
+    """NCC of the scan sampled at `grid` with the template points' centred intensities; with `keep`
+    (a grid image of _kept_voxels) over the points that fall where it is 1 only."""
+    a = _sample_at(img, grid)
+    if keep is None:
+        return _ncc_centred(a, centred, target_ss)
+    kept = _sample_at(keep, grid.detach()) > 0.5
+    b = centred[kept] - centred[kept].mean()
+    return _ncc_centred(a[kept], b, (b * b).sum())
 
 
 def _to_grid(img: torch.Tensor, aff: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +236,7 @@ def _sample_at(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, skull_stripped: bool,
-              warp_mm: float = 0.0) -> TemplateFrame:
+              warp_mm: float = 0.0, keep: np.ndarray | None = None) -> TemplateFrame:
     levels, (tlo, thi), centre, half = _template(cache_dir, skull_stripped)
     slo, shi = _box_mm(image, affine)
     # start: the foreground boxes aligned per axis (template mm -> scan mm: x_s = a0 x_t + b0)
@@ -215,8 +248,9 @@ def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, s
     norm = _zscore_foreground(np.asarray(image, dtype=np.float32))
     eye = torch.eye(3, dtype=torch.float32)
     grids = [_grid_image(norm, affine, step_mm) for step_mm in LEVELS_MM]
+    keeps = [None if keep is None else _grid_image(keep, affine, step_mm)[0] for step_mm in LEVELS_MM]
     with torch.enable_grad():
-        for (img, aff), steps, (pts, target) in zip(grids, STEPS, levels, strict=True):
+        for (img, aff), kept, steps, (pts, target) in zip(grids, keeps, STEPS, levels, strict=True):
             img = img.float()
             # template mm -> scan mm -> scan voxel -> grid_sample's [-1, 1]: one 3 x 4 map
             to_grid, grid_shift = _to_grid(img, aff)
@@ -227,12 +261,12 @@ def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, s
                 a = a0_t @ (eye + lin)
                 m = to_grid @ a
                 c = to_grid @ (a0_t @ tc + b0_t + shift - a @ tc) + grid_shift
-                loss = -_ncc_centred(_sample_at(img, torch.addmm(c, pts, m.T)), centred, target_ss)
+                loss = -_similarity(img, torch.addmm(c, pts, m.T), centred, target_ss, kept)
                 adam.step(torch.autograd.grad(loss, [lin, shift]))
     with torch.no_grad():
         a = (a0_t @ (torch.eye(3, dtype=torch.float32) + lin)).numpy()
         b = (a0_t @ tc + b0_t + shift).numpy() - a @ tc.numpy()
-    warp = _fit_warp(grids, levels, a, b, tlo, thi, warp_mm) if warp_mm > 0 else None
+    warp = _fit_warp(grids, keeps, levels, a, b, tlo, thi, warp_mm) if warp_mm > 0 else None
     # scan voxel -> scan mm -> template mm: x_t = a^-1 (x_s - b)
     a_inv = np.linalg.inv(a)
     to_template = np.eye(4)
@@ -243,7 +277,7 @@ def _register(image: np.ndarray, affine: np.ndarray, *, cache_dir: str | None, s
                          warp_hi_mm=None if warp is None else np.asarray(thi, float))
 
 
-def _fit_warp(grids, levels, a: np.ndarray, b: np.ndarray, tlo, thi, warp_mm: float) -> np.ndarray:
+def _fit_warp(grids, keeps, levels, a: np.ndarray, b: np.ndarray, tlo, thi, warp_mm: float) -> np.ndarray:
     """The deformable stage: with the affine map fixed (x_s = a (t + u(t)) + b), fit the displacement u
     on control points about `warp_mm` apart over the template's head box (trilinear in between) by the
     same similarity, plus WARP_SMOOTH x the mean squared gradient of u -> u (3, n0, n1, n2), mm."""
@@ -253,7 +287,7 @@ def _fit_warp(grids, levels, a: np.ndarray, b: np.ndarray, tlo, thi, warp_mm: fl
     u = torch.zeros(1, 3, *n, dtype=torch.float32, requires_grad=True)
     a_t, b_t = _t(a), _t(b)
     with torch.enable_grad():
-        for (img, aff), steps, (pts, target) in zip(grids, WARP_STEPS, levels, strict=True):
+        for (img, aff), kept, steps, (pts, target) in zip(grids, keeps, WARP_STEPS, levels, strict=True):
             img = img.float()
             to_grid, grid_shift = _to_grid(img, aff)
             m, c = to_grid @ a_t, to_grid @ b_t + grid_shift
@@ -264,7 +298,7 @@ def _fit_warp(grids, levels, a: np.ndarray, b: np.ndarray, tlo, thi, warp_mm: fl
             for _ in range(steps):
                 disp = F.grid_sample(u, where, align_corners=True, padding_mode="border").view(3, -1).T
                 grid = torch.addmm(c, pts + disp, m.T)
-                loss = -_ncc_centred(_sample_at(img, grid), centred, target_ss)
+                loss = -_similarity(img, grid, centred, target_ss, kept)
                 grads = [torch.diff(u, dim=d + 2) / spacing[d] for d in range(3)]
                 loss = loss + WARP_SMOOTH * sum((g * g).mean() for g in grads)
                 adam.step(torch.autograd.grad(loss, [u]))
