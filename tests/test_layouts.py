@@ -7,6 +7,7 @@ from tumornet.anatomy import load_anatomy
 from tumornet.errors import InputError
 from tumornet.layouts import import_layout
 from tumornet.manifest import read_manifest
+from tumornet.register import register
 from tumornet.scans import load_scan
 from tumornet.volumes import resample, save_nifti
 
@@ -32,7 +33,11 @@ def template_3mm():
     return brain, head, affine
 
 
-def test_brats_met_tree(tmp_path, template_3mm):
+def test_brats_met_tree(tmp_path, template_3mm, monkeypatch):
+    import tumornet.layouts as layouts
+
+    left_out = []  # what the registration behind the labels leaves out of its similarity
+    monkeypatch.setattr(layouts, "register", lambda *a, ignore, **kw: left_out.append(ignore) or register(*a, **kw))
     brain, _, affine = template_3mm
     seg = np.zeros(brain.shape, np.uint8)
     seg[_sphere(brain.shape, affine, (40, 30, 40), 12)] = 2  # oedema
@@ -52,6 +57,11 @@ def test_brats_met_tree(tmp_path, template_3mm):
         ("BraTS-MET-00001-000", "1"), ("BraTS-MET-00001-000", "2"),
         ("BraTS-MET-00001-001", "1"), ("BraTS-MET-00001-001", "2")]
     assert {r["patient_id"] for r in rows} == {"BraTS-MET-00001"}
+    # the registration behind the labels leaves every labelled region out, the oedema included: the
+    # larger box is the 12 mm sphere's (24 mm: 7-8 voxels of 3 mm), not the 7 mm enhancing one's
+    assert len(left_out) == 2 and [len(boxes) for boxes in left_out] == [2, 2]
+    extents = sorted((np.asarray(b)[3:] - np.asarray(b)[:3]).tolist() for b in left_out[0])
+    assert all(7 <= n <= 9 for n in extents[1]) and all(n <= 5 for n in extents[0])
     big, small = rows[0], rows[1]
     assert (big["tumor_type"], big["area"], big["left_right"], big["front_rear"], big["upper_lower"]) == (
         "metastasis", "frontal", "right", "front", "upper")

@@ -8,7 +8,8 @@
   `vs_gk_seg_refT1.nii.gz` (1 = tumor). Patient = scan = `vs_gk_<n>`; type schwannoma.
 Location labels (area, halves) come from anatomy.py through the scan's affine registration onto the
 template (register.py; onto its skull-stripped T1 for BraTS, whose images are skull-stripped, onto the
-T1 with skull for VS). A case that cannot be read
+T1 with skull for VS), which leaves the mask's labelled regions (oedema too) out of its similarity: a
+tumor is not in the template and would pull the fit. A case that cannot be read
 is recorded in `<manifest>.errors.txt` (by its rank among the sorted case folders, with the folder
 name, which holds the patient id, replaced by `<case>`) and skipped; the others are kept.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .anatomy import EXTRA_AXIAL_TYPES, load_anatomy
+from .boxes import box_from_mask
 from .errors import InputError
 from .manifest import write_manifest
 from .register import register
@@ -68,7 +70,10 @@ def case_rows(root: Path, case: str, layout: Layout, *, cache_dir: str | None = 
     if instances.max() == 0:
         raise InputError(f"{root / mask_rel}: empty mask (no voxel with value in {list(layout.tumor_values)})")
     anat = load_anatomy(cache_dir)
-    frame = register(data, affine, skull_stripped=layout.skull_stripped, cache_dir=cache_dir)
+    # the labelled region (oedema too) left out of the registration's similarity: it is not in the template
+    labelled = instances_from_binary(seg > 0)
+    frame = register(data, affine, skull_stripped=layout.skull_stripped, cache_dir=cache_dir,
+                     ignore=[box_from_mask(labelled == k) for k in range(1, int(labelled.max()) + 1)])
     rows = []
     for tid in range(1, int(instances.max()) + 1):
         pts = frame.template_mm(np.argwhere(instances == tid))
