@@ -21,8 +21,6 @@ import torch
 
 from tumornet.boxes import voxel_to_mm
 from tumornet.descriptor import (
-    SEARCH_ONLY,
-    RetrievalConfig,
     compose,
     predicted_classes,
     recipe_of,
@@ -36,6 +34,7 @@ from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
 from tumornet.network import MultitaskNet
+from tumornet.recipe import SEARCH_ONLY, RetrievalConfig
 from tumornet.register import FIT_SETTINGS, IGNORE_MARGIN_MM, WARP_SETTINGS, register
 from tumornet.scans import Scan, load_image, load_scan
 from tumornet.volumes import Volume, head_box_voxels

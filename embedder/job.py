@@ -26,13 +26,13 @@ import numpy as np
 
 from trainer.ray_setup import init_ray
 from tumornet.config import EmbedConfig, check_precision
-from tumornet.descriptor import RetrievalConfig
 from tumornet.detect import DetectConfig
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.io import atomic_write_text
 from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import ManifestRow, folder_cohort, read_manifest_lenient, redact
+from tumornet.recipe import RetrievalConfig
 from tumornet.runtime import ALLOCATOR_ENV
 
 from .embed import detect_settings, embed_read, embed_settings, read_scan, settings_fingerprint, source_hash

@@ -22,13 +22,14 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.shards import read_embeddings
-from tumornet.descriptor import RetrievalConfig, compose, recipe_of
+from tumornet.descriptor import compose, recipe_of
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.io import atomic_write_text, read_json_record
 from tumornet.keys import keyed_id
 from tumornet.labels import LabelSchema
 from tumornet.manifest import read_manifest
+from tumornet.recipe import RetrievalConfig
 from tumornet.split import SIDES, split_of_model
 
 from .knn import Rerank, Split, knn_scores, no_embedding, oracle, recipe_rerank, standardize

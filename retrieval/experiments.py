@@ -135,8 +135,8 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
     left out takes the default GRID's values, or the config default where GRID has none."""
     from dataclasses import fields
 
-    from tumornet.descriptor import RetrievalConfig
     from tumornet.fitted import HEAD_SELECT, POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS
+    from tumornet.recipe import RetrievalConfig
 
     p = find_config(path)
     try:
@@ -194,9 +194,10 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
 
     import pyarrow as pa
 
-    from tumornet.descriptor import RetrievalConfig, compose
+    from tumornet.descriptor import compose
     from tumornet.fitted import fit_heads, fit_size, fit_stats, head_inputs
     from tumornet.labels import LabelSchema
+    from tumornet.recipe import RetrievalConfig
 
     from .evaluate import load_evaluation, shard_parts
     from .knn import knn_scores, recipe_rerank

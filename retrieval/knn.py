@@ -28,9 +28,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from tumornet.descriptor import RetrievalConfig, rerank_scales
+from tumornet.descriptor import rerank_scales
 from tumornet.errors import InputError
 from tumornet.labels import MISSING, LabelSchema
+from tumornet.recipe import RetrievalConfig
 
 METRICS = ("acc", "precision", "map")  # per task: f"{metric}_{task}"; and "rmse_size_mm"
 

@@ -126,8 +126,8 @@ def archive(tmp_path_factory, small_cohort):
     recording a 25 % held-out split: <root>/model.pt, <root>/emb/."""
     from embedder.embed import embed_scan
     from embedder.shards import model_shard_schema, write_shard
-    from tumornet.descriptor import RetrievalConfig
     from tumornet.manifest import read_manifest
+    from tumornet.recipe import RetrievalConfig
 
     root = tmp_path_factory.mktemp("archive")
     model, mid = model_with_split(root / "model.pt", read_manifest(small_cohort), test_fraction=0.25)

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from tumornet.descriptor import SEARCH_ONLY, RetrievalConfig, refine_box
+from tumornet.descriptor import refine_box
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.network import MultitaskNet, NetConfig
+from tumornet.recipe import SEARCH_ONLY, RetrievalConfig
 
 
 class _Bright(torch.nn.Module):

@@ -11,7 +11,6 @@ import torch
 from conftest import SECRET
 from embedder.embed import embed_scan
 from tumornet.descriptor import (
-    RetrievalConfig,
     compose,
     segmented_voxels,
     tumor_parts,
@@ -23,6 +22,7 @@ from tumornet.fitted import fit_heads, fit_stats, refit_probabilities
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest, write_manifest
 from tumornet.network import MultitaskNet, NetConfig
+from tumornet.recipe import RetrievalConfig
 from tumornet.scans import load_scan
 from tumornet.volumes import head_box_voxels
 

@@ -13,13 +13,13 @@ from embedder.embed import embed_scan
 from embedder.shards import model_shard_schema, write_shard
 from retrieval.detection import detection_quality, detection_sweep, dice_matrix
 from retrieval.search import query_rows, search
-from tumornet.descriptor import RetrievalConfig
 from tumornet.detect import DetectConfig, tumor_probability, window_origins
 from tumornet.errors import InputError
 from tumornet.export import export_model, load_model
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import folder_cohort, read_manifest, read_manifest_lenient
 from tumornet.network import MultitaskNet, NetConfig
+from tumornet.recipe import RetrievalConfig
 from tumornet.scans import load_scan
 from tumornet.split import record_split, split_of_model
 from tumornet.volumes import normalize_intensity

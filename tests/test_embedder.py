@@ -193,8 +193,8 @@ def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):
     import dataclasses
 
     from embedder.job import ShardEmbedder, _row_dict, decode_shard
-    from tumornet.descriptor import RetrievalConfig
     from tumornet.detect import DetectConfig
+    from tumornet.recipe import RetrievalConfig
 
     path, mid = model_file
     scans = read_manifest(small_cohort).scans()

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from test_descriptor import _grid_takes, _keeps_older_fingerprints, _model, _parts, _stack
 
-from tumornet.descriptor import RetrievalConfig, compose, predicted_classes
+from tumornet.descriptor import compose, predicted_classes
 from tumornet.errors import InputError
 from tumornet.fitted import HEAD_INPUTS, fit_heads, fit_stats, refit_probabilities
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest
+from tumornet.recipe import RetrievalConfig
 from tumornet.scans import load_scan
 
 

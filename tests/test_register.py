@@ -117,8 +117,8 @@ def test_the_fit_settings_decide_an_embedding_only_where_the_recipe_reads_the_te
     a head-frame one."""
     import tumornet.register as reg
     from embedder import embed
-    from tumornet.descriptor import RetrievalConfig
     from tumornet.detect import DetectConfig
+    from tumornet.recipe import RetrievalConfig
 
     atlas = (RetrievalConfig(position=1.0, position_frame="atlas"), {})
     head = (RetrievalConfig(position=1.0, position_frame="head"), {})
@@ -183,9 +183,9 @@ def test_a_warping_recipe_is_validated_and_decides_the_embedding(monkeypatch):
 
     import tumornet.register as reg
     from embedder import embed
-    from tumornet.descriptor import RetrievalConfig
     from tumornet.detect import DetectConfig
     from tumornet.errors import InputError
+    from tumornet.recipe import RetrievalConfig
 
     for bad in (4, -1, True, "24"):
         with pytest.raises(InputError, match=r"retrieval\.warp_mm"):
@@ -230,9 +230,9 @@ def test_a_recipe_that_skips_the_tumors_is_validated_and_decides_the_embedding()
     from test_descriptor import _keeps_older_fingerprints
 
     from embedder import embed
-    from tumornet.descriptor import RetrievalConfig
     from tumornet.detect import DetectConfig
     from tumornet.errors import InputError
+    from tumornet.recipe import RetrievalConfig
 
     for bad in (1, "yes", None):
         with pytest.raises(InputError, match=r"retrieval\.frame_skips_tumors"):

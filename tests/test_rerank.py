@@ -8,9 +8,10 @@ import pyarrow as pa
 import pytest
 
 from retrieval.knn import Split, knn_scores, neighbours, recipe_rerank
-from tumornet.descriptor import RetrievalConfig, block_slices, compose, rerank_scales, vector_size
+from tumornet.descriptor import block_slices, compose, rerank_scales, vector_size
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA
+from tumornet.recipe import RetrievalConfig
 
 
 def _line_db():

@@ -245,8 +245,9 @@ def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_c
     # a box drawn 20 % too large reads as its own size, pooled over the voxels that cover it (one more a side)
     from retrieval.search import drawn_box_example, drawn_box_parts
     from tumornet.boxes import box_mm_to_voxels, box_size, box_to_mm, grown_box_mm
-    from tumornet.descriptor import RetrievalConfig, tumor_parts
+    from tumornet.descriptor import tumor_parts
     from tumornet.export import load_model
+    from tumornet.recipe import RetrievalConfig
     from tumornet.volumes import load_volume
 
     net = load_model(archive / "model.pt")[0]

@@ -20,12 +20,12 @@ from typing import Any
 
 import yaml
 
-from .descriptor import RetrievalConfig
 from .detect import DetectConfig
 from .errors import InputError
 from .labels import DEFAULT_SCHEMA, LabelSchema
 from .loss import LossWeights
 from .network import NetConfig
+from .recipe import RetrievalConfig
 from .synth.phantom import PhantomConfig
 from .volumes import as_spacing
 
