@@ -218,6 +218,9 @@ def cmd_search(args) -> None:
 
     if len([f for f in ("mask", "box", "tumor") if getattr(args, f)]) > 1 or bool(args.tumor) == bool(args.image):
         raise InputError("search: give --image (alone, with --mask or with --box), or --tumor SCAN_KEY:TUMOR_ID")
+    if args.scan_tumors is not None and not args.box:
+        raise InputError("search: --scan-tumors is for a query by --box (a mask, or the archive, knows how "
+                         "many tumors its scan holds)")
     if args.tumor and args.patient_key:
         raise InputError("search: --patient-key is for a new scan's query; --tumor knows its own patient")
     if args.patient_key is not None and not re.fullmatch(r"[0-9a-f]{16}", args.patient_key):
@@ -229,7 +232,8 @@ def cmd_search(args) -> None:
                                   rerank=args.rerank)
     elif args.box:
         results = search_box(args.model, args.embeddings, args.image, _floats(args.box, "--box", 6), k=args.k,
-                             where=args.where, rerank=args.rerank, patient_key=args.patient_key)
+                             where=args.where, rerank=args.rerank, patient_key=args.patient_key,
+                             scan_tumors=args.scan_tumors)
     else:
         tumor_ids = _number_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
         rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
@@ -433,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image", help="the new scan: T1 with contrast, NIfTI (alone: the model finds the tumors)")
     sp.add_argument("--mask", help="its tumor mask: an instance mask (value = tumor), or --binary")
     sp.add_argument("--box", help="a box around the tumor instead of a mask: x0,y0,z0,x1,y1,z1 in mm (RAS world)")
+    sp.add_argument("--scan-tumors", type=int, help="with --box: how many tumors the scan holds, where the model's "
+                    "recipe reads it (retrieval.scan_count; default: counted by the segmentation head)")
     sp.add_argument("--tumor", help="an archived tumor as the query: SCAN_KEY:TUMOR_ID (its own patient excluded)")
     sp.add_argument("--where", action="append", default=[], help="only archive tumors with this label, task=class")
     sp.add_argument("--patient-key", help="the new scan's patient as the shards key it (patient_key): that "

@@ -59,7 +59,7 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 
 # recipe keys added after archives existed -> their default
 RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0,
-                "head_select": "fixed", "warp_mm": 0.0, "frame_skips_tumors": False}
+                "head_select": "fixed", "warp_mm": 0.0, "frame_skips_tumors": False, "scan_count": False}
 
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
@@ -150,7 +150,7 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     frame = (register(image, scan.volume.affine, warp_mm=cfg.warp_mm, ignore=boxes if cfg.frame_skips_tumors else None)
              if cfg.uses_position else None)
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
-                             frame=frame)
+                             frame=frame, scan_tumors=len(boxes))
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}
     out = []
     for i, (t, bbox, parts) in enumerate(zip(scan.tumors, boxes, all_parts, strict=True)):
@@ -163,7 +163,7 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
                    box_log_volume=parts["box_log_volume"], position=parts["position"].tolist(),
                    template_position=parts["template_position"].tolist() if frame is not None else None,
                    atlas=parts["atlas"].tolist() if frame is not None else None,
-                   seg_log_volume=parts["seg_log_volume"], roimean=parts["roimean"].tolist(),
+                   seg_log_volume=parts["seg_log_volume"], scan_tumors=len(boxes), roimean=parts["roimean"].tolist(),
                    context=parts["context"].tolist(),
                    handcrafted=handcrafted_features(image, scan.instances, t, centre_mm).tolist())
         for k in tasks:

@@ -45,6 +45,7 @@ def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = No
            # what the atlas says of the box there (tumornet.anatomy.ATLAS_FEATURES); null as template_position
            ("atlas", pa.list_(pa.float32(), len(ATLAS_FEATURES))),
            ("seg_log_volume", pa.float32()),  # log of the segmented volume (ml) of the components the box touches
+           ("scan_tumors", pa.int16()),  # the number of tumors in the scan (its mask's, or those found)
            ("roimean", pa.list_(pa.float32(), channels)),  # the feature map's mean over the box
            ("context", pa.list_(pa.float32(), channels)),  # its mean over a shell around the box
            ("handcrafted", pa.list_(pa.float32(), len(HANDCRAFTED))),  # tumornet.handcrafted.FEATURES

@@ -112,6 +112,8 @@ def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
             "position": np.stack(table["position"].to_numpy(zero_copy_only=False)),
             **({"seg_log_volume": np.asarray(table["seg_log_volume"].to_numpy(), dtype=np.float64)}
                if "seg_log_volume" in table.column_names else {}),
+            **({"scan_log_tumors": np.log(np.asarray(table["scan_tumors"].to_numpy(), dtype=np.float64))}
+               if "scan_tumors" in table.column_names and table["scan_tumors"].null_count == 0 else {}),
             **{k: np.stack(table[k].to_numpy(zero_copy_only=False)) for k in NULLABLE_PARTS
                if k in table.column_names and table[k].null_count == 0}}
 

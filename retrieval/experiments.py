@@ -154,14 +154,15 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
         for v in values:
             number = isinstance(v, int | float) and not isinstance(v, bool)
             ok = (v in ("network", "refit") if key == "heads" else v in HEAD_SELECT if key == "head_select"
-                  else isinstance(v, bool) if key == "whiten"
+                  else isinstance(v, bool) if key in ("whiten", "frame_skips_tumors", "scan_count", "refine_box")
                   else v in POSITION_FRAMES if key == "position_frame" else v in SIZE_UNITS if key == "size_units"
                   else v in SIZE_SOURCES if key == "size_source"
                   else isinstance(v, int) and not isinstance(v, bool) and v >= 0 if key in ("head_draws", "rerank")
                   else v is None or (number and v >= 0) if key in ("rerank_size", "rerank_position")
                   else number and (v > 0 if key == "task_temperature" else v >= 0))
             if not ok:
-                want = {"heads": "network or refit", "whiten": "true or false",
+                want = {"heads": "network or refit", "whiten": "true or false", "frame_skips_tumors": "true or false",
+                        "scan_count": "true or false", "refine_box": "true or false",
                         "position_frame": "head, template or atlas", "size_units": "log or mm",
                         "size_source": "box, seg or fit", "head_select": ", ".join(HEAD_SELECT),
                         "head_draws": "a whole number >= 0",

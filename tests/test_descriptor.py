@@ -208,9 +208,11 @@ def test_tumors_of_a_scan_in_one_batch_give_the_same_parts(small_cohort):
     assert len(boxes) >= 3
     together = tumors_parts(model, scan.volume.array, boxes, patch_size=16, spacing_mm=4.0, batch=2)
     for box, parts in zip(boxes, together, strict=True):
-        alone = tumor_parts(model, scan.volume.array, box, patch_size=16, spacing_mm=4.0)
+        alone = tumor_parts(model, scan.volume.array, box, patch_size=16, spacing_mm=4.0, scan_tumors=len(boxes))
         for key in alone:
             np.testing.assert_allclose(parts[key], alone[key], rtol=1e-4, atol=1e-5)
+    assert together[0]["scan_log_tumors"] == pytest.approx(np.log(len(boxes)))  # the scan's count: its boxes
+    assert tumor_parts(model, scan.volume.array, boxes[0], patch_size=16, spacing_mm=4.0)["scan_log_tumors"] == 0.0
 
 
 def test_whitening_decorrelates_the_roipool_vector(small_cohort):

@@ -265,3 +265,44 @@ def test_refit_heads_read_where_the_box_is():
         compose(parts, refit, DEFAULT_SCHEMA, {k: v for k, v in stats.items() if k != "heads"})
     with pytest.raises(InputError, match=r"retrieval\.heads: expected network or refit, got 'mlp'"):
         RetrievalConfig(heads="mlp")
+
+
+def test_scan_count_lets_the_heads_read_how_many_tumors_the_scan_holds(tmp_path):
+    """retrieval.scan_count -> every head input set but the place alone also reads the log of the scan's
+    tumor count: a type that several tumors in one scan tell (metastases) is learned from it, the choice is
+    stored with the heads, a recipe must match it, parts without the count are refused by name, and the
+    default keeps older archives' fingerprints."""
+    names = list(DEFAULT_SCHEMA.names)
+
+    def cohort(n, seed):
+        parts, labels = _random_tumors(n, seed, channels=16)
+        rng = np.random.default_rng(seed + 10)
+        count = np.where(rng.random(n) < 0.5, 1, rng.integers(2, 6, n))
+        parts["scan_log_tumors"] = np.log(count.astype(float))
+        # several tumors: a metastasis; one: a meningioma or a schwannoma by the RoiPool vector
+        labels["tumor_type"] = np.where(count > 1, 0, np.where(parts["roipool"][:, 0] > 0, 1, 2))
+        return parts, labels
+
+    parts, labels = cohort(160, 0)
+    stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(160)])
+    assert stats["scan_log_tumors"]["sd"][0] > 0.3
+    groups = np.arange(160) // 2
+    heads = {flag: {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats, select="cv", groups=groups,
+                                                scan_count=flag)} for flag in (False, True)}
+    assert heads[True]["heads"]["scan_count"] is True and json.loads(json.dumps(heads[True])) == heads[True]
+    assert "scan_log_tumors" in heads[True]["heads"]["tumor_type"]["inputs"]
+    assert all("scan_log_tumors" not in h["inputs"] for h in heads[False]["heads"].values() if isinstance(h, dict))
+    new, truth = cohort(300, 1)
+    acc = {flag: (refit_probabilities(new, DEFAULT_SCHEMA, st, select="cv", scan_count=flag)[
+        names.index("tumor_type")].argmax(1) == truth["tumor_type"]).mean() for flag, st in heads.items()}
+    assert acc[True] >= 0.85 and acc[True] > acc[False] + 0.2
+    recipe = dict(roipool=0.0, tasks=1.0, heads="refit", head_select="cv")
+    with pytest.raises(InputError, match="scan_count: false, but the refit heads were fit with scan_count: true"):
+        compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, heads[True])
+    old = {k: v for k, v in new.items() if k != "scan_log_tumors"}
+    with pytest.raises(InputError, match="no count of their scan's tumors .* embed the archive again"):
+        compose(old, RetrievalConfig(**recipe, scan_count=True), DEFAULT_SCHEMA, heads[True])
+    with pytest.raises(InputError, match="retrieval.scan_count: expected true or false, got 1"):
+        RetrievalConfig(scan_count=1)
+    assert _grid_takes(tmp_path, "scan_count", "[false]", "[2]", "scan_count: expected true or false") == (False,)
+    _keeps_older_fingerprints("scan_count", False, True)

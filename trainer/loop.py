@@ -141,7 +141,8 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
         for boxes, out in ((exact, parts), ([distort_box(b, rng) for _ in range(draws) for b in exact], rough)):
             if boxes:
                 out += tumors_parts(model, image, boxes, patch_size=cfg.train.patch_size,
-                                    spacing_mm=cfg.data.spacing_mm, head=head, frame=frame)
+                                    spacing_mm=cfg.data.spacing_mm, head=head, frame=frame,
+                                    scan_tumors=len(s.tumors))
         for task in labels:
             of_scan = [t.labels.get(task, MISSING) for t in s.tumors]
             labels[task] += of_scan
@@ -157,7 +158,7 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
     stats["heads"] = fit_heads(heads_on, {k: np.asarray(labels[k] + rough_labels[k]) for k in labels}, cfg.tasks,
                                stats, position_frame=cfg.retrieval.position_frame,
                                size_source=cfg.retrieval.size_source, select=cfg.retrieval.head_select,
-                               groups=np.asarray(groups + rough_groups))
+                               groups=np.asarray(groups + rough_groups), scan_count=cfg.retrieval.scan_count)
     return stats
 
 

@@ -119,7 +119,7 @@ def box_log_volume(extent, spacing_mm) -> float:
 
 @torch.no_grad()
 def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None, frame=None,
-                 batch: int = 8, extents=None) -> list[dict]:
+                 batch: int = 8, extents=None, scan_tumors: int | None = None) -> list[dict]:
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
     "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on
@@ -128,7 +128,11 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     (`frame`, tumornet.register) each dict also has "template_position" (3,) and "atlas"
     (anatomy.ATLAS_FEATURES). `extents` (one per box, voxels per axis, continuous; None: the boxes' own):
     the size the box parts read (its volume, and the segmented volume's fallback) where a box was drawn
-    in millimetres and `bboxes` are the voxels covering it (up to one more on each side)."""
+    in millimetres and `bboxes` are the voxels covering it (up to one more on each side). Each dict also
+    has "scan_log_tumors": the log of `scan_tumors`, the number of tumors in the scan (None: the boxes')."""
+    count = len(bboxes) if scan_tumors is None else int(scan_tumors)
+    if len(bboxes) and count < 1:
+        raise InputError(f"scan_tumors: a scan with a tumor box holds at least 1 tumor, got {scan_tumors!r}")
     centre, half = head = head if head is not None else head_box_voxels(image)
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
     cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
@@ -158,7 +162,8 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                     out[i] = {"roipool": emb[n], "task_logits": logits[n], "roimean": mean[n], "context": shell[n],
                               "box_log_volume": box_log_volume(extent, spacing_mm),
                               "position": ((box_center(bbox) - centre) / half).astype(np.float32),
-                              "seg_log_volume": float(np.log(seg * voxel_ml))}
+                              "seg_log_volume": float(np.log(seg * voxel_ml)),
+                              "scan_log_tumors": float(np.log(count))}
                     if frame is not None:
                         out[i]["template_position"] = frame.position(box_center(bbox))
                         out[i]["atlas"] = frame.atlas(bbox)
@@ -168,10 +173,10 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
 
 
 def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None, frame=None,
-                extent=None) -> dict:
-    """The parts of one tumor box (see tumors_parts)."""
+                extent=None, scan_tumors: int = 1) -> dict:
+    """The parts of one tumor box (see tumors_parts) in a scan of `scan_tumors` tumors."""
     return tumors_parts(model, image, [bbox], patch_size=patch_size, spacing_mm=spacing_mm, head=head,
-                        frame=frame, extents=[extent])[0]
+                        frame=frame, extents=[extent], scan_tumors=scan_tumors)[0]
 
 
 def stack_parts(parts: Sequence[Mapping]) -> dict[str, np.ndarray]:
@@ -201,7 +206,7 @@ def _task_probabilities(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, s
     if cfg.heads == "refit":
         return refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame,
                                    size_source=cfg.size_source, select=cfg.head_select,
-                                   temperature=cfg.task_temperature)
+                                   temperature=cfg.task_temperature, scan_count=cfg.scan_count)
     return _softmax_blocks(np.asarray(parts["task_logits"]) / cfg.task_temperature, schema)
 
 

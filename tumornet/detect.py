@@ -99,3 +99,13 @@ def tumors_from_probability(prob: np.ndarray, volume: Volume, cfg: DetectConfig)
     instances = instances_from_binary(prob > cfg.threshold, min_voxels=min_voxels)
     return instances, measure_tumors(instances, volume.affine, scan_id=volume.scan_id,
                                      where=f"{volume.scan_id} (predicted)")
+
+
+def scan_tumor_count(model, volume: Volume, box, cfg: DetectConfig = DetectConfig()) -> int:
+    """How many tumors a scan holds when one is known only by a box drawn around it (voxels of `volume`,
+    the model's grid): that one, plus each tumor the segmentation head finds (detect_tumors) whose box does
+    not overlap it."""
+    box = np.asarray(box)
+    _, found = detect_tumors(model, volume, cfg)
+    apart = [t for t in found if np.any(t.bbox[3:] <= box[:3]) or np.any(box[3:] <= t.bbox[:3])]
+    return 1 + len(apart)

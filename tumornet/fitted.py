@@ -29,7 +29,7 @@ ROUGH_BOX_LOG_SD = float(np.log(2.0) * np.sqrt(3.0) / 3.0)
 
 
 STANDARDIZED = ("roipool", "box_log_volume", "position", "template_position", "atlas", "seg_log_volume", "roimean",
-                "context", "box_diameter_mm", "seg_diameter_mm")
+                "context", "box_diameter_mm", "seg_diameter_mm", "scan_log_tumors")
 
 
 def size_key(log_key: str, units: str) -> str:
@@ -139,15 +139,20 @@ HEAD_INPUTS = ("roipool", "position", "box_log_volume")  # what the refit heads 
 # the part of the recipe's position_frame, head_inputs)
 
 
-def head_inputs(position_frame: str = "head", size_source: str = "box") -> tuple[str, ...]:
+def head_inputs(position_frame: str = "head", size_source: str = "box", scan_count: bool = False) -> tuple[str, ...]:
     """The parts the refit heads read, with the position of `position_frame` (and, for "atlas", what the
-    atlas says of the box in template space) and the size of `size_source`."""
+    atlas says of the box in template space), the size of `size_source` and, with `scan_count`, the log of
+    the number of tumors in the scan (`scan_log_tumors`)."""
     swap = {"position": POSITION_FRAMES[position_frame], "box_log_volume": SIZE_SOURCES[size_source]}
     inputs = tuple(swap.get(k, k) for k in HEAD_INPUTS)
-    return (*inputs, "atlas") if position_frame == "atlas" else inputs
+    inputs = (*inputs, "atlas") if position_frame == "atlas" else inputs
+    return (*inputs, "scan_log_tumors") if scan_count else inputs
 
 
 def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
+    if key == "scan_log_tumors" and key not in parts:
+        raise InputError("retrieval.scan_count: these tumors carry no count of their scan's tumors (shards "
+                         "embedded before `scan_tumors` existed): embed the archive again")
     if key not in stats:
         raise InputError(f"retrieval: the model file has no training statistics of `{key}` (exported before "
                          "that part existed); train again, or score with statistics from the shards")
@@ -166,14 +171,15 @@ HEAD_SELECT = ("fixed", "cv", "cv-context")  # retrieval.head_select: every head
 HEAD_CS = (0.1, 1.0, 10.0, 100.0)
 
 
-def head_input_sets(position_frame: str = "head", size_source: str = "box", *,
-                    context: bool = False) -> dict[str, tuple[str, ...]]:
+def head_input_sets(position_frame: str = "head", size_source: str = "box", *, context: bool = False,
+                    scan_count: bool = False) -> dict[str, tuple[str, ...]]:
     """What a head selected by cross-validation may read: everything (head_inputs), the box's place and
     size without the RoiPool vector, or its place alone (a location label is a side of the template's
     midline or centre: the RoiPool vector's 32-128 numbers only add noise to three coordinates); with
     `context` also everything plus the feature map's mean over a shell around the box (what surrounds
-    the tumor on the scan itself: skull and dura or brain, whatever the template says)."""
-    inputs = head_inputs(position_frame, size_source)
+    the tumor on the scan itself: skull and dura or brain, whatever the template says). With `scan_count`
+    the first two (and `context`) also read how many tumors the scan holds."""
+    inputs = head_inputs(position_frame, size_source, scan_count)
     sets = {"all": inputs, "place": tuple(k for k in inputs if k != "roipool"),
             "position": (POSITION_FRAMES[position_frame],)}
     return {**sets, "context": (*inputs, "context")} if context else sets
@@ -217,7 +223,7 @@ def select_head(xs: Mapping[str, np.ndarray], y: np.ndarray, groups: np.ndarray,
 
 def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], schema: LabelSchema,
               stats: Mapping, *, c: float = 1.0, position_frame: str = "head", size_source: str = "box",
-              select: str = "fixed", groups: np.ndarray | None = None) -> dict:
+              select: str = "fixed", groups: np.ndarray | None = None, scan_count: bool = False) -> dict:
     """Task heads refit on training tumors: per task, a multinomial logistic regression (L2, inverse
     strength `c`) on the z-scored RoiPool vector, position and box log volume (HEAD_INPUTS) of the
     tumors that have that label -> plain lists for the model file ({task: {classes, coef, intercept,
@@ -225,10 +231,11 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
     "size_source": the position and the size they read). The network's own heads read the RoiPool
     vector alone, so they must infer where the box is from its content; these see it. `select: cv`:
     per task, the inputs (head_input_sets) and C chosen by cross-validation over patients (`groups`,
-    one per row; None: every row its own patient) instead (select_head)."""
+    one per row; None: every row its own patient) instead (select_head). `scan_count`: the heads also
+    read the log of the number of tumors in each tumor's scan (head_inputs)."""
     if select not in HEAD_SELECT:
         raise InputError(f"retrieval.head_select: expected {', '.join(HEAD_SELECT)}, got {select!r}")
-    sets = head_input_sets(position_frame, size_source, context=select == "cv-context")
+    sets = head_input_sets(position_frame, size_source, context=select == "cv-context", scan_count=scan_count)
     if size_source == "fit":
         parts = with_fitted_size(parts, stats)
     x_of = {name: _inputs_x(parts, inputs, stats) for name, inputs in sets.items()}
@@ -236,7 +243,8 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if len(groups) != n:
         raise InputError(f"fit_heads: {n} tumors but {len(groups)} patient groups")
-    out: dict = {"position_frame": position_frame, "size_source": size_source, "select": select}
+    out: dict = {"position_frame": position_frame, "size_source": size_source, "select": select,
+                 "scan_count": scan_count}
     for t in schema.tasks:
         y = np.asarray(labels[t.name])
         known = y >= 0
@@ -259,7 +267,7 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
 
 def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping, *,
                         position_frame: str = "head", size_source: str = "box", select: str = "fixed",
-                        temperature: float = 1.0) -> list[np.ndarray]:
+                        temperature: float = 1.0, scan_count: bool = False) -> list[np.ndarray]:
     """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
     if "heads" not in stats:
         raise InputError("retrieval.heads: refit needs the heads refit on the training tumors, and the model file "
@@ -277,6 +285,11 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
     if fitted != select:
         raise InputError(f"retrieval.head_select: {select}, but the refit heads were fit with head_select: {fitted} "
                          "(for another recipe): train again, or ray_job.py retune --manifest with this recipe")
+    fitted = stats["heads"].get("scan_count", False)  # heads exported before scan_count read no count
+    if fitted != scan_count:
+        raise InputError(f"retrieval.scan_count: {str(scan_count).lower()}, but the refit heads were fit with "
+                         f"scan_count: {str(fitted).lower()} (for another recipe): train again, or ray_job.py retune "
+                         "--manifest with this recipe")
     if size_source == "fit":
         parts = with_fitted_size(parts, stats)
     every = head_inputs(position_frame, size_source)  # heads exported before head_select read them all

@@ -68,6 +68,10 @@ class RetrievalConfig:
     # each grown by tumornet.register.IGNORE_MARGIN_MM, so that a tumor does not pull the fit (sixteenth
     # round)
     frame_skips_tumors: bool = False
+    # the refit heads also read how many tumors the scan holds (`scan_log_tumors`: log of the count; several
+    # tumors in one scan are metastases far more often than not: seventeenth round). A search by box counts
+    # them with the segmentation head unless told (search --scan-tumors)
+    scan_count: bool = False
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -93,6 +97,8 @@ class RetrievalConfig:
                              f"spacing >= 8 mm, got {self.warp_mm!r}")
         if not isinstance(self.frame_skips_tumors, bool):
             raise InputError(f"retrieval.frame_skips_tumors: expected true or false, got {self.frame_skips_tumors!r}")
+        if not isinstance(self.scan_count, bool):
+            raise InputError(f"retrieval.scan_count: expected true or false, got {self.scan_count!r}")
         if not isinstance(self.refine_box, bool):
             raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:
