@@ -59,6 +59,7 @@ def test_embed_scan_gives_the_roipool_vector_of_each_tumor(small_cohort):
         assert r["bbox"] == t.bbox.tolist() and r["size_mm"] == pytest.approx(t.size_mm)
         assert all(0 <= r[f"pred_{k}"] < DEFAULT_SCHEMA[k].n_classes for k in DEFAULT_SCHEMA.names)
         assert r["label_tumor_type"] == t.labels.get("tumor_type", -1)
+        assert r["scan_tumors"] == len(scan.tumors) >= 2  # how many tumors the scan holds (retrieval.scan_count)
     assert out[0]["patient_key"] == patient_key(rows[0].patient_id, SECRET) != rows[0].patient_id
     assert out[0]["scan_key"] == keyed_id(rows[0].scan_id, SECRET) != out[0]["patient_key"]
     assert len(out[0]["source_hash"]) == 64 and out[0]["model_id"] == "m1" and out[0]["source"] == "mask"

@@ -300,9 +300,9 @@ def test_scan_count_lets_the_heads_read_how_many_tumors_the_scan_holds(tmp_path)
     with pytest.raises(InputError, match="scan_count: false, but the refit heads were fit with scan_count: true"):
         compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, heads[True])
     old = {k: v for k, v in new.items() if k != "scan_log_tumors"}
-    with pytest.raises(InputError, match="no count of their scan's tumors .* embed the archive again"):
+    with pytest.raises(InputError, match=r"no count of their scan's tumors .* embed the archive again"):
         compose(old, RetrievalConfig(**recipe, scan_count=True), DEFAULT_SCHEMA, heads[True])
-    with pytest.raises(InputError, match="retrieval.scan_count: expected true or false, got 1"):
+    with pytest.raises(InputError, match=r"retrieval\.scan_count: expected true or false, got 1"):
         RetrievalConfig(scan_count=1)
     assert _grid_takes(tmp_path, "scan_count", "[false]", "[2]", "scan_count: expected true or false") == (False,)
     _keeps_older_fingerprints("scan_count", False, True)
