@@ -223,15 +223,19 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     rough = [(shard_parts(pa.Table.from_pylist(rows)), query_split(rows, ev.tasks))
              for rows in (distorted_queries(model, ev, manifest, secret, draws=max(head_draws), seed=1,
                                             scan_ids=ev.train_scans) if max(head_draws) else [])]
-    stats_of = {}  # (position frame, size source, head draws, head select) -> the database tumors' statistics and heads
-    for frame, source, n, select in itertools.product(sorted(frames), sorted(set(grid.get("size_source", ("box",)))),
-                                                      head_draws, sorted(set(grid.get("head_select", ("fixed",))))):
+    counts = sorted(set(grid.get("scan_count", (False,))))
+    if True in counts and "scan_log_tumors" not in parts:
+        raise InputError(f"{embeddings}: shards without scan_tumors (written by an older version): embed again")
+    stats_of = {}  # (position frame, size source, head draws, head select, scan count) -> statistics and heads
+    for frame, source, n, select, count in itertools.product(
+            sorted(frames), sorted(set(grid.get("size_source", ("box",)))), head_draws,
+            sorted(set(grid.get("head_select", ("fixed",)))), counts):
         on = [(train_parts, ev.train), *rough[:n]]
         fit_on = {key: np.concatenate([p[key] for p, _ in on]) for key in train_parts if all(key in p for p, _ in on)}
         labels = {t: np.concatenate([s.labels[t] for _, s in on]) for t in ev.train.labels}
-        stats_of[frame, source, n, select] = {**base, "heads": fit_heads(
+        stats_of[frame, source, n, select, count] = {**base, "heads": fit_heads(
             fit_on, labels, schema, base, position_frame=frame, size_source=source, select=select,
-            groups=np.concatenate([s.patients for _, s in on]))}
+            groups=np.concatenate([s.patients for _, s in on]), scan_count=count)}
     distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
                  for rows in (distorted_queries(model, ev, manifest, secret, draws=draws) if draws else [])]
     hand = knn_scores(ev.train_hand, ev.test_hand, [k], ev.tasks)[k]
@@ -240,7 +244,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
         w = dict(zip(grid, values, strict=True))
         if (all(w.get(key, 0) == 0 for key in ("roipool", "tasks", "roimean", "context"))
                 or (w["tasks"] == 0 and w.get("heads") == "refit") or (w.get("whiten") and w["roipool"] == 0)
-                or ((w.get("head_draws", 0) or w.get("head_select", "fixed") != "fixed")
+                or ((w.get("head_draws", 0) or w.get("head_select", "fixed") != "fixed" or w.get("scan_count"))
                     and (w["tasks"] == 0 or w.get("heads") != "refit"))):
             continue  # nothing to retrieve by / the same vector as a recipe already scored
         again = {key: w.get(f"rerank_{key}") for key in ("size", "position")}
@@ -253,7 +257,7 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
             cfg = RetrievalConfig(standardize=True, **w)
         except TypeError as e:
             raise InputError(f"recipe grid: {e}") from None
-        stats = stats_of[cfg.position_frame, cfg.size_source, cfg.head_draws, cfg.head_select]
+        stats = stats_of[cfg.position_frame, cfg.size_source, cfg.head_draws, cfg.head_select, cfg.scan_count]
         x = compose(parts, cfg, schema, stats)
         rerank = recipe_rerank(cfg, ev.meta, x.shape[1], str(embeddings))
         db = ev.train.with_x(x[ev.train_rows])

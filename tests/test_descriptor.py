@@ -176,6 +176,12 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
                         grid={"roipool": (1.0,), "tasks": (0.0, 1.0), "size": (1.0,), "position": (1.0,),
                               "heads": ("refit",), "head_draws": (0, 2)})  # tasks 0: no heads to fit (skipped)
     assert sorted(r["recipe"]["head_draws"] for r in rough) == [0, 2]
+    counted = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
+                          grid={"roipool": (0.0,), "tasks": (1.0,), "size": (1.0,), "position": (1.0,),
+                                "heads": ("network", "refit"), "scan_count": (False, True)})
+    # heads with and without the scan's tumor count, each its own row; the network's heads read no count
+    assert sorted((r["recipe"]["heads"], r["recipe"]["scan_count"]) for r in counted) == [
+        ("network", False), ("refit", False), ("refit", True)]
     two = recipe_grid(path, tmp_path / "emb", small_cohort, SECRET, k=3,
                       grid={"roipool": (1.0,), "tasks": (0.0,), "size": (0.0, 1.0), "position": (1.0,),
                             "rerank": (0, 4), "rerank_size": (None, 3.0)})
