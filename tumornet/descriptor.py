@@ -19,7 +19,10 @@ and the box itself gives:
   the same place corrected for the head's tilt and shape (given when the scan's TemplateFrame is);
 - `atlas`: what the atlas says of the box carried into template space (anatomy.ATLAS_FEATURES): each
   area's share of the ellipsoid inscribed in the box, the extra-axial rule's skull base, the share
-  inside the brain: the rules the location labels are made by (given with the TemplateFrame).
+  inside the brain: the rules the location labels are made by (given with the TemplateFrame);
+- `scan_log_tumors`: the log of how many tumors the box's scan holds (the caller's count: the mask's,
+  the ones found, or for a drawn box tumornet.detect.scan_tumor_count), read by the refit heads with
+  `scan_count` (several tumors in one scan: metastases far more often than not).
 None of these needs a mask: a box is enough (the paper's query). `position_frame` says which of the
 two positions the recipe's `position` part and the refit heads read ("atlas": the template's, and the
 refit heads also read `atlas`).
