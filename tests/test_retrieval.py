@@ -394,39 +394,3 @@ def test_retune_with_the_manifest_fits_a_new_recipe_without_training(archive, sm
                  "--manifest", str(small_cohort)]) == 0
     assert f"model {mid}" in capsys.readouterr().out and recipe_of(load_model(tmp_path / "y.pt")[1])[1]["heads"][
         "select"] == "fixed"
-
-
-def test_a_box_query_counts_the_scans_tumors_where_the_recipe_reads_them(archive, small_cohort, monkeypatch):
-    """retrieval.scan_count: a drawn box's parts carry the log of the scan's tumor count, given
-    (search --scan-tumors) or counted by the segmentation head (the drawn tumor plus every found tumor
-    whose box does not overlap it); a recipe without it neither counts nor runs detection."""
-    import retrieval.search as rs
-    import tumornet.detect as det
-    from tumornet.export import load_model
-    from tumornet.recipe import RetrievalConfig
-    from tumornet.tumors import Tumor
-    from tumornet.volumes import load_volume
-
-    cohort = read_manifest(small_cohort)
-    scan = next(s for s in cohort.scans().values() if len(s) > 1)
-    net = load_model(archive / "model.pt")[0]
-    vol = load_volume(scan[0].image, scan_id="q", spacing_mm=4.0)
-    box_mm = [-10.0, -10.0, -10.0, 10.0, 10.0, 10.0]
-    vbox = rs.box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
-
-    def found(*boxes):
-        return [Tumor(scan_id="q", tumor_id=i + 1, bbox=np.asarray(b), bbox_mm=np.zeros(6), centroid_mm=np.zeros(3),
-                      volume_ml=1.0, size_mm=10.0) for i, b in enumerate(boxes)]
-
-    inside, apart = vbox.copy(), np.array([0, 0, 0, 2, 2, 2])
-    monkeypatch.setattr(det, "detect_tumors", lambda model, volume, cfg: (None, found(inside, apart, apart + 3)))
-    assert det.scan_tumor_count(net, vol, vbox) == 3  # the drawn one and the two found apart from it
-    cfg = RetrievalConfig(scan_count=True)
-    parts = rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q")
-    assert parts["scan_log_tumors"] == pytest.approx(np.log(3))
-    monkeypatch.setattr(det, "detect_tumors", lambda *a: pytest.fail("detection run where the count is given"))
-    given = rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q", scan_tumors=2)
-    assert given["scan_log_tumors"] == pytest.approx(np.log(2))
-    assert rs.drawn_box_parts(net, vol, box_mm, cfg=RetrievalConfig(), patch_size=16, where="q")["scan_log_tumors"] == 0
-    with pytest.raises(InputError, match="--scan-tumors: expected a whole number >= 1"):
-        rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q", scan_tumors=0)
