@@ -92,3 +92,12 @@ def test_ellipsoid_voxels_fill_the_inscribed_ellipsoid():
     pts = B.ellipsoid_voxels(big, max_points=500)
     assert 250 <= len(pts) <= 600 and np.any(np.all(pts == np.floor(B.box_center(big)), axis=1))
     assert np.array_equal(B.ellipsoid_voxels(B.make_box([5, 5, 5], [6, 6, 6])), [[5, 5, 5]])
+
+
+def test_overlaps_means_a_shared_voxel():
+    from tumornet.boxes import overlaps
+
+    a = [0, 0, 0, 4, 4, 4]
+    assert overlaps(a, [3, 3, 3, 6, 6, 6]) and overlaps([1, 1, 1, 2, 2, 2], a)  # corner / inside
+    assert not overlaps(a, [4, 0, 0, 8, 4, 4])  # touching faces of half-open boxes share none
+    assert not overlaps(a, [0, 5, 0, 4, 9, 4])

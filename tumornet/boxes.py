@@ -105,6 +105,12 @@ def contains(outer, inner) -> bool:
     return bool(np.all(box_lo(outer) <= box_lo(inner)) and np.all(box_hi(inner) <= box_hi(outer)))
 
 
+def overlaps(a, b) -> bool:
+    """Whether two half-open boxes share a voxel."""
+    a, b = np.asarray(a), np.asarray(b)
+    return bool(np.all(a[:3] < b[3:]) and np.all(b[:3] < a[3:]))
+
+
 def _corners(lo, hi) -> np.ndarray:
     return np.array(list(itertools.product(*zip(lo, hi, strict=True))), dtype=np.float64)  # (8, 3)
 

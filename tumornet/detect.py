@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .boxes import overlaps
 from .errors import InputError
 from .patches import crop, patch_frame
 from .tumors import Tumor, instances_from_binary, measure_tumors
@@ -105,7 +106,5 @@ def scan_tumor_count(model, volume: Volume, box, cfg: DetectConfig = DetectConfi
     """How many tumors a scan holds when one is known only by a box drawn around it (voxels of `volume`,
     the model's grid): that one, plus each tumor the segmentation head finds (detect_tumors) whose box does
     not overlap it."""
-    box = np.asarray(box)
     _, found = detect_tumors(model, volume, cfg)
-    apart = [t for t in found if np.any(t.bbox[3:] <= box[:3]) or np.any(box[3:] <= t.bbox[:3])]
-    return 1 + len(apart)
+    return 1 + sum(not overlaps(t.bbox, box) for t in found)
