@@ -59,7 +59,8 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 
 # recipe keys added after archives existed -> their default
 RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0,
-                "head_select": "fixed", "warp_mm": 0.0, "frame_skips_tumors": False, "scan_count": False}
+                "head_select": "fixed", "warp_mm": 0.0, "frame_skips_tumors": False, "scan_count": False,
+                "count_weight": 1.0}
 
 
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:

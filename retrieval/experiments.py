@@ -159,7 +159,7 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
                   else v in SIZE_SOURCES if key == "size_source"
                   else isinstance(v, int) and not isinstance(v, bool) and v >= 0 if key in ("head_draws", "rerank")
                   else v is None or (number and v >= 0) if key in ("rerank_size", "rerank_position")
-                  else number and (v > 0 if key == "task_temperature" else v >= 0))
+                  else number and (v > 0 if key in ("task_temperature", "count_weight") else v >= 0))
             if not ok:
                 want = {"heads": "network or refit", "whiten": "true or false", "frame_skips_tumors": "true or false",
                         "scan_count": "true or false", "refine_box": "true or false",
@@ -168,7 +168,7 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
                         "head_draws": "a whole number >= 0",
                         "rerank": "a whole number >= 0", "rerank_size": "a weight >= 0 or null",
                         "rerank_position": "a weight >= 0 or null",
-                        "task_temperature": "a number > 0"}.get(key, "a weight >= 0")
+                        "task_temperature": "a number > 0", "count_weight": "a number > 0"}.get(key, "a weight >= 0")
                 raise InputError(f"{p}: {key}: expected {want}, got {v!r}")
     return {**GRID, **{k: tuple(v) for k, v in d.items()}}
 
@@ -226,16 +226,20 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
     counts = sorted(set(grid.get("scan_count", (False,))))
     if True in counts and "scan_log_tumors" not in parts:
         raise InputError(f"{embeddings}: shards without scan_tumors (written by an older version): embed again")
-    stats_of = {}  # (position frame, size source, head draws, head select, scan count) -> statistics and heads
-    for frame, source, n, select, count in itertools.product(
+    # (position frame, size source, head draws, head select, scan count, count weight) -> statistics and heads
+    stats_of = {}
+    weights = sorted(set(grid.get("count_weight", (1.0,))))
+    for frame, source, n, select, count, weight in itertools.product(
             sorted(frames), sorted(set(grid.get("size_source", ("box",)))), head_draws,
-            sorted(set(grid.get("head_select", ("fixed",)))), counts):
+            sorted(set(grid.get("head_select", ("fixed",)))), counts, weights):
+        if weight != 1 and not count:
+            continue
         on = [(train_parts, ev.train), *rough[:n]]
         fit_on = {key: np.concatenate([p[key] for p, _ in on]) for key in train_parts if all(key in p for p, _ in on)}
         labels = {t: np.concatenate([s.labels[t] for _, s in on]) for t in ev.train.labels}
-        stats_of[frame, source, n, select, count] = {**base, "heads": fit_heads(
+        stats_of[frame, source, n, select, count, weight] = {**base, "heads": fit_heads(
             fit_on, labels, schema, base, position_frame=frame, size_source=source, select=select,
-            groups=np.concatenate([s.patients for _, s in on]), scan_count=count)}
+            groups=np.concatenate([s.patients for _, s in on]), scan_count=count, count_weight=weight)}
     distorted = [(query_split(rows, ev.tasks), shard_parts(pa.Table.from_pylist(rows)))
                  for rows in (distorted_queries(model, ev, manifest, secret, draws=draws) if draws else [])]
     hand = knn_scores(ev.train_hand, ev.test_hand, [k], ev.tasks)[k]
@@ -245,7 +249,8 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
         if (all(w.get(key, 0) == 0 for key in ("roipool", "tasks", "roimean", "context"))
                 or (w["tasks"] == 0 and w.get("heads") == "refit") or (w.get("whiten") and w["roipool"] == 0)
                 or ((w.get("head_draws", 0) or w.get("head_select", "fixed") != "fixed" or w.get("scan_count"))
-                    and (w["tasks"] == 0 or w.get("heads") != "refit"))):
+                    and (w["tasks"] == 0 or w.get("heads") != "refit"))
+                or (w.get("count_weight", 1) != 1 and not w.get("scan_count"))):
             continue  # nothing to retrieve by / the same vector as a recipe already scored
         again = {key: w.get(f"rerank_{key}") for key in ("size", "position")}
         if (any(v is not None and w[key] == 0 for key, v in again.items())
@@ -257,7 +262,8 @@ def recipe_grid(model, embeddings, manifest, secret: bytes, *, k: int = 5, grid:
             cfg = RetrievalConfig(standardize=True, **w)
         except TypeError as e:
             raise InputError(f"recipe grid: {e}") from None
-        stats = stats_of[cfg.position_frame, cfg.size_source, cfg.head_draws, cfg.head_select, cfg.scan_count]
+        stats = stats_of[cfg.position_frame, cfg.size_source, cfg.head_draws, cfg.head_select, cfg.scan_count,
+                         cfg.count_weight]
         x = compose(parts, cfg, schema, stats)
         rerank = recipe_rerank(cfg, ev.meta, x.shape[1], str(embeddings))
         db = ev.train.with_x(x[ev.train_rows])

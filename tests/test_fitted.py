@@ -306,3 +306,54 @@ def test_scan_count_lets_the_heads_read_how_many_tumors_the_scan_holds(tmp_path)
         RetrievalConfig(scan_count=1)
     assert _grid_takes(tmp_path, "scan_count", "[false]", "[2]", "scan_count: expected true or false") == (False,)
     _keeps_older_fingerprints("scan_count", False, True)
+
+
+def test_count_weight_lets_the_heads_weigh_the_count_against_many_inputs(tmp_path):
+    """retrieval.count_weight -> the count's z-score is multiplied by it in the heads' inputs: under a strong
+    L2 penalty (C = 0.1) and 64 RoiPool numbers of noise, a type that the count mostly tells is learned
+    better with it at 10 than at 1 (three cohorts); the weight is stored with the heads, a recipe must
+    match it, it needs scan_count, a grid may try it, and the default keeps older archives' fingerprints."""
+    from embedder.embed import settings_fingerprint
+    from tumornet.detect import DetectConfig
+    from tumornet.fitted import count_weighted
+
+    names = list(DEFAULT_SCHEMA.names)
+
+    def cohort(n, seed):
+        parts, labels = _random_tumors(n, seed, channels=64)
+        count = np.where(np.random.default_rng(seed + 10).random(n) < 0.5, 1,
+                         np.random.default_rng(seed + 20).integers(2, 6, n))
+        parts["scan_log_tumors"] = np.log(count.astype(float))
+        labels["tumor_type"] = np.where(count > 1, 0, np.where(parts["roipool"][:, 0] > 0, 1, 0))
+        return parts, labels
+
+    gain = []
+    for seed in range(3):
+        parts, labels = cohort(60, seed)
+        stats = fit_stats([{k: v[i] for k, v in parts.items()} for i in range(60)])
+        z = {w: count_weighted(stats, w)["scan_log_tumors"]["sd"][0] for w in (1, 10)}
+        assert z[1] == pytest.approx(10 * z[10]) and stats["scan_log_tumors"]["sd"][0] == z[1]
+        new, truth = cohort(400, seed + 100)
+        acc = {}
+        for w in (1, 10):
+            st = {**stats, "heads": fit_heads(parts, labels, DEFAULT_SCHEMA, stats, c=0.1, scan_count=True,
+                                              count_weight=w)}
+            assert st["heads"]["count_weight"] == w and json.loads(json.dumps(st["heads"])) == st["heads"]
+            p = refit_probabilities(new, DEFAULT_SCHEMA, st, scan_count=True, count_weight=w)
+            acc[w] = (p[names.index("tumor_type")].argmax(1) == truth["tumor_type"]).mean()
+        gain.append(acc[10] - acc[1])
+    assert min(gain) > 0.02 and np.mean(gain) > 0.04, gain
+    recipe = dict(roipool=0.0, tasks=1.0, heads="refit", scan_count=True)
+    with pytest.raises(InputError, match="count_weight: 1, but the refit heads were fit with count_weight: 10"):
+        compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, st)
+    assert compose(new, RetrievalConfig(**recipe, count_weight=10), DEFAULT_SCHEMA, st).shape[0] == 400
+    with pytest.raises(InputError, match=r"count_weight: 3 weighs the scan's tumor count.*scan_count: true"):
+        RetrievalConfig(count_weight=3)
+    with pytest.raises(InputError, match=r"retrieval\.count_weight: expected a number > 0, got 0"):
+        RetrievalConfig(scan_count=True, count_weight=0)
+    assert _grid_takes(tmp_path, "count_weight", "[1, 10]", "[0]", "count_weight: expected a number > 0") == (1, 10)
+    site = dict(roipool=0.5, tasks=1.0, size=1.0, position=1.0, seg_size=0.5, heads="refit", standardize=True,
+                scan_count=True)
+    fp = [settings_fingerprint(2.0, 64, (RetrievalConfig(**site, **w), {"tumors": 3}), DetectConfig())
+          for w in ({}, {"count_weight": 1.0}, {"count_weight": 10})]
+    assert fp[0] == fp[1] == "ee3a6cc3c3c7822c" != fp[2]  # the value before count_weight existed

@@ -158,7 +158,8 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
     stats["heads"] = fit_heads(heads_on, {k: np.asarray(labels[k] + rough_labels[k]) for k in labels}, cfg.tasks,
                                stats, position_frame=cfg.retrieval.position_frame,
                                size_source=cfg.retrieval.size_source, select=cfg.retrieval.head_select,
-                               groups=np.asarray(groups + rough_groups), scan_count=cfg.retrieval.scan_count)
+                               groups=np.asarray(groups + rough_groups), scan_count=cfg.retrieval.scan_count,
+                               count_weight=cfg.retrieval.count_weight)
     return stats
 
 

@@ -209,7 +209,8 @@ def _task_probabilities(parts: Mapping[str, np.ndarray], cfg: RetrievalConfig, s
     if cfg.heads == "refit":
         return refit_probabilities(parts, schema, stats, position_frame=cfg.position_frame,
                                    size_source=cfg.size_source, select=cfg.head_select,
-                                   temperature=cfg.task_temperature, scan_count=cfg.scan_count)
+                                   temperature=cfg.task_temperature, scan_count=cfg.scan_count,
+                                   count_weight=cfg.count_weight)
     return _softmax_blocks(np.asarray(parts["task_logits"]) / cfg.task_temperature, schema)
 
 

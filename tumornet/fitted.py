@@ -160,6 +160,16 @@ def _z(parts: Mapping, key: str, stats: Mapping) -> np.ndarray:
     return (a - np.asarray(stats[key]["mean"])) / np.asarray(stats[key]["sd"])
 
 
+def count_weighted(stats: Mapping, weight: float) -> Mapping:
+    """The statistics with the count's z-score (`scan_log_tumors`) multiplied by `weight` wherever a head
+    reads it (retrieval.count_weight: an L2-penalized head then pulls the count's coefficient weight^2
+    times less toward 0 than the other inputs')."""
+    if weight == 1.0 or "scan_log_tumors" not in stats:
+        return stats
+    sd = stats["scan_log_tumors"]
+    return {**stats, "scan_log_tumors": {**sd, "sd": [v / weight for v in sd["sd"]]}}
+
+
 def _inputs_x(parts: Mapping, inputs: Sequence[str], stats: Mapping) -> np.ndarray:
     """A head's input rows: the z-scored parts it reads, side by side."""
     return np.concatenate([_z(parts, k, stats) for k in inputs], axis=1)
@@ -223,7 +233,8 @@ def select_head(xs: Mapping[str, np.ndarray], y: np.ndarray, groups: np.ndarray,
 
 def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], schema: LabelSchema,
               stats: Mapping, *, c: float = 1.0, position_frame: str = "head", size_source: str = "box",
-              select: str = "fixed", groups: np.ndarray | None = None, scan_count: bool = False) -> dict:
+              select: str = "fixed", groups: np.ndarray | None = None, scan_count: bool = False,
+              count_weight: float = 1.0) -> dict:
     """Task heads refit on training tumors: per task, a multinomial logistic regression (L2, inverse
     strength `c`) on the z-scored RoiPool vector, position and box log volume (HEAD_INPUTS) of the
     tumors that have that label -> plain lists for the model file ({task: {classes, coef, intercept,
@@ -232,19 +243,21 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
     vector alone, so they must infer where the box is from its content; these see it. `select: cv`:
     per task, the inputs (head_input_sets) and C chosen by cross-validation over patients (`groups`,
     one per row; None: every row its own patient) instead (select_head). `scan_count`: the heads also
-    read the log of the number of tumors in each tumor's scan (head_inputs)."""
+    read the log of the number of tumors in each tumor's scan (head_inputs), its z-score multiplied by
+    `count_weight` (count_weighted)."""
     if select not in HEAD_SELECT:
         raise InputError(f"retrieval.head_select: expected {', '.join(HEAD_SELECT)}, got {select!r}")
     sets = head_input_sets(position_frame, size_source, context=select == "cv-context", scan_count=scan_count)
     if size_source == "fit":
         parts = with_fitted_size(parts, stats)
-    x_of = {name: _inputs_x(parts, inputs, stats) for name, inputs in sets.items()}
+    weighted = count_weighted(stats, count_weight) if scan_count else stats
+    x_of = {name: _inputs_x(parts, inputs, weighted) for name, inputs in sets.items()}
     n = len(x_of["all"])
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if len(groups) != n:
         raise InputError(f"fit_heads: {n} tumors but {len(groups)} patient groups")
     out: dict = {"position_frame": position_frame, "size_source": size_source, "select": select,
-                 "scan_count": scan_count}
+                 "scan_count": scan_count, "count_weight": float(count_weight) if scan_count else 1.0}
     for t in schema.tasks:
         y = np.asarray(labels[t.name])
         known = y >= 0
@@ -267,7 +280,8 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
 
 def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping, *,
                         position_frame: str = "head", size_source: str = "box", select: str = "fixed",
-                        temperature: float = 1.0, scan_count: bool = False) -> list[np.ndarray]:
+                        temperature: float = 1.0, scan_count: bool = False,
+                        count_weight: float = 1.0) -> list[np.ndarray]:
     """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
     if "heads" not in stats:
         raise InputError("retrieval.heads: refit needs the heads refit on the training tumors, and the model file "
@@ -290,8 +304,15 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
         raise InputError(f"retrieval.scan_count: {str(scan_count).lower()}, but the refit heads were fit with "
                          f"scan_count: {str(fitted).lower()} (for another recipe): train again, or ray_job.py retune "
                          "--manifest with this recipe")
+    fitted = stats["heads"].get("count_weight", 1.0)  # heads exported before count_weight: 1
+    if scan_count and fitted != count_weight:
+        raise InputError(f"retrieval.count_weight: {count_weight:g}, but the refit heads were fit with count_weight: "
+                         f"{fitted:g} (for another recipe): train again, or ray_job.py retune --manifest with this "
+                         "recipe")
     if size_source == "fit":
         parts = with_fitted_size(parts, stats)
+    if scan_count:
+        stats = count_weighted(stats, count_weight)
     every = head_inputs(position_frame, size_source)  # heads exported before head_select read them all
     x_of: dict[tuple[str, ...], np.ndarray] = {}
     out = []

@@ -72,6 +72,9 @@ class RetrievalConfig:
     # tumors in one scan are metastases far more often than not: seventeenth round). A search by box counts
     # them with the segmentation head unless told (search --scan-tumors)
     scan_count: bool = False
+    # with scan_count, the count's z-score is multiplied by this in the refit heads' inputs: above 1 their
+    # L2 penalty pulls its coefficient less toward 0 than the 32-128 other inputs' (eighteenth round)
+    count_weight: float = 1.0
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -99,6 +102,12 @@ class RetrievalConfig:
             raise InputError(f"retrieval.frame_skips_tumors: expected true or false, got {self.frame_skips_tumors!r}")
         if not isinstance(self.scan_count, bool):
             raise InputError(f"retrieval.scan_count: expected true or false, got {self.scan_count!r}")
+        if isinstance(self.count_weight, bool) or not isinstance(self.count_weight, int | float) or not (
+                self.count_weight > 0):
+            raise InputError(f"retrieval.count_weight: expected a number > 0, got {self.count_weight!r}")
+        if self.count_weight != 1 and not self.scan_count:
+            raise InputError(f"retrieval.count_weight: {self.count_weight!r} weighs the scan's tumor count, which the "
+                             "heads read only with retrieval.scan_count: true")
         if not isinstance(self.refine_box, bool):
             raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:
