@@ -10,6 +10,7 @@ The query itself is never written anywhere.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -186,6 +187,9 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
     if scan_tumors is not None and (isinstance(scan_tumors, bool) or not isinstance(scan_tumors, int)
                                     or scan_tumors < 1):
         raise InputError(f"--scan-tumors: expected a whole number >= 1 (the tumors in the scan), got {scan_tumors!r}")
+    if scan_tumors is not None and not cfg.scan_count:
+        print(f"warning: --scan-tumors {scan_tumors} has no effect: this model's recipe does not read the scan's "
+              "tumor count (retrieval.scan_count: false)", file=sys.stderr)
     vbox = box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
     if np.any(vbox[3:] <= vbox[:3]):
         raise InputError(f"{where}: the box {np.asarray(box_mm).tolist()} mm lies outside the scan")

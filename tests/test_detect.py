@@ -220,10 +220,11 @@ def test_detection_line_reads_back_from_json():
                                      "found in 50% of the scans")
 
 
-def test_a_box_query_counts_the_scans_tumors_where_the_recipe_reads_them(archive, small_cohort, monkeypatch):
+def test_a_box_query_counts_the_scans_tumors_where_the_recipe_reads_them(archive, small_cohort, monkeypatch, capsys):
     """retrieval.scan_count: a drawn box's parts carry the log of the scan's tumor count, given
     (search --scan-tumors) or counted by the segmentation head (the drawn tumor plus every found tumor
-    whose box does not overlap it); a recipe without it neither counts nor runs detection."""
+    whose box does not overlap it); a recipe without it neither counts nor runs detection, and a count
+    given to it is named in a warning as having no effect."""
     import retrieval.search as rs
     import tumornet.detect as det
     from tumornet.tumors import Tumor
@@ -249,6 +250,9 @@ def test_a_box_query_counts_the_scans_tumors_where_the_recipe_reads_them(archive
     monkeypatch.setattr(det, "detect_tumors", lambda *a: pytest.fail("detection run where the count is given"))
     given = rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q", scan_tumors=2)
     assert given["scan_log_tumors"] == pytest.approx(np.log(2))
+    assert capsys.readouterr().err == ""
     assert rs.drawn_box_parts(net, vol, box_mm, cfg=RetrievalConfig(), patch_size=16, where="q")["scan_log_tumors"] == 0
+    rs.drawn_box_parts(net, vol, box_mm, cfg=RetrievalConfig(), patch_size=16, where="q", scan_tumors=4)
+    assert "--scan-tumors 4 has no effect" in capsys.readouterr().err
     with pytest.raises(InputError, match="--scan-tumors: expected a whole number >= 1"):
         rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q", scan_tumors=0)
