@@ -181,8 +181,14 @@ def cmd_evaluate(args) -> None:
     if ts and not all(0 < t < 1 for t in ts):
         raise InputError(f"--detect-thresholds: each must be in (0, 1), got {args.detect_thresholds!r}")
     secret = read_secret(args.secret_file)
+    retrieval = None
+    if args.recompose:  # the model file's own recipe, from the stored parts (a retuned model on its base's shards)
+        from tumornet.descriptor import recipe_of
+        from tumornet.export import load_model
+
+        retrieval = recipe_of(load_model(args.model)[1])[0]
     res = evaluate(args.embeddings, args.manifest, secret, args.model, k=args.k, ks=_number_list(args.ks, "--ks"),
-                   on=args.on, rerank=args.rerank,
+                   on=args.on, rerank=args.rerank, retrieval=retrieval,
                    oracle_mm=_number_list(args.oracle_frontier, "--oracle-frontier", float) if args.oracle_frontier
                    else ())
     print(format_evaluation(res))
@@ -197,7 +203,8 @@ def cmd_evaluate(args) -> None:
         from retrieval.robustness import format_robustness, robustness
 
         res["robustness"] = robustness(args.model, args.embeddings, args.manifest, secret, k=args.k,
-                                       draws=args.draws, seed=args.seed, on=args.on, rerank=args.rerank)
+                                       draws=args.draws, seed=args.seed, on=args.on, rerank=args.rerank,
+                                       retrieval=retrieval)
         print()
         print(format_robustness(res["robustness"]))
     write_evaluation(res, args.out or Path(args.embeddings) / "evaluation.json")
@@ -429,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="seed of the distortions (for --robustness)")
     sp.add_argument("--rerank", type=int, help="search with this many first-stage candidates instead of the "
                     "recipe's retrieval.rerank (0: one stage; the stored vectors are the same)")
+    sp.add_argument("--recompose", action="store_true", help="score the model file's own recipe, its vectors "
+                    "recomposed from the shards' stored parts (a model from `retune --manifest`, scored on the "
+                    "archive its base model embedded: the same weights)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("search", help="the archive tumors most similar to a new scan's tumors")

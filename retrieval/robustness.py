@@ -9,14 +9,18 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
+import pyarrow as pa
 
 from embedder.embed import embed_scan, embed_settings
 from tumornet.boxes import distort_box
+from tumornet.descriptor import compose
 from tumornet.errors import InputError
 from tumornet.export import load_model
+from tumornet.labels import LabelSchema
 from tumornet.manifest import read_manifest
+from tumornet.recipe import RetrievalConfig
 
-from .evaluate import fmt_metric, load_evaluation, metric_keys, metric_label
+from .evaluate import fmt_metric, load_evaluation, metric_keys, metric_label, shard_parts
 from .knn import Split, knn_scores
 
 
@@ -48,12 +52,22 @@ def query_split(rows: list[dict], tasks) -> Split:
 
 def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draws: int = 3, seed: int = 0,
                log2_scale_sd: float = 1 / 3, shift_sd: float = 0.1, on: str = "test",
-               rerank: int | None = None) -> dict:
+               rerank: int | None = None, retrieval: RetrievalConfig | None = None) -> dict:
     """`on`: the queries, the held-out test patients or the validation patients (as `evaluate --on`);
-    `rerank`: as load_evaluation."""
-    ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on, rerank=rerank)
+    `rerank`, `retrieval`: as load_evaluation (with `retrieval`, the distorted queries' vectors are
+    recomposed from their parts with that recipe too)."""
+    ev = load_evaluation(emb_dir, manifest, secret, model_path, on=on, rerank=rerank, retrieval=retrieval)
     clean = knn_scores(ev.train, ev.test, [k], ev.tasks, rerank=ev.rerank)[k]
-    runs = [knn_scores(ev.train, query_split(rows, ev.tasks), [k], ev.tasks, rerank=ev.rerank)[k]
+
+    def queries(rows: list[dict]) -> Split:
+        split = query_split(rows, ev.tasks)
+        if retrieval is None:
+            return split
+        schema = LabelSchema.from_dict(ev.meta["tasks"])
+        return split.with_x(compose(shard_parts(pa.Table.from_pylist(rows)), retrieval, schema,
+                                    ev.meta["extra"].get("retrieval_stats")))
+
+    runs = [knn_scores(ev.train, queries(rows), [k], ev.tasks, rerank=ev.rerank)[k]
             for rows in distorted_queries(model_path, ev, manifest, secret, draws=draws, seed=seed,
                                           log2_scale_sd=log2_scale_sd, shift_sd=shift_sd)]
     keys = list(clean)

@@ -126,3 +126,28 @@ def test_new_readers_name_the_bad_file(tmp_path, capsys):
     assert "--detect-thresholds: each must be in (0, 1), got '0.3,1.5'" in capsys.readouterr().err
     assert main(["compact", "--embeddings", str(tmp_path)]) == 2
     assert "no embedding shards" in capsys.readouterr().err
+
+
+def test_evaluate_recompose_scores_a_retuned_recipe_on_its_base_archive(archive, small_cohort, tmp_path):
+    """evaluate --recompose: a model file from `retune --manifest` (the same weights and model id, another
+    recipe) scored on the archive its base model embedded: the vectors recomposed from the stored parts
+    with its own recipe (as evaluate(retrieval=...)), not the stored vectors of the base recipe."""
+    from conftest import SECRET
+    from retrieval.evaluate import evaluate, read_evaluation
+    from trainer.loop import with_recipe
+    from tumornet.descriptor import recipe_of
+    from tumornet.export import load_model
+
+    out = tmp_path / "recipe.pt"
+    with_recipe(archive / "model.pt", out, ["retrieval.roipool=0.5", "retrieval.standardize=true",
+                                            "retrieval.tasks=1", "retrieval.heads=refit", "retrieval.size=1",
+                                            "retrieval.position=1"], small_cohort)
+    (tmp_path / "key").write_bytes(SECRET)
+    base = ["evaluate", "--model", str(out), "--embeddings", str(archive / "emb"), "--manifest", str(small_cohort),
+            "--secret-file", str(tmp_path / "key"), "--ks", "5"]
+    assert main([*base, "--recompose", "--out", str(tmp_path / "re.json")]) == 0
+    assert main([*base, "--out", str(tmp_path / "stored.json")]) == 0
+    recomposed = read_evaluation(tmp_path / "re.json")["rows"]["learned"]
+    cfg = recipe_of(load_model(out)[1])[0]
+    assert recomposed == evaluate(archive / "emb", small_cohort, SECRET, out, ks=[5], retrieval=cfg)["rows"]["learned"]
+    assert recomposed != read_evaluation(tmp_path / "stored.json")["rows"]["learned"]

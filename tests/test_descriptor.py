@@ -190,6 +190,11 @@ def test_a_recipe_scored_on_validation_from_the_shards_parts(small_cohort, tmp_p
         (0.0, 0, 0), (1.0, 0, 0), (1.0, 4, 3.0)]
     rob = robustness(path, tmp_path / "emb", small_cohort, SECRET, k=3, draws=1, on="validation")
     assert rob["on"] == "validation" and rob["test_tumors"] == n_val
+    # another recipe: the distorted queries are recomposed with it too (undistorted: the clean scores)
+    same = robustness(path, tmp_path / "emb", small_cohort, SECRET, k=3, draws=1, on="validation", retrieval=RECIPE,
+                      log2_scale_sd=0.0, shift_sd=0.0)
+    assert same["clean"] == res["rows"]["learned"] != rob["clean"]
+    assert same["distorted_mean"] == pytest.approx(same["clean"], nan_ok=True)
 
 
 def test_segmented_size_counts_whole_components_the_box_touches():
