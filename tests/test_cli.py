@@ -58,9 +58,9 @@ def test_installed_command_works_from_another_folder(tmp_path, small_cohort):
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 2
     assert ("nope: config file not found (bundled configs: ['ablation', 'demo', 'grid-cohorts', 'grid-context', "
-            "'grid-count', 'grid-countweight', 'grid-dice', 'grid-frame', 'grid-heads', 'grid-labelsize', 'grid-pooling', 'grid-rerank', "
-            "'grid-robust', 'grid-roipool', 'grid-rough', 'grid-size', 'grid-sizefit', 'grid-temperature', "
-            "'grid-warp', 'paper', 'recipes', 'site', 'site-gpu']") in r.stderr
+            "'grid-count', 'grid-countweight', 'grid-dice', 'grid-frame', 'grid-heads', 'grid-labelsize', "
+            "'grid-pooling', 'grid-rerank', 'grid-robust', 'grid-roipool', 'grid-rough', 'grid-size', 'grid-sizefit', "
+            "'grid-temperature', 'grid-warp', 'paper', 'recipes', 'site', 'site-gpu']") in r.stderr
 
 
 @pytest.mark.ray
