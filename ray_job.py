@@ -37,7 +37,8 @@ def cmd_phantom(args) -> None:
 def cmd_import(args) -> None:
     from tumornet.layouts import import_layout
 
-    import_layout(args.root, args.layout, manifest_name=args.name)
+    import_layout(args.root, args.layout, manifest_name=args.name,
+                  **({} if args.warp_mm is None else {"warp_mm": args.warp_mm}))
 
 
 def cmd_summary(args) -> None:
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("layout", choices=["brats-met", "brats-men", "vs-seg"])
     sp.add_argument("root", help="dataset folder holding the case folders")
     sp.add_argument("--name", default="manifest.csv", help="manifest file name inside root")
+    sp.add_argument("--warp-mm", type=float, help="the registration behind the location labels bends on control "
+                    "points this far apart (mm; default tumornet.layouts.IMPORT_WARP_MM, 24; 0: affine only)")
     sp.set_defaults(func=cmd_import)
 
     sp = with_config(sub.add_parser("summary", help="validate a manifest and summarize the cohort"))

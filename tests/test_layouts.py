@@ -36,8 +36,9 @@ def template_3mm():
 def test_brats_met_tree(tmp_path, template_3mm, monkeypatch):
     import tumornet.layouts as layouts
 
-    left_out = []  # what the registration behind the labels leaves out of its similarity
-    monkeypatch.setattr(layouts, "register", lambda *a, ignore, **kw: left_out.append(ignore) or register(*a, **kw))
+    left_out, warps = [], []  # what the registration behind the labels leaves out of its similarity, how it bends
+    monkeypatch.setattr(layouts, "register", lambda *a, ignore, **kw: left_out.append(ignore)
+                        or warps.append(kw["warp_mm"]) or register(*a, **kw))
     brain, _, affine = template_3mm
     seg = np.zeros(brain.shape, np.uint8)
     seg[_sphere(brain.shape, affine, (40, 30, 40), 12)] = 2  # oedema
@@ -60,6 +61,7 @@ def test_brats_met_tree(tmp_path, template_3mm, monkeypatch):
     # the registration behind the labels leaves every labelled region out, the oedema included: the
     # larger box is the 12 mm sphere's (24 mm: 7-8 voxels of 3 mm), not the 7 mm enhancing one's
     assert len(left_out) == 2 and [len(boxes) for boxes in left_out] == [2, 2]
+    assert warps == [layouts.IMPORT_WARP_MM] * 2 == [24.0] * 2  # bent by default, as the site recipe
     extents = sorted((np.asarray(b)[3:] - np.asarray(b)[:3]).tolist() for b in left_out[0])
     assert all(7 <= n <= 9 for n in extents[1]) and all(n <= 5 for n in extents[0])
     big, small = rows[0], rows[1]
@@ -87,10 +89,18 @@ def test_vestibular_schwannoma_tree(tmp_path, template_3mm):
     assert (row["tumor_type"], row["area"], row["left_right"], row["front_rear"], row["upper_lower"]) == (
         "schwannoma", "skull_base_cpa", "right", "rear", "lower")
     assert len(read_manifest(manifest).rows) == 1
+    # `import --warp-mm 0`: the affine registration alone; this tumor, far from any border, keeps its labels
+    from ray_job import main
+
+    assert main(["import", "vs-seg", str(tmp_path), "--name", "affine.csv", "--warp-mm", "0"]) == 0
+    (affine_row,) = list(csv.DictReader(open(tmp_path / "affine.csv")))
+    assert affine_row == row
 
 
 def test_layout_errors(tmp_path):
     with pytest.raises(InputError, match="unknown layout"):
         import_layout(tmp_path, "brats-gli")
+    with pytest.raises(InputError, match=r"--warp-mm: expected 0 \(affine registration only\) or .* >= 8 mm, got 4"):
+        import_layout(tmp_path, "vs-seg", warp_mm=4)
     with pytest.raises(InputError, match="no case folder matching the vs-seg layout"):
         import_layout(tmp_path, "vs-seg")

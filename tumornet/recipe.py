@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .errors import InputError
 from .fitted import HEAD_SELECT, POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS, size_key
+from .register import check_warp_mm
 
 # recipe keys of the search, not of a stored vector: a model file's may change without embedding again
 SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position", "refine_box")
@@ -94,10 +95,7 @@ class RetrievalConfig:
             raise InputError(f"retrieval.size_source: expected box, seg or fit, got {self.size_source!r}")
         if self.head_select not in HEAD_SELECT:
             raise InputError(f"retrieval.head_select: expected {', '.join(HEAD_SELECT)}, got {self.head_select!r}")
-        if isinstance(self.warp_mm, bool) or not isinstance(self.warp_mm, int | float) or not (
-                self.warp_mm == 0 or self.warp_mm >= 8):
-            raise InputError(f"retrieval.warp_mm: expected 0 (affine registration only) or a control-point "
-                             f"spacing >= 8 mm, got {self.warp_mm!r}")
+        check_warp_mm(self.warp_mm, "retrieval.warp_mm")
         if not isinstance(self.frame_skips_tumors, bool):
             raise InputError(f"retrieval.frame_skips_tumors: expected true or false, got {self.frame_skips_tumors!r}")
         if not isinstance(self.scan_count, bool):

@@ -36,6 +36,7 @@ from scipy import ndimage
 
 from .anatomy import foreground_box_mm, load_anatomy
 from .boxes import ellipsoid_voxels, voxel_to_mm
+from .errors import InputError
 
 LEVELS_MM = (8.0, 4.0)  # the coarse-to-fine grids the similarity is computed on
 STEPS = (120, 60)  # optimizer steps per level
@@ -54,6 +55,18 @@ WARP_SMOOTH = 0.1
 WARP_INVERSE_ITERATIONS = 12
 WARP_SETTINGS = {"steps": WARP_STEPS, "lr_mm": WARP_LR_MM, "smooth": WARP_SMOOTH,
                  "inverse_iterations": WARP_INVERSE_ITERATIONS}
+MIN_WARP_MM = 8.0  # the finest control-point spacing warp_mm may ask for (0: affine only)
+
+
+def check_warp_mm(value, where: str) -> float:
+    """A control-point spacing as configured (`where`: the key or option that gave it) -> float; 0
+    (affine only) or >= MIN_WARP_MM, else an InputError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (value == 0 or value >= MIN_WARP_MM):
+        raise InputError(f"{where}: expected 0 (affine registration only) or a control-point spacing >= "
+                         f"{MIN_WARP_MM:g} mm, got {value!r}")
+    return float(value)
+
+
 # boxes left out of the similarity (register's `ignore`) are grown by this much on every side (mm): the
 # tissue a tumor pushes aside; part of the embedding settings where a recipe masks the tumors
 IGNORE_MARGIN_MM = 4.0
