@@ -62,8 +62,8 @@ def test_two_workers_train_loss_falls_and_model_exports(ray_head, tmp_path, smal
     n_train = sum(len(cohort.scans()[sid]) for sid in split_of_model(cohort, meta, where="t")[0])
     frame = state["config"]["retrieval"]["position_frame"]
     assert stats["tumors"] == n_train and set(stats["heads"]) == {*model.schema.names, "position_frame", "size_source",
-                                                                   "select", "scan_count"}
-    assert stats["heads"]["scan_count"] is False  # the run's recipe reads no tumor count
+                                                                   "select", "scan_count", "count_weight"}
+    assert stats["heads"]["scan_count"] is False and stats["heads"]["count_weight"] == 1.0  # the run reads no count
     assert stats["heads"]["size_source"] == "box" and len(stats["size_fit"]["coef"]) == 1 + 1 + 8  # fit_size
     assert stats["heads"]["position_frame"] == frame == "atlas"  # the heads fit for the run's recipe
     # each head reads what cross-validation chose of the RoiPool, the template position, size, and what the
