@@ -4,12 +4,15 @@ share of the tumor's extent, about the tumor's centre) as when it is the tumor's
 whose box top-1 is among the mask query's top 5, and the mean overlap of the two top-5 lists.
 
     .venv/bin/python benchmarks/box_query.py --model M --embeddings E --manifest X --secret-file K [--grow 0.2]
-        [--on validation] [--rerank M]
+        [--on validation] [--rerank M] [--given-count]
 
 Both queries name the tumor's patient (`patient_key`), so neither returns that patient's own archived
 tumors (the query scan itself is in the archive: without it, both top-1s would mostly be the query).
 `--on validation`: the model's validation patients (to compare searches without the test);
-`--rerank M`: search with that many first-stage candidates instead of the model's recipe (0: one stage).
+`--rerank M`: search with that many first-stage candidates instead of the model's recipe (0: one stage);
+`--given-count`: a recipe that reads the scan's tumor count (retrieval.scan_count) is given the mask's
+count, as a clinician who counted the lesions would (`search --scan-tumors`), instead of counting them
+with the segmentation head.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main() -> None:
     p.add_argument("--grow", type=float, default=0.2)
     p.add_argument("--on", default="test", choices=["test", "validation"])
     p.add_argument("--rerank", type=int)
+    p.add_argument("--given-count", action="store_true", help="give each box query its scan's tumor count from the "
+                   "mask (as `search --scan-tumors` does) instead of the segmentation head's count")
     args = p.parse_args()
     secret = read_secret(args.secret_file)
     _, meta = load_model(args.model)
@@ -46,7 +51,8 @@ def main() -> None:
         tumors = {t.tumor_id: t for t in load_scan(rows, spacing_mm=meta["extra"]["spacing_mm"]).tumors}
         for q, r in zip(by_mask, rows, strict=True):
             (b,) = search_box(args.model, args.embeddings, r.image, grown_box_mm(tumors[r.tumor_id].bbox_mm, args.grow),
-                              k=5, rerank=args.rerank, patient_key=mine)
+                              k=5, rerank=args.rerank, patient_key=mine,
+                              scan_tumors=len(rows) if args.given_count else None)
             top_mask, top_box = ([(h["scan_key"], h["tumor_id"]) for h in x["hits"]] for x in (q, b))
             same += top_mask[0] == top_box[0]
             within += top_box[0] in top_mask
