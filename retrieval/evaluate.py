@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +81,7 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "
     if retrieval is None:
         x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     else:
-        x = compose(shard_parts(table), retrieval, schema, meta["extra"].get("retrieval_stats"))
+        x = recomposed(table, retrieval, meta)
     full = Split(x=x,
                  labels={t: np.asarray(table[f"label_{t}"].to_numpy(), dtype=np.int64) for t in tasks},
                  size_mm=np.asarray(table["size_mm"].to_numpy(), dtype=np.float64),
@@ -97,6 +97,13 @@ def load_evaluation(emb_dir, manifest, secret: bytes, model_path, *, on: str = "
     return Evaluation(train=train, test=test, train_hand=train_hand, test_hand=test_hand, meta=meta, tasks=tasks,
                       test_scans=tuple(test_ids), train_scans=tuple(train_ids), table=table,
                       train_rows=train_rows, test_rows=test_rows, rerank=rerank)
+
+
+def recomposed(table: pa.Table, retrieval: RetrievalConfig, meta: Mapping) -> np.ndarray:
+    """Shard rows' vectors composed again from their stored parts with another recipe of the same model
+    (its training statistics and refit heads from the model file's metadata `meta`)."""
+    schema = LabelSchema.from_dict(meta["tasks"])
+    return compose(shard_parts(table), retrieval, schema, meta["extra"].get("retrieval_stats"))
 
 
 NULLABLE_PARTS = ("roimean", "context", "template_position", "atlas")  # shard columns older shards lack or leave null

@@ -13,14 +13,12 @@ import pyarrow as pa
 
 from embedder.embed import embed_scan, embed_settings
 from tumornet.boxes import distort_box
-from tumornet.descriptor import compose
 from tumornet.errors import InputError
 from tumornet.export import load_model
-from tumornet.labels import LabelSchema
 from tumornet.manifest import read_manifest
 from tumornet.recipe import RetrievalConfig
 
-from .evaluate import fmt_metric, load_evaluation, metric_keys, metric_label, shard_parts
+from .evaluate import fmt_metric, load_evaluation, metric_keys, metric_label, recomposed
 from .knn import Split, knn_scores
 
 
@@ -61,11 +59,7 @@ def robustness(model_path, emb_dir, manifest, secret: bytes, *, k: int = 5, draw
 
     def queries(rows: list[dict]) -> Split:
         split = query_split(rows, ev.tasks)
-        if retrieval is None:
-            return split
-        schema = LabelSchema.from_dict(ev.meta["tasks"])
-        return split.with_x(compose(shard_parts(pa.Table.from_pylist(rows)), retrieval, schema,
-                                    ev.meta["extra"].get("retrieval_stats")))
+        return split if retrieval is None else split.with_x(recomposed(pa.Table.from_pylist(rows), retrieval, ev.meta))
 
     runs = [knn_scores(ev.train, queries(rows), [k], ev.tasks, rerank=ev.rerank)[k]
             for rows in distorted_queries(model_path, ev, manifest, secret, draws=draws, seed=seed,

@@ -278,6 +278,11 @@ def fit_heads(parts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
     return out
 
 
+def _value(v) -> str:
+    """A recipe value as the config writes it (true, 10, cv)."""
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, int | float) else str(v)
+
+
 def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, stats: Mapping, *,
                         position_frame: str = "head", size_source: str = "box", select: str = "fixed",
                         temperature: float = 1.0, scan_count: bool = False,
@@ -295,20 +300,15 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
     if fitted != size_source:
         raise InputError(f"retrieval.size_source: {size_source}, but the refit heads read the {fitted} size "
                          "(fit for another recipe): train again, or ray_job.py retune --manifest with this recipe")
-    fitted = stats["heads"].get("select", "fixed")  # heads exported before head_select: fixed
-    if fitted != select:
-        raise InputError(f"retrieval.head_select: {select}, but the refit heads were fit with head_select: {fitted} "
-                         "(for another recipe): train again, or ray_job.py retune --manifest with this recipe")
-    fitted = stats["heads"].get("scan_count", False)  # heads exported before scan_count read no count
-    if fitted != scan_count:
-        raise InputError(f"retrieval.scan_count: {str(scan_count).lower()}, but the refit heads were fit with "
-                         f"scan_count: {str(fitted).lower()} (for another recipe): train again, or ray_job.py retune "
-                         "--manifest with this recipe")
-    fitted = stats["heads"].get("count_weight", 1.0)  # heads exported before count_weight: 1
-    if scan_count and fitted != count_weight:
-        raise InputError(f"retrieval.count_weight: {count_weight:g}, but the refit heads were fit with count_weight: "
-                         f"{fitted:g} (for another recipe): train again, or ray_job.py retune --manifest with this "
-                         "recipe")
+    # (recipe key, the heads' key, the recipe's value, what heads exported before the key existed were fit with)
+    for key, head_key, wanted, before in (("head_select", "select", select, "fixed"),
+                                          ("scan_count", "scan_count", scan_count, False),
+                                          ("count_weight", "count_weight", count_weight if scan_count else 1.0, 1.0)):
+        fitted = stats["heads"].get(head_key, before)
+        if fitted != wanted:
+            raise InputError(f"retrieval.{key}: {_value(wanted)}, but the refit heads were fit with {key}: "
+                             f"{_value(fitted)} (for another recipe): train again, or ray_job.py retune --manifest "
+                             "with this recipe")
     if size_source == "fit":
         parts = with_fitted_size(parts, stats)
     if scan_count:

@@ -76,19 +76,32 @@ def case_rows(root: Path, case: str, layout: Layout, *, cache_dir: str | None = 
     instances = instances_from_binary(binary)
     if instances.max() == 0:
         raise InputError(f"{root / mask_rel}: empty mask (no voxel with value in {list(layout.tumor_values)})")
+    locations = tumor_locations(data, affine, instances, seg > 0, {}, default_type=layout.tumor_type,
+                                skull_stripped=layout.skull_stripped, warp_mm=warp_mm, cache_dir=cache_dir)
+    return [{"patient_id": layout.patient_of(case), "scan_id": case, "image": image_rel, "mask": mask_rel,
+             "tumor_id": tid, "tumor_type": layout.tumor_type, **loc,
+             "tumor_values": " ".join(str(v) for v in layout.tumor_values)} for tid, loc in locations.items()]
+
+
+def tumor_locations(data: np.ndarray, affine: np.ndarray, instances: np.ndarray, labelled: np.ndarray,
+                    types: dict[int, str | None], *, default_type: str | None = None, skull_stripped: bool = False,
+                    warp_mm: float = IMPORT_WARP_MM, cache_dir: str | None = None) -> dict[int, dict[str, str]]:
+    """The location labels of a scan's tumors (`instances` on the scan's grid: tumor ids > 0, not
+    necessarily consecutive) as the import writes them: the scan registered onto the template with every
+    labelled region (`labelled`, oedema too; each connected component's box) left out of the similarity,
+    then anatomy.describe of each tumor's voxels in template mm, its area rule chosen by its type (`types`
+    per tumor id, else `default_type`; None: by its share inside the brain) -> {tumor id: {area,
+    left_right, front_rear, upper_lower}}."""
     anat = load_anatomy(cache_dir)
-    # the labelled region (oedema too) left out of the registration's similarity: it is not in the template
-    labelled = instances_from_binary(seg > 0)
-    frame = register(data, affine, skull_stripped=layout.skull_stripped, cache_dir=cache_dir, warp_mm=warp_mm,
-                     ignore=[box_from_mask(labelled == k) for k in range(1, int(labelled.max()) + 1)])
-    rows = []
-    for tid in range(1, int(instances.max()) + 1):
-        pts = frame.template_mm(np.argwhere(instances == tid))
-        loc = anat.describe(pts, extra_axial=EXTRA_AXIAL_TYPES[layout.tumor_type])
-        rows.append({"patient_id": layout.patient_of(case), "scan_id": case, "image": image_rel, "mask": mask_rel,
-                     "tumor_id": tid, "tumor_type": layout.tumor_type, **loc,
-                     "tumor_values": " ".join(str(v) for v in layout.tumor_values)})
-    return rows
+    parts = instances_from_binary(labelled)  # not in the template: left out of the similarity
+    frame = register(data, affine, skull_stripped=skull_stripped, cache_dir=cache_dir, warp_mm=warp_mm,
+                     ignore=[box_from_mask(parts == k) for k in range(1, int(parts.max()) + 1)])
+    out = {}
+    for tid in (int(v) for v in np.unique(instances[instances > 0])):
+        kind = types.get(tid, default_type)
+        out[tid] = anat.describe(frame.template_mm(np.argwhere(instances == tid)),
+                                 extra_axial=EXTRA_AXIAL_TYPES[kind] if kind else None)
+    return out
 
 
 def import_layout(root: str | Path, layout_name: str, *, manifest_name: str = "manifest.csv",
