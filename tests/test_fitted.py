@@ -5,7 +5,8 @@ import json
 
 import numpy as np
 import pytest
-from test_descriptor import _grid_takes, _keeps_older_fingerprints, _model, _parts, _stack
+from test_descriptor import _keeps_older_fingerprints, _model, _parts, _stack
+from test_recipe_grid import _grid_takes
 
 from tumornet.descriptor import compose, predicted_classes
 from tumornet.errors import InputError
