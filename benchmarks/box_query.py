@@ -11,8 +11,8 @@ tumors (the query scan itself is in the archive: without it, both top-1s would m
 `--on validation`: the model's validation patients (to compare searches without the test);
 `--rerank M`: search with that many first-stage candidates instead of the model's recipe (0: one stage);
 `--given-count`: a recipe that reads the scan's tumor count (retrieval.scan_count) is given the mask's
-count, as a clinician who counted the lesions would (`search --scan-tumors`), instead of counting them
-with the segmentation head.
+count, as a clinician who counted the lesions would (`search --scan-tumors`), instead of leaving it
+unknown (the refit heads fit without the count then read the box).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--on", default="test", choices=["test", "validation"])
     p.add_argument("--rerank", type=int)
     p.add_argument("--given-count", action="store_true", help="give each box query its scan's tumor count from the "
-                   "mask (as `search --scan-tumors` does) instead of the segmentation head's count")
+                   "mask (as `search --scan-tumors` does) instead of leaving it unknown")
     args = p.parse_args()
     secret = read_secret(args.secret_file)
     _, meta = load_model(args.model)

@@ -128,7 +128,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     distortion), then refined as a search by box does when the recipe says so (retrieval.refine_box);
     rows then carry the box used. A scan without a mask (a Volume) gets its tumors from
     the segmentation head (tumornet.detect, settings `detect`): rows with source = predicted,
-    labels -1. The tumors' patches go through the network together (tumornet.descriptor.tumors_parts)."""
+    labels -1, their scan's tumor count not read by the recipe (scan_log_tumors NaN). The tumors'
+    patches go through the network together (tumornet.descriptor.tumors_parts)."""
     cfg, stats = recipe or (RetrievalConfig(), None)
     predicted = isinstance(read, Volume)
     if predicted:
@@ -150,8 +151,10 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     # a recipe that reads the box's place gets both places stored (another frame can be scored later)
     frame = (register(image, scan.volume.affine, warp_mm=cfg.warp_mm, ignore=boxes if cfg.frame_skips_tumors else None)
              if cfg.uses_position else None)
+    # the count of tumors found without a mask is not read (the segmentation head's count is not trusted:
+    # nineteenth round); the shards keep it in `scan_tumors`, with `source` saying where it came from
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
-                             frame=frame, scan_tumors=len(boxes))
+                             frame=frame, scan_tumors=len(boxes), count_known=not predicted)
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}
     out = []
     for i, (t, bbox, parts) in enumerate(zip(scan.tumors, boxes, all_parts, strict=True)):

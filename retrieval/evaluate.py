@@ -119,7 +119,7 @@ def shard_parts(table: pa.Table) -> dict[str, np.ndarray]:
             "position": np.stack(table["position"].to_numpy(zero_copy_only=False)),
             **({"seg_log_volume": np.asarray(table["seg_log_volume"].to_numpy(), dtype=np.float64)}
                if "seg_log_volume" in table.column_names else {}),
-            **({"scan_log_tumors": np.log(np.asarray(table["scan_tumors"].to_numpy(), dtype=np.float64))}
+            **({"scan_log_tumors": _scan_log_tumors(table)}
                if "scan_tumors" in table.column_names and table["scan_tumors"].null_count == 0 else {}),
             **{k: np.stack(table[k].to_numpy(zero_copy_only=False)) for k in NULLABLE_PARTS
                if k in table.column_names and table[k].null_count == 0}}
@@ -220,3 +220,12 @@ def write_evaluation(res: dict, path: str | Path) -> None:
 def read_evaluation(path: str | Path) -> dict:
     """An evaluation written by `write_evaluation` (`ray_job.py evaluate --out`)."""
     return read_json_record(path, "evaluation", ("rows", "k_curve", "tasks", "k"), "ray_job.py evaluate --out")
+
+
+def _scan_log_tumors(table: pa.Table) -> np.ndarray:
+    """Shard rows' `scan_log_tumors` part: the log of their scan's tumor count, NaN (not known, not read)
+    for tumors found without a mask (embedder.embed.embed_scan)."""
+    count = np.log(np.asarray(table["scan_tumors"].to_numpy(), dtype=np.float64))
+    if "source" in table.column_names:
+        count[np.asarray(table["source"].to_pylist()) == "predicted"] = np.nan
+    return count

@@ -20,7 +20,6 @@ from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
 from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts
-from tumornet.detect import DetectConfig, scan_tumor_count
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.labels import MISSING
@@ -175,15 +174,15 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=No
                 k=k, where=parse_where(where, model.schema))
 
 
-def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tumors: int | None = None,
-                    detect=None) -> dict:
+def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tumors: int | None = None) -> dict:
     """The parts of a box drawn on a scan (`vol` at the model's spacing; world mm, RAS) as a search by box
     reads them (tumornet.descriptor.tumor_parts): pooled over the voxels that cover the box (refined first
     when the recipe says refine_box), its size the drawn box's own (the covering voxels can be one more
     on each side: a 10 mm box on a 2 mm grid covers up to 14 mm, 2.7x its volume), and so is the size of
     the segmented volume's fallback where the segmentation finds nothing in the box. `scan_tumors`: how
-    many tumors the scan holds; None: counted by the segmentation head (tumornet.detect.scan_tumor_count
-    with `detect`, the model's detection settings) where the recipe reads it (retrieval.scan_count), else 1."""
+    many tumors the scan holds, where the recipe reads it (retrieval.scan_count); None: unknown, and the
+    refit heads fit without the count read the box (nineteenth round: on validation the segmentation
+    head's count cost a box query more than no count at all)."""
     if scan_tumors is not None and (isinstance(scan_tumors, bool) or not isinstance(scan_tumors, int)
                                     or scan_tumors < 1):
         raise InputError(f"--scan-tumors: expected a whole number >= 1 (the tumors in the scan), got {scan_tumors!r}")
@@ -198,8 +197,8 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
         vbox = refine_box(model, vol.array, vbox, patch_size=patch_size)
     frame = (register(vol.array, vol.affine, warp_mm=cfg.warp_mm,
                       ignore=[drawn, vbox] if cfg.frame_skips_tumors else None) if cfg.needs_frame else None)
-    if scan_tumors is None:
-        scan_tumors = scan_tumor_count(model, vol, vbox, detect or DetectConfig()) if cfg.scan_count else 1
+    if scan_tumors is None and not cfg.scan_count:
+        scan_tumors = 1  # read by no head
     return tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame,
                        extent=box_mm_extent(box_mm, vol.affine, vol.array.shape) if vbox is drawn else None,
                        scan_tumors=scan_tumors)
@@ -209,7 +208,7 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
                patient_key: str | None = None, scan_tumors: int | None = None) -> list[dict]:
     """The paper's query: a new scan and a box drawn around the tumor, (x0, y0, z0, x1, y1, z1) in
     world millimetres (RAS) -> one entry (size unknown: no mask). `scan_tumors`: how many tumors the
-    scan holds, where the recipe reads it (drawn_box_parts; None: counted by the segmentation head)."""
+    scan holds, where the recipe reads it (drawn_box_parts; None: unknown)."""
     box_mm = np.asarray(box_mm, dtype=np.float64)
     if box_mm.shape != (6,) or np.any(box_mm[3:] <= box_mm[:3]):
         raise InputError(f"--box: expected x0,y0,z0,x1,y1,z1 in mm with x0 < x1, y0 < y1, z0 < z1, "
@@ -217,7 +216,7 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
     model, meta, archive = _archive(model_path, emb_dir, rerank)
     spacing, patch, (cfg, stats) = embed_settings(meta, model_path)
     parts = drawn_box_parts(model, load_volume(image, scan_id="query", spacing_mm=spacing), box_mm, cfg=cfg,
-                            patch_size=patch, where=image, scan_tumors=scan_tumors, detect=detect_settings(meta))
+                            patch_size=patch, where=image, scan_tumors=scan_tumors)
     one = {key: np.asarray(v)[None] for key, v in parts.items()}
     vector = compose(one, cfg, model.schema, stats)[0]
     classes = predicted_classes(one, cfg, model.schema, stats)

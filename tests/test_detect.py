@@ -4,6 +4,7 @@ masks, detection quality, and search by image alone (a small network trained her
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from conftest import SECRET, blob_subject, write_manifest, write_nifti
 from embedder.embed import embed_scan
 from embedder.shards import model_shard_schema, write_shard
 from retrieval.detection import detection_quality, detection_sweep, dice_matrix
+from retrieval.evaluate import shard_parts
 from retrieval.search import query_rows, search
 from tumornet.detect import DetectConfig, tumor_probability, window_origins
 from tumornet.errors import InputError
@@ -106,6 +108,9 @@ def test_a_scan_without_mask_yields_predicted_rows_whose_largest_is_the_true_one
     for s, rows in zip((200, 201, 202), cohort.scans().values(), strict=True):
         out = embed_scan(segmenter, "m", rows, spacing_mm=2.0, patch_size=16, secret=SECRET, file_hash="")
         assert out and all(r["source"] == "predicted" and r["label_tumor_type"] == -1 for r in out)
+        # the found count is kept, but not read as the scan's count (retrieval.scan_count: heads without it)
+        assert all(r["scan_tumors"] == len(out) for r in out)
+        assert np.isnan(shard_parts(pa.Table.from_pylist(out))["scan_log_tumors"]).all()
         _img, mask = _subject(s)
         true_ml = np.bincount(mask.ravel())[1:] * 8 / 1000
         big = max(out, key=lambda r: r["volume_ml"])
@@ -220,14 +225,13 @@ def test_detection_line_reads_back_from_json():
                                      "found in 50% of the scans")
 
 
-def test_a_box_query_counts_the_scans_tumors_where_the_recipe_reads_them(archive, small_cohort, monkeypatch, capsys):
-    """retrieval.scan_count: a drawn box's parts carry the log of the scan's tumor count, given
-    (search --scan-tumors) or counted by the segmentation head (the drawn tumor plus every found tumor
-    whose box does not overlap it); a recipe without it neither counts nor runs detection, and a count
-    given to it is named in a warning as having no effect."""
+def test_a_box_query_reads_the_scans_tumor_count_only_where_it_is_given(archive, small_cohort, monkeypatch, capsys):
+    """retrieval.scan_count: a drawn box's parts carry the log of the scan's tumor count where it is given
+    (search --scan-tumors), else NaN (unknown: heads fit without the count read the box; nineteenth
+    round), and no detection runs for it; a recipe without it reads 1, and a count given to it is named
+    in a warning as having no effect."""
     import retrieval.search as rs
     import tumornet.detect as det
-    from tumornet.tumors import Tumor
     from tumornet.volumes import load_volume
 
     cohort = read_manifest(small_cohort)
@@ -235,19 +239,9 @@ def test_a_box_query_counts_the_scans_tumors_where_the_recipe_reads_them(archive
     net = load_model(archive / "model.pt")[0]
     vol = load_volume(scan[0].image, scan_id="q", spacing_mm=4.0)
     box_mm = [-10.0, -10.0, -10.0, 10.0, 10.0, 10.0]
-    vbox = rs.box_mm_to_voxels(box_mm, vol.affine, vol.array.shape)
-
-    def found(*boxes):
-        return [Tumor(scan_id="q", tumor_id=i + 1, bbox=np.asarray(b), bbox_mm=np.zeros(6), centroid_mm=np.zeros(3),
-                      volume_ml=1.0, size_mm=10.0) for i, b in enumerate(boxes)]
-
-    inside, apart = vbox.copy(), np.array([0, 0, 0, 2, 2, 2])
-    monkeypatch.setattr(det, "detect_tumors", lambda model, volume, cfg: (None, found(inside, apart, apart + 3)))
-    assert det.scan_tumor_count(net, vol, vbox) == 3  # the drawn one and the two found apart from it
+    monkeypatch.setattr(det, "detect_tumors", lambda *a: pytest.fail("detection run for a box query's count"))
     cfg = RetrievalConfig(scan_count=True)
-    parts = rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q")
-    assert parts["scan_log_tumors"] == pytest.approx(np.log(3))
-    monkeypatch.setattr(det, "detect_tumors", lambda *a: pytest.fail("detection run where the count is given"))
+    assert np.isnan(rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q")["scan_log_tumors"])
     given = rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q", scan_tumors=2)
     assert given["scan_log_tumors"] == pytest.approx(np.log(2))
     assert capsys.readouterr().err == ""

@@ -297,6 +297,19 @@ def test_scan_count_lets_the_heads_read_how_many_tumors_the_scan_holds(tmp_path)
     acc = {flag: (refit_probabilities(new, DEFAULT_SCHEMA, st, select="cv", scan_count=flag)[
         names.index("tumor_type")].argmax(1) == truth["tumor_type"]).mean() for flag, st in heads.items()}
     assert acc[True] >= 0.85 and acc[True] > acc[False] + 0.2
+    # a tumor whose scan's count is unknown (NaN) reads the heads fit without it, the others the counted ones
+    both = {**heads[True], "heads_uncounted": heads[False]["heads"]}
+    unknown = {**new, "scan_log_tumors": np.where(np.arange(300) % 3 == 0, np.nan, new["scan_log_tumors"])}
+    mixed = refit_probabilities(unknown, DEFAULT_SCHEMA, both, select="cv", scan_count=True)
+    counted = refit_probabilities(new, DEFAULT_SCHEMA, heads[True], select="cv", scan_count=True)
+    uncounted = refit_probabilities(new, DEFAULT_SCHEMA, heads[False], select="cv")
+    rows = np.arange(300) % 3 == 0
+    for m, c, u in zip(mixed, counted, uncounted, strict=True):
+        assert np.allclose(m[rows], u[rows]) and np.allclose(m[~rows], c[~rows])
+    t = names.index("tumor_type")  # the head the count tells
+    assert not np.allclose(counted[t][rows], uncounted[t][rows])
+    with pytest.raises(InputError, match=r"count is unknown .* has none .* retune --manifest"):
+        refit_probabilities(unknown, DEFAULT_SCHEMA, heads[True], select="cv", scan_count=True)
     recipe = dict(roipool=0.0, tasks=1.0, heads="refit", head_select="cv")
     with pytest.raises(InputError, match="scan_count: false, but the refit heads were fit with scan_count: true"):
         compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, heads[True])

@@ -394,3 +394,11 @@ def test_retune_with_the_manifest_fits_a_new_recipe_without_training(archive, sm
                  "--manifest", str(small_cohort)]) == 0
     assert f"model {mid}" in capsys.readouterr().out and recipe_of(load_model(tmp_path / "y.pt")[1])[1]["heads"][
         "select"] == "fixed"
+    # a recipe that reads the scan's tumor count also gets heads without it (for tumors of an unknown count)
+    assert "heads_uncounted" not in stats
+    with_recipe(out, tmp_path / "count.pt", ["retrieval.scan_count=true", "retrieval.count_weight=10"], small_cohort)
+    counted = recipe_of(load_model(tmp_path / "count.pt")[1])[1]
+    assert (counted["heads"]["scan_count"], counted["heads"]["count_weight"]) == (True, 10.0)
+    assert (counted["heads_uncounted"]["scan_count"], counted["heads_uncounted"]["select"]) == (False, "cv")
+    uncounted = [counted["heads_uncounted"][t] for t in new.schema.names]
+    assert all("scan_log_tumors" not in h["inputs"] for h in uncounted)

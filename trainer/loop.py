@@ -10,6 +10,7 @@ alone: that hangs). Rank 0 writes metrics (JSONL + TensorBoard) and, at the end,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -155,11 +156,13 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
     stacked = stack_parts(parts)
     stats.update(fit_size(stacked, np.asarray(sizes), stats))  # the size on the working grid, from the mask
     heads_on = stack_parts(parts + rough)
-    stats["heads"] = fit_heads(heads_on, {k: np.asarray(labels[k] + rough_labels[k]) for k in labels}, cfg.tasks,
-                               stats, position_frame=cfg.retrieval.position_frame,
-                               size_source=cfg.retrieval.size_source, select=cfg.retrieval.head_select,
-                               groups=np.asarray(groups + rough_groups), scan_count=cfg.retrieval.scan_count,
-                               count_weight=cfg.retrieval.count_weight)
+    fit = functools.partial(fit_heads, heads_on, {k: np.asarray(labels[k] + rough_labels[k]) for k in labels},
+                            cfg.tasks, stats, position_frame=cfg.retrieval.position_frame,
+                            size_source=cfg.retrieval.size_source, select=cfg.retrieval.head_select,
+                            groups=np.asarray(groups + rough_groups))
+    stats["heads"] = fit(scan_count=cfg.retrieval.scan_count, count_weight=cfg.retrieval.count_weight)
+    if cfg.retrieval.scan_count:  # for tumors whose scan's count is unknown (tumornet.fitted.refit_probabilities)
+        stats["heads_uncounted"] = fit()
     return stats
 
 

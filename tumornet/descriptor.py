@@ -20,9 +20,10 @@ and the box itself gives:
 - `atlas`: what the atlas says of the box carried into template space (anatomy.ATLAS_FEATURES): each
   area's share of the ellipsoid inscribed in the box, the extra-axial rule's skull base, the share
   inside the brain: the rules the location labels are made by (given with the TemplateFrame);
-- `scan_log_tumors`: the log of how many tumors the box's scan holds (the caller's count: the mask's,
-  the ones found, or for a drawn box tumornet.detect.scan_tumor_count), read by the refit heads with
-  `scan_count` (several tumors in one scan: metastases far more often than not).
+- `scan_log_tumors`: the log of how many tumors the box's scan holds (the caller's count: the mask's, or
+  a drawn box's given count; NaN where it is not known: a drawn box without one, or tumors found without
+  a mask), read by the refit heads with `scan_count` (several tumors in one scan: metastases far more
+  often than not; where it is NaN, heads fit without it).
 None of these needs a mask: a box is enough (the paper's query). `position_frame` says which of the
 two positions the recipe's `position` part and the refit heads read ("atlas": the template's, and the
 refit heads also read `atlas`).
@@ -122,7 +123,8 @@ def box_log_volume(extent, spacing_mm) -> float:
 
 @torch.no_grad()
 def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None, frame=None,
-                 batch: int = 8, extents=None, scan_tumors: int | None = None) -> list[dict]:
+                 batch: int = 8, extents=None, scan_tumors: int | None = None,
+                 count_known: bool = True) -> list[dict]:
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
     "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on
@@ -132,7 +134,9 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     (anatomy.ATLAS_FEATURES). `extents` (one per box, voxels per axis, continuous; None: the boxes' own):
     the size the box parts read (its volume, and the segmented volume's fallback) where a box was drawn
     in millimetres and `bboxes` are the voxels covering it (up to one more on each side). Each dict also
-    has "scan_log_tumors": the log of `scan_tumors`, the number of tumors in the scan (None: the boxes')."""
+    has "scan_log_tumors": the log of `scan_tumors`, the number of tumors in the scan (None: the boxes'), or
+    NaN where the count is not known (`count_known` false: the refit heads then read none, see
+    tumornet.fitted.refit_probabilities)."""
     count = len(bboxes) if scan_tumors is None else int(scan_tumors)
     if len(bboxes) and count < 1:
         raise InputError(f"scan_tumors: a scan with a tumor box holds at least 1 tumor, got {scan_tumors!r}")
@@ -166,7 +170,7 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                               "box_log_volume": box_log_volume(extent, spacing_mm),
                               "position": ((box_center(bbox) - centre) / half).astype(np.float32),
                               "seg_log_volume": float(np.log(seg * voxel_ml)),
-                              "scan_log_tumors": float(np.log(count))}
+                              "scan_log_tumors": float(np.log(count)) if count_known else float("nan")}
                     if frame is not None:
                         out[i]["template_position"] = frame.position(box_center(bbox))
                         out[i]["atlas"] = frame.atlas(bbox)
@@ -176,10 +180,11 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
 
 
 def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None, frame=None,
-                extent=None, scan_tumors: int = 1) -> dict:
-    """The parts of one tumor box (see tumors_parts) in a scan of `scan_tumors` tumors."""
+                extent=None, scan_tumors: int | None = 1) -> dict:
+    """The parts of one tumor box (see tumors_parts) in a scan of `scan_tumors` tumors (None: unknown)."""
     return tumors_parts(model, image, [bbox], patch_size=patch_size, spacing_mm=spacing_mm, head=head,
-                        frame=frame, extents=[extent], scan_tumors=scan_tumors)[0]
+                        frame=frame, extents=[extent], scan_tumors=scan_tumors or 1,
+                        count_known=scan_tumors is not None)[0]
 
 
 def stack_parts(parts: Sequence[Mapping]) -> dict[str, np.ndarray]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .boxes import overlaps
 from .errors import InputError
 from .patches import crop, patch_frame
 from .tumors import Tumor, instances_from_binary, measure_tumors
@@ -101,10 +100,3 @@ def tumors_from_probability(prob: np.ndarray, volume: Volume, cfg: DetectConfig)
     return instances, measure_tumors(instances, volume.affine, scan_id=volume.scan_id,
                                      where=f"{volume.scan_id} (predicted)")
 
-
-def scan_tumor_count(model, volume: Volume, box, cfg: DetectConfig = DetectConfig()) -> int:
-    """How many tumors a scan holds when one is known only by a box drawn around it (voxels of `volume`,
-    the model's grid): that one, plus each tumor the segmentation head finds (detect_tumors) whose box does
-    not overlap it."""
-    _, found = detect_tumors(model, volume, cfg)
-    return 1 + sum(not overlaps(t.bbox, box) for t in found)

@@ -287,7 +287,16 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
                         position_frame: str = "head", size_source: str = "box", select: str = "fixed",
                         temperature: float = 1.0, scan_count: bool = False,
                         count_weight: float = 1.0) -> list[np.ndarray]:
-    """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`."""
+    """Each task's class probabilities (n, n_classes) from the refit heads in `stats["heads"]`. With
+    `scan_count`, a tumor whose scan's count is unknown (`scan_log_tumors` NaN: a drawn box without a
+    given count, or a tumor found without a mask) reads the heads fit without the count instead
+    (`stats["heads_uncounted"]`, fit beside them at export: nineteenth round)."""
+    if scan_count and "scan_log_tumors" in parts:
+        unknown = np.isnan(np.asarray(parts["scan_log_tumors"], dtype=np.float64).reshape(-1))
+        if unknown.any():
+            return _uncounted_too(parts, unknown, schema, stats, position_frame=position_frame,
+                                  size_source=size_source, select=select, temperature=temperature,
+                                  count_weight=count_weight)
     if "heads" not in stats:
         raise InputError("retrieval.heads: refit needs the heads refit on the training tumors, and the model file "
                          "has none (exported before they existed): train again, or use heads: network")
@@ -327,4 +336,26 @@ def refit_probabilities(parts: Mapping[str, np.ndarray], schema: LabelSchema, st
             p[:] = 0.0
             p[:, h["classes"]] = _softmax((x @ np.asarray(h["coef"]).T + np.asarray(h["intercept"])) / temperature)
         out.append(p)
+    return out
+
+
+def _uncounted_too(parts: Mapping[str, np.ndarray], unknown: np.ndarray, schema: LabelSchema, stats: Mapping, *,
+                   count_weight: float, **recipe) -> list[np.ndarray]:
+    """refit_probabilities of tumors of which some (`unknown`) have no count of their scan's tumors: those
+    from the heads fit without it, the others from the counted heads."""
+    if "heads_uncounted" not in stats:
+        raise InputError("retrieval.scan_count: a tumor whose scan's tumor count is unknown (a drawn box without "
+                         "--scan-tumors, or a tumor found without a mask) needs the heads fit without the count, "
+                         "and this model file has none (exported before they existed): ray_job.py retune "
+                         "--manifest with the same recipe, or give the count (search --scan-tumors)")
+    out = [np.empty((len(unknown), t.n_classes)) for t in schema.tasks]
+    for flag in (False, True):
+        rows = np.flatnonzero(unknown == flag)
+        if len(rows) == 0:
+            continue
+        subset = {k: np.asarray(v)[rows] for k, v in parts.items() if not (flag and k == "scan_log_tumors")}
+        probs = (refit_probabilities(subset, schema, {**stats, "heads": stats["heads_uncounted"]}, **recipe) if flag
+                 else refit_probabilities(subset, schema, stats, scan_count=True, count_weight=count_weight, **recipe))
+        for p, q in zip(out, probs, strict=True):
+            p[rows] = q
     return out
