@@ -174,7 +174,8 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=No
                 k=k, where=parse_where(where, model.schema))
 
 
-def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tumors: int | None = None) -> dict:
+def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tumors: int | None = None,
+                    frame=None) -> dict:
     """The parts of a box drawn on a scan (`vol` at the model's spacing; world mm, RAS) as a search by box
     reads them (tumornet.descriptor.tumor_parts): pooled over the voxels that cover the box (refined first
     when the recipe says refine_box), its size the drawn box's own (the covering voxels can be one more
@@ -182,7 +183,9 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
     the segmented volume's fallback where the segmentation finds nothing in the box. `scan_tumors`: how
     many tumors the scan holds, where the recipe reads it (retrieval.scan_count); None: unknown, and the
     refit heads fit without the count read the box (nineteenth round: on validation the segmentation
-    head's count cost a box query more than no count at all)."""
+    head's count cost a box query more than no count at all). `frame`: the scan's registration onto the
+    template where the caller has it (several boxes of one scan; not with frame_skips_tumors, whose
+    registration depends on the box); None: registered here where the recipe needs it."""
     if scan_tumors is not None and (isinstance(scan_tumors, bool) or not isinstance(scan_tumors, int)
                                     or scan_tumors < 1):
         raise InputError(f"--scan-tumors: expected a whole number >= 1 (the tumors in the scan), got {scan_tumors!r}")
@@ -195,8 +198,12 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
     drawn = vbox
     if cfg.refine_box:  # the box of the tumor the segmentation head finds in the drawn one
         vbox = refine_box(model, vol.array, vbox, patch_size=patch_size)
-    frame = (register(vol.array, vol.affine, warp_mm=cfg.warp_mm,
-                      ignore=[drawn, vbox] if cfg.frame_skips_tumors else None) if cfg.needs_frame else None)
+    if frame is not None and cfg.frame_skips_tumors:
+        raise InputError(f"{where}: a registration given for a recipe whose registration leaves the drawn box out "
+                         "(retrieval.frame_skips_tumors)")
+    if frame is None and cfg.needs_frame:
+        frame = register(vol.array, vol.affine, warp_mm=cfg.warp_mm,
+                         ignore=[drawn, vbox] if cfg.frame_skips_tumors else None)
     if scan_tumors is None and not cfg.scan_count:
         scan_tumors = 1  # read by no head
     return tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame,

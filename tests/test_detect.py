@@ -250,3 +250,16 @@ def test_a_box_query_reads_the_scans_tumor_count_only_where_it_is_given(archive,
     assert "--scan-tumors 4 has no effect" in capsys.readouterr().err
     with pytest.raises(InputError, match="--scan-tumors: expected a whole number >= 1"):
         rs.drawn_box_parts(net, vol, box_mm, cfg=cfg, patch_size=16, where="q", scan_tumors=0)
+    # several boxes of one scan may share its registration (benchmarks/box_count.py), unless it leaves the box out
+    from tumornet.register import register
+
+    placed = RetrievalConfig(position=1.0, position_frame="atlas")
+    own = rs.drawn_box_parts(net, vol, box_mm, cfg=placed, patch_size=16, where="q")
+    frame = register(vol.array, vol.affine)
+    shared = rs.drawn_box_parts(net, vol, box_mm, cfg=placed, patch_size=16, where="q", frame=frame)
+    assert np.allclose(own["template_position"], shared["template_position"]) and np.allclose(own["atlas"],
+                                                                                             shared["atlas"])
+    with pytest.raises(InputError, match=r"q: a registration given .*\(retrieval\.frame_skips_tumors\)"):
+        rs.drawn_box_parts(net, vol, box_mm, cfg=RetrievalConfig(position=1.0, position_frame="atlas",
+                                                                 frame_skips_tumors=True),
+                           patch_size=16, where="q", frame=frame)
