@@ -37,6 +37,7 @@ from tumornet.network import MultitaskNet
 from tumornet.recipe import SEARCH_ONLY, RetrievalConfig
 from tumornet.register import FIT_SETTINGS, IGNORE_MARGIN_MM, WARP_SETTINGS, register
 from tumornet.scans import Scan, load_image, load_scan
+from tumornet.tumors import tumor_extent
 from tumornet.volumes import Volume, head_box_voxels
 
 
@@ -63,6 +64,11 @@ RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "bo
                 "count_weight": 1.0}
 
 
+# how a mask's box is measured (tumornet.tumors.tumor_extent; nineteenth round: its own extent, no longer
+# the working grid's voxels that cover it): a change embeds every archive again
+BOX_EXTENT = {"box_extent": "mask"}
+
+
 def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
     """What besides the weights and the files decides a shard row: spacing, patch size, the retrieval
     recipe and its statistics, the detection settings, and the registration's settings when the recipe
@@ -70,7 +76,7 @@ def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> s
     # recipe keys added later are left out at their default, so the archives embedded before stay valid
     same = {k: v for k, v in dataclasses.asdict(recipe[0]).items()
             if RECIPE_ADDED.get(k, ...) != v and k not in SEARCH_ONLY}
-    parts = [spacing, patch, same, recipe[1], dataclasses.asdict(detect)]
+    parts = [spacing, patch, same, recipe[1], dataclasses.asdict(detect), BOX_EXTENT]
     if recipe[0].needs_frame:
         parts.append(FIT_SETTINGS)
         if recipe[0].warp_mm > 0:
@@ -153,8 +159,10 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
              if cfg.uses_position else None)
     # the count of tumors found without a mask is not read (the segmentation head's count is not trusted:
     # nineteenth round); the shards keep it in `scan_tumors`, with `source` saying where it came from
+    # a mask's box is read at its own extent, not the working grid's voxels that cover it (nineteenth round)
+    extents = None if box_fn is not None else [tumor_extent(t, scan.volume.affine, image.shape) for t in scan.tumors]
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
-                             frame=frame, scan_tumors=len(boxes), count_known=not predicted)
+                             frame=frame, scan_tumors=len(boxes), count_known=not predicted, extents=extents)
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}
     out = []
     for i, (t, bbox, parts) in enumerate(zip(scan.tumors, boxes, all_parts, strict=True)):

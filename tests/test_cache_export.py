@@ -10,6 +10,7 @@ from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest
 from tumornet.network import MultitaskNet, NetConfig
 from tumornet.scans import load_scan
+from tumornet.tumors import tumor_extent
 
 
 def test_cache_round_trip_and_hit(subject, tmp_path):
@@ -21,6 +22,9 @@ def test_cache_round_trip_and_hit(subject, tmp_path):
     direct = load_scan(scan_rows, spacing_mm=2.0)
     assert np.array_equal(image, direct.volume.array) and np.array_equal(inst, direct.instances)
     assert [t.bbox.tolist() for t in a.tumors] == [t.bbox.tolist() for t in direct.tumors]
+    # each tumor's extent as its mask measures it (what the recipe's box size reads at export)
+    assert all(np.allclose(t.extent, tumor_extent(d, direct.volume.affine, direct.volume.array.shape))
+               for t, d in zip(a.tumors, direct.tumors, strict=True))
     assert a.tumors[1].labels["area"] == -1
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert len(files) == 3 and not any("S1" in f or "P1" in f for f in files)  # no ids in file names

@@ -263,3 +263,35 @@ def test_a_box_query_reads_the_scans_tumor_count_only_where_it_is_given(archive,
         rs.drawn_box_parts(net, vol, box_mm, cfg=RetrievalConfig(position=1.0, position_frame="atlas",
                                                                  frame_skips_tumors=True),
                            patch_size=16, where="q", frame=frame)
+
+
+def test_a_masks_box_reads_its_own_extent_as_an_exactly_drawn_box_does(archive, small_cohort, tmp_path):
+    """On a scan whose grid is not the model's working grid, a mask's box part reads the extent of its
+    box on the scan's own grid (tumornet.tumors.tumor_extent), not that of the working grid's voxels
+    that cover it (up to one more on each side): a box drawn exactly around the tumor (search --box with
+    its bbox_mm) reads the same size (nineteenth round)."""
+    import dataclasses
+
+    import nibabel as nib
+
+    import retrieval.search as rs
+    from tumornet.volumes import load_volume
+
+    rows = next(s for s in read_manifest(small_cohort).scans().values() if len(s) > 1)
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = 0.7  # 3 mm voxels off the 4 mm working grid
+    for name, path in (("img", rows[0].image), ("seg", rows[0].mask)):
+        write_nifti(tmp_path / f"{name}.nii.gz", np.asarray(nib.load(path).dataobj), affine)
+    new = [dataclasses.replace(r, image=tmp_path / "img.nii.gz", mask=tmp_path / "seg.nii.gz") for r in rows]
+    net = load_model(archive / "model.pt")[0]
+    out = embed_scan(net, "m", new, spacing_mm=4.0, patch_size=16, secret=SECRET, file_hash="")
+    vol = load_volume(new[0].image, scan_id="q", spacing_mm=4.0)
+    larger = []
+    for r in out:
+        own_ml = np.prod(np.subtract(r["bbox_mm"][3:], r["bbox_mm"][:3])) / 1000
+        assert r["box_log_volume"] == pytest.approx(np.log(own_ml), abs=1e-5)
+        drawn = rs.drawn_box_parts(net, vol, r["bbox_mm"], cfg=RetrievalConfig(), patch_size=16, where="q")
+        assert drawn["box_log_volume"] == pytest.approx(r["box_log_volume"], abs=1e-5)
+        covering_ml = np.prod(np.subtract(r["bbox"][3:], r["bbox"][:3])) * 4.0 ** 3 / 1000
+        larger.append(np.log(covering_ml) - r["box_log_volume"])
+    assert len(out) >= 2 and min(larger) >= 0 and max(larger) > 0.1  # what the part read before

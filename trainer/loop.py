@@ -139,10 +139,12 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
                           ignore=exact if cfg.retrieval.frame_skips_tumors else None)
                  if cfg.retrieval.position_frame != "head" else None)
         # two passes: the exact boxes' parts (and so the statistics) the same whatever head_draws is
-        for boxes, out in ((exact, parts), ([distort_box(b, rng) for _ in range(draws) for b in exact], rough)):
+        # the exact boxes' size as their masks measure it (tumornet.tumors.tumor_extent), as embed reads it
+        for boxes, out, extents in ((exact, parts, [t.extent for t in s.tumors]),
+                                    ([distort_box(b, rng) for _ in range(draws) for b in exact], rough, None)):
             if boxes:
                 out += tumors_parts(model, image, boxes, patch_size=cfg.train.patch_size,
-                                    spacing_mm=cfg.data.spacing_mm, head=head, frame=frame,
+                                    spacing_mm=cfg.data.spacing_mm, head=head, frame=frame, extents=extents,
                                     scan_tumors=len(s.tumors))
         for task in labels:
             of_scan = [t.labels.get(task, MISSING) for t in s.tumors]

@@ -21,8 +21,9 @@ from .io import atomic_write, atomic_write_text
 from .manifest import ManifestRow
 from .patches import TumorBox
 from .scans import load_scan
+from .tumors import tumor_extent
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each tumor's extent (tumornet.tumors.tumor_extent)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,10 +61,12 @@ def prepare_scan(rows: Sequence[ManifestRow], *, spacing_mm, cache_dir: str | Pa
         atomic_write(inst_path, lambda p: np.save(p, scan.instances.astype(np.int32)))
         meta = {"spacing_mm": list(scan.volume.spacing_mm),
                 "tumors": [{"tumor_id": t.tumor_id, "bbox": t.bbox.tolist(), "labels": dict(t.labels),
-                            "size_mm": t.size_mm} for t in scan.tumors]}
+                            "size_mm": t.size_mm,
+                            "extent": tumor_extent(t, scan.volume.affine, scan.volume.array.shape).tolist()}
+                           for t in scan.tumors]}
         atomic_write_text(meta_path, json.dumps(meta))
     meta = json.loads(meta_path.read_text())
-    tumors = tuple(TumorBox(tumor_id=t["tumor_id"], bbox=make_box(t["bbox"][:3], t["bbox"][3:]), labels=t["labels"])
-                   for t in meta["tumors"])
+    tumors = tuple(TumorBox(tumor_id=t["tumor_id"], bbox=make_box(t["bbox"][:3], t["bbox"][3:]), labels=t["labels"],
+                            extent=np.asarray(t["extent"], dtype=np.float64)) for t in meta["tumors"])
     return CachedScan(key=key, image_path=image_path, instances_path=inst_path, tumors=tumors,
                       spacing_mm=tuple(meta["spacing_mm"]))

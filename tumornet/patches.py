@@ -36,6 +36,7 @@ class TumorBox:
     tumor_id: int
     bbox: np.ndarray  # (6,) voxel box, half-open
     labels: Mapping[str, int]
+    extent: np.ndarray | None = None  # (3,) its mask's box in voxels, continuous (tumornet.tumors.tumor_extent)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .boxes import box_mm_to_voxels, box_to_mm, make_box, voxel_to_mm
+from .boxes import box_mm_extent, box_mm_to_voxels, box_to_mm, make_box, voxel_to_mm
 from .errors import InputError
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
@@ -38,6 +38,14 @@ class Tumor:
     volume_ml: float
     size_mm: float  # equivalent-sphere diameter
     labels: Mapping[str, int] = field(default_factory=dict)  # task -> class index, -1 missing
+
+
+def tumor_extent(tumor: Tumor, affine: np.ndarray, shape) -> np.ndarray:
+    """A tumor's box as its mask measures it, in voxels of the working grid (`affine`, `shape`) per axis,
+    continuous: the extent of its box in millimetres on the scan's own grid (`bbox_mm`), not of the
+    working grid's voxels that cover it (`bbox`, up to one voxel more on each side where the grids
+    differ). What the `box_log_volume` part reads (nineteenth round), as a drawn box's own extent is."""
+    return box_mm_extent(tumor.bbox_mm, affine, shape)
 
 
 def equivalent_diameter_mm(volume_mm3: float) -> float:
