@@ -98,7 +98,7 @@ def main() -> None:
         return ((x[:, None, :] - db[None]) ** 2).sum(-1).argmin(1)
 
     want = top1(compose({k: v[ev.test_rows] for k, v in parts.items()}, cfg, model.schema, stats))
-    true = np.exp(parts["scan_log_tumors"][ev.test_rows])
+    true = np.rint(np.exp(parts["scan_log_tumors"][ev.test_rows]))  # the mask's count, a whole number
     variants = ["unknown (heads without the count)", "given (the mask's)",
                 *(f"segmentation head at {t:g}, >= {v:g} ml" for t, v in detects)]
     print(f"{len(want)} {args.on} tumors, the training tumors as the database, K = 5; per variant: rule, type "
