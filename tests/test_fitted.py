@@ -310,6 +310,13 @@ def test_scan_count_lets_the_heads_read_how_many_tumors_the_scan_holds(tmp_path)
     assert not np.allclose(counted[t][rows], uncounted[t][rows])
     with pytest.raises(InputError, match=r"count is unknown .* has none .* retune --manifest"):
         refit_probabilities(unknown, DEFAULT_SCHEMA, heads[True], select="cv", scan_count=True)
+    # the statistics of an archive holding tumors of an unknown count (found without a mask) skip them
+    rows = [{k: v[i] for k, v in unknown.items()} for i in range(300)]
+    known = [r for r in rows if np.isfinite(r["scan_log_tumors"])]
+    both, only = fit_stats(rows), fit_stats(known)
+    for m in ("mean", "sd"):
+        assert both["scan_log_tumors"][m] == pytest.approx(only["scan_log_tumors"][m])
+    assert both["roipool"]["mean"] == pytest.approx(unknown["roipool"].mean(0).tolist())  # every row counts there
     recipe = dict(roipool=0.0, tasks=1.0, heads="refit", head_select="cv")
     with pytest.raises(InputError, match="scan_count: false, but the refit heads were fit with scan_count: true"):
         compose(new, RetrievalConfig(**recipe), DEFAULT_SCHEMA, heads[True])

@@ -56,8 +56,16 @@ WHITEN_SHRINK = 0.1  # eigenvalues + this x their mean before whitening: few tum
 
 
 def _mean_sd(a: np.ndarray) -> dict:
-    """Per column (n, d) -> {"mean", "sd"} as plain lists (sd 1 where a column is constant)."""
+    """Per column (n, d) -> {"mean", "sd"} as plain lists (sd 1 where a column is constant), over the rows
+    where it is known (NaN: a scan's tumor count not known, tumornet.descriptor; a column never known:
+    mean 0, sd 1)."""
     a = a.reshape(len(a), -1)
+    if not np.isfinite(a).all():
+        known = np.isfinite(a)
+        n = np.maximum(known.sum(0), 1)
+        mean = np.where(known, a, 0.0).sum(0) / n
+        sd = np.sqrt((np.where(known, a - mean, 0.0) ** 2).sum(0) / n)
+        return {"mean": mean.tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
     sd = a.std(0)
     return {"mean": a.mean(0).tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
 
