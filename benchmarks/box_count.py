@@ -32,7 +32,9 @@ from retrieval.search import drawn_box_parts
 from tumornet.boxes import box_mm_to_voxels, grown_box_mm, overlaps
 from tumornet.descriptor import compose, stack_parts
 from tumornet.detect import DetectConfig, tumor_probability, tumors_from_probability
+from tumornet.errors import InputError
 from tumornet.export import load_model
+from tumornet.fitted import require_uncounted
 from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import read_manifest
 from tumornet.register import register
@@ -48,6 +50,16 @@ def distorted_mm(box_mm, rng: np.random.Generator, *, log2_scale_sd: float = 1 /
     return np.concatenate([new_centre - new_size / 2, new_centre + new_size / 2])
 
 
+def _detect_setting(text: str) -> tuple[float, float]:
+    """--detect THRESHOLD:MIN_ML -> (threshold, minimum volume in ml), validated as DetectConfig does."""
+    try:
+        threshold, min_ml = (float(v) for v in text.split(":"))
+        DetectConfig(threshold=threshold, min_volume_ml=min_ml)
+    except (ValueError, InputError) as e:
+        raise argparse.ArgumentTypeError(f"expected THRESHOLD:MIN_ML, e.g. 0.5:0.05, got {text!r} ({e})") from None
+    return threshold, min_ml
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for a in ("--model", "--embeddings", "--manifest", "--secret-file"):
@@ -56,16 +68,19 @@ def main() -> None:
     p.add_argument("--grow", type=float, default=0.2)
     p.add_argument("--draws", type=int, default=2)
     p.add_argument("--seed", type=int, default=19)
-    p.add_argument("--detect", action="append", default=None, metavar="THRESHOLD:MIN_ML",
+    p.add_argument("--detect", action="append", default=None, metavar="THRESHOLD:MIN_ML", type=_detect_setting,
                    help="segmentation-head count settings to compare (default 0.5:0.05, the detection default)")
     args = p.parse_args()
-    detects = [tuple(float(v) for v in d.split(":")) for d in (args.detect or ["0.5:0.05"])]
+    detects = args.detect or [(0.5, 0.05)]
     secret = read_secret(args.secret_file)
     model, meta = load_model(args.model)
     spacing, patch, (cfg, stats) = embed_settings(meta, args.model)
-    if not cfg.scan_count or "heads_uncounted" not in (stats or {}):
-        raise SystemExit(f"{args.model}: the recipe must read the scan's count (retrieval.scan_count) and the model "
-                         "file carry the heads fit without it (retune --manifest with the same recipe)")
+    if not cfg.scan_count:
+        raise SystemExit(f"{args.model}: the recipe does not read the scan's tumor count (retrieval.scan_count)")
+    try:
+        require_uncounted(stats, args.model)
+    except InputError as e:
+        raise SystemExit(str(e)) from None
     ev = load_evaluation(args.embeddings, args.manifest, secret, args.model, on=args.on)
     parts = shard_parts(ev.table)
     images = {keyed_id(s, secret): rows[0].image for s, rows in read_manifest(args.manifest).scans().items()}

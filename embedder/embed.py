@@ -157,10 +157,10 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     # a recipe that reads the box's place gets both places stored (another frame can be scored later)
     frame = (register(image, scan.volume.affine, warp_mm=cfg.warp_mm, ignore=boxes if cfg.frame_skips_tumors else None)
              if cfg.uses_position else None)
-    # the count of tumors found without a mask is not read (the segmentation head's count is not trusted:
-    # nineteenth round); the shards keep it in `scan_tumors`, with `source` saying where it came from
     # a mask's box is read at its own extent, not the working grid's voxels that cover it (nineteenth round)
     extents = None if box_fn is not None else [tumor_extent(t, scan.volume.affine, image.shape) for t in scan.tumors]
+    # the count of tumors found without a mask is not read (the segmentation head's count is not trusted:
+    # nineteenth round); the shards keep it in `scan_tumors`, with `source` saying where it came from
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
                              frame=frame, scan_tumors=len(boxes), count_known=not predicted, extents=extents)
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}

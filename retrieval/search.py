@@ -22,6 +22,7 @@ from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
 from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts
 from tumornet.errors import InputError
 from tumornet.export import load_model
+from tumornet.fitted import require_uncounted
 from tumornet.labels import MISSING
 from tumornet.manifest import ManifestRow
 from tumornet.register import register
@@ -222,6 +223,8 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
                          f"got {box_mm.tolist()}")
     model, meta, archive = _archive(model_path, emb_dir, rerank)
     spacing, patch, (cfg, stats) = embed_settings(meta, model_path)
+    if scan_tumors is None and cfg.scan_count and cfg.tasks > 0 and cfg.heads == "refit":
+        require_uncounted(stats, str(model_path))
     parts = drawn_box_parts(model, load_volume(image, scan_id="query", spacing_mm=spacing), box_mm, cfg=cfg,
                             patch_size=patch, where=image, scan_tumors=scan_tumors)
     one = {key: np.asarray(v)[None] for key, v in parts.items()}

@@ -10,7 +10,7 @@ from test_recipe_grid import _grid_takes
 
 from tumornet.descriptor import compose, predicted_classes
 from tumornet.errors import InputError
-from tumornet.fitted import HEAD_INPUTS, fit_heads, fit_stats, refit_probabilities
+from tumornet.fitted import HEAD_INPUTS, fit_heads, fit_stats, refit_probabilities, require_uncounted
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import read_manifest
 from tumornet.recipe import RetrievalConfig
@@ -308,8 +308,11 @@ def test_scan_count_lets_the_heads_read_how_many_tumors_the_scan_holds(tmp_path)
         assert np.allclose(m[rows], u[rows]) and np.allclose(m[~rows], c[~rows])
     t = names.index("tumor_type")  # the head the count tells
     assert not np.allclose(counted[t][rows], uncounted[t][rows])
-    with pytest.raises(InputError, match=r"count is unknown .* has none .* retune --manifest"):
+    with pytest.raises(InputError, match=r"count is unknown .* has none of .* retune --manifest"):
         refit_probabilities(unknown, DEFAULT_SCHEMA, heads[True], select="cv", scan_count=True)
+    with pytest.raises(InputError, match=r"^m\.pt: a tumor whose scan's tumor count is unknown"):
+        require_uncounted(heads[True], "m.pt")  # what search --box checks first, naming the model file
+    require_uncounted(both, "m.pt")
     # the statistics of an archive holding tumors of an unknown count (found without a mask) skip them
     rows = [{k: v[i] for k, v in unknown.items()} for i in range(300)]
     known = [r for r in rows if np.isfinite(r["scan_log_tumors"])]

@@ -60,14 +60,14 @@ def _mean_sd(a: np.ndarray) -> dict:
     where it is known (NaN: a scan's tumor count not known, tumornet.descriptor; a column never known:
     mean 0, sd 1)."""
     a = a.reshape(len(a), -1)
-    if not np.isfinite(a).all():
-        known = np.isfinite(a)
+    known = np.isfinite(a)
+    if known.all():
+        mean, sd = a.mean(0), a.std(0)  # bit for bit what models exported before stored
+    else:
         n = np.maximum(known.sum(0), 1)
         mean = np.where(known, a, 0.0).sum(0) / n
         sd = np.sqrt((np.where(known, a - mean, 0.0) ** 2).sum(0) / n)
-        return {"mean": mean.tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
-    sd = a.std(0)
-    return {"mean": a.mean(0).tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
+    return {"mean": mean.tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
 
 
 def fit_stats(parts: Sequence[Mapping]) -> dict:
@@ -351,11 +351,7 @@ def _uncounted_too(parts: Mapping[str, np.ndarray], unknown: np.ndarray, schema:
                    count_weight: float, **recipe) -> list[np.ndarray]:
     """refit_probabilities of tumors of which some (`unknown`) have no count of their scan's tumors: those
     from the heads fit without it, the others from the counted heads."""
-    if "heads_uncounted" not in stats:
-        raise InputError("retrieval.scan_count: a tumor whose scan's tumor count is unknown (a drawn box without "
-                         "--scan-tumors, or a tumor found without a mask) needs the heads fit without the count, "
-                         "and this model file has none (exported before they existed): ray_job.py retune "
-                         "--manifest with the same recipe, or give the count (search --scan-tumors)")
+    require_uncounted(stats, "retrieval.scan_count")
     out = [np.empty((len(unknown), t.n_classes)) for t in schema.tasks]
     for flag in (False, True):
         rows = np.flatnonzero(unknown == flag)
@@ -367,3 +363,13 @@ def _uncounted_too(parts: Mapping[str, np.ndarray], unknown: np.ndarray, schema:
         for p, q in zip(out, probs, strict=True):
             p[rows] = q
     return out
+
+
+def require_uncounted(stats: Mapping | None, where: str) -> None:
+    """Refuse, naming `where`, a model whose statistics lack the heads fit without the scan's tumor count
+    (needed wherever the count is unknown: a drawn box without --scan-tumors, a tumor found without a mask)."""
+    if "heads_uncounted" not in (stats or {}):
+        raise InputError(f"{where}: a tumor whose scan's tumor count is unknown (a drawn box without --scan-tumors, "
+                         "or a tumor found without a mask) needs the heads fit without the count "
+                         "(retrieval.scan_count), which the model file has none of (exported before they existed): "
+                         "ray_job.py retune --manifest with the same recipe, or give the count (search --scan-tumors)")
