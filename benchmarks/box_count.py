@@ -1,4 +1,5 @@
-"""What tumor count a box query should read (retrieval.scan_count; nineteenth round): on the model's
+"""What tumor count and size a box query should read (retrieval.scan_count, nineteenth round;
+retrieval.drawn_size, twentieth round): on the model's
 validation (or test) tumors, boxes drawn exactly, `--grow` too large and `--draws` times as the paper's
 eq. 2 draws them (in mm), each read as `search --box` reads it (retrieval.search.drawn_box_parts), with
 the scan's tumor count
@@ -8,10 +9,11 @@ the scan's tumor count
   THRESHOLD:MIN_ML` whose box does not overlap the drawn one; what a box query read before),
 scored against the training tumors: the rule (retrieval.experiments.recipe_score of the KNN@5 scores),
 type accuracy, and the share whose top-1 is the mask query's; and how often the segmentation head's
-count is the scan's.
+count is the scan's. Each `--drawn-size W` (default: the model's recipe) scores every count again with
+the drawn boxes' size read at that weight toward the tumor's span in them (tumornet.descriptor.drawn_extent).
 
     .venv/bin/python benchmarks/box_count.py --model M --embeddings E --manifest X --secret-file K
-        [--on validation] [--grow 0.2] [--draws 2] [--detect 0.5:0.05 --detect 0.9:1]
+        [--on validation] [--grow 0.2] [--draws 2] [--detect 0.5:0.05 --detect 0.9:1] [--drawn-size 0 --drawn-size 0.33]
 
 The model file must carry the heads fit without the count (exported or retuned since the nineteenth
 round; `retune --manifest` with the same recipe adds them); the shards may be its base model's: the
@@ -21,6 +23,7 @@ database's and the mask queries' vectors are composed from their stored parts wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 
@@ -30,7 +33,7 @@ from retrieval.experiments import recipe_score
 from retrieval.knn import knn_scores
 from retrieval.search import drawn_box_parts
 from tumornet.boxes import box_mm_to_voxels, grown_box_mm, overlaps
-from tumornet.descriptor import compose, stack_parts
+from tumornet.descriptor import compose, stack_parts, with_drawn_size
 from tumornet.detect import DetectConfig, tumor_probability, tumors_from_probability
 from tumornet.errors import InputError
 from tumornet.export import load_model
@@ -70,11 +73,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=19)
     p.add_argument("--detect", action="append", default=None, metavar="THRESHOLD:MIN_ML", type=_detect_setting,
                    help="segmentation-head count settings to compare (default 0.5:0.05, the detection default)")
+    p.add_argument("--drawn-size", action="append", type=float, default=None, metavar="W",
+                   help="drawn boxes' size weights to compare (retrieval.drawn_size; default: the model's)")
     args = p.parse_args()
     detects = args.detect or [(0.5, 0.05)]
     secret = read_secret(args.secret_file)
     model, meta = load_model(args.model)
     spacing, patch, (cfg, stats) = embed_settings(meta, args.model)
+    sizes = args.drawn_size or [cfg.drawn_size]
+    for w in sizes:
+        dataclasses.replace(cfg, drawn_size=w)  # validated as in a recipe
+    raw = dataclasses.replace(cfg, drawn_size=0.0)  # the drawn boxes' own size, blended below per weight
     if not cfg.scan_count:
         raise SystemExit(f"{args.model}: the recipe does not read the scan's tumor count (retrieval.scan_count)")
     try:
@@ -102,8 +111,8 @@ def main() -> None:
         box = np.asarray(ev.table["bbox_mm"][int(i)].as_py(), float)
         boxes = [box, grown_box_mm(box, args.grow), *(distorted_mm(box, rng) for _ in range(args.draws))]
         for kind, b in zip(kinds, boxes, strict=True):
-            drawn[kind].append(drawn_box_parts(model, vol, b, cfg=cfg, patch_size=patch, where=images[key],
-                                               frame=frame))
+            drawn[kind].append((drawn_box_parts(model, vol, b, cfg=raw, patch_size=patch, where=images[key],
+                                                frame=frame), vol.spacing_mm))
             vbox = box_mm_to_voxels(b, vol.affine, vol.array.shape)
             counts[kind].append([1 + sum(not overlaps(t.bbox, vbox) for t in f) for f in found])
     db = compose({k: v[ev.train_rows] for k, v in parts.items()}, cfg, model.schema, stats)
@@ -118,22 +127,25 @@ def main() -> None:
                 *(f"segmentation head at {t:g}, >= {v:g} ml" for t, v in detects)]
     print(f"{len(want)} {args.on} tumors, the training tumors as the database, K = 5; per variant: rule, type "
           "accuracy, the mask query's top-1 kept, for boxes " + ", ".join(kinds))
-    for n, name in enumerate(variants):
-        cells, rules = [], []
-        for kind in kinds:
-            q = stack_parts(drawn[kind])
-            if n == 1:
-                q["scan_log_tumors"] = np.log(true)
-            elif n > 1:
-                q["scan_log_tumors"] = np.log(np.asarray(counts[kind], float)[:, n - 2])
-            x = compose(q, cfg, model.schema, stats)
-            sc = knn_scores(train, ev.test.with_x(x), [5], ev.tasks)[5]
-            rules.append(recipe_score(sc))
-            cells.append(f"{rules[-1]:.3f} {sc['acc_tumor_type']:.2f} {np.mean(top1(x) == want):.2f}")
-        right = "" if n < 2 else (f"; the count right for {np.mean(np.asarray(counts['exact'])[:, n - 2] == true):.2f}"
-                                  " of the exact boxes")
-        print(f"{name}: " + " | ".join(cells) + f"; mean rule {np.mean(rules):.3f}{right}")
-
+    for w in sizes:
+        print(f"drawn boxes' size at weight {w:g} toward the tumor's span (retrieval.drawn_size):")
+        for n, name in enumerate(variants):
+            cells, rules, kept = [], [], []
+            for kind in kinds:
+                q = stack_parts([with_drawn_size(d, w, at) for d, at in drawn[kind]])
+                if n == 1:
+                    q["scan_log_tumors"] = np.log(true)
+                elif n > 1:
+                    q["scan_log_tumors"] = np.log(np.asarray(counts[kind], float)[:, n - 2])
+                x = compose(q, cfg, model.schema, stats)
+                sc = knn_scores(train, ev.test.with_x(x), [5], ev.tasks)[5]
+                rules.append(recipe_score(sc))
+                kept.append(np.mean(top1(x) == want))
+                cells.append(f"{rules[-1]:.3f} {sc['acc_tumor_type']:.2f} {kept[-1]:.2f}")
+            hit = np.mean(np.asarray(counts["exact"])[:, n - 2] == true) if n >= 2 else 0.0
+            right = "" if n < 2 else f"; the count right for {hit:.2f} of the exact boxes"
+            print(f"  {name}: " + " | ".join(cells) + f"; mean rule {np.mean(rules):.3f}, top-1 kept "
+                  f"{np.mean(kept):.3f}{right}")
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,7 @@ from tumornet.descriptor import (
     refine_box,
     stack_parts,
     tumors_parts,
+    with_drawn_size,
 )
 from tumornet.detect import DetectConfig, detect_tumors
 from tumornet.errors import InputError
@@ -131,8 +132,9 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     recipe: (RetrievalConfig, statistics) of the model file (tumornet.descriptor.recipe_of); None:
     the paper's raw RoiPool vector. box_fn (optional): box -> box, applied to each tumor's box
     before its patch is cut and pooled (the robustness evaluation passes the paper's box
-    distortion), then refined as a search by box does when the recipe says so (retrieval.refine_box);
-    rows then carry the box used. A scan without a mask (a Volume) gets its tumors from
+    distortion), then refined as a search by box does when the recipe says so (retrieval.refine_box),
+    or their size read as a search by box reads a drawn box's (retrieval.drawn_size); rows then carry
+    the box used. A scan without a mask (a Volume) gets its tumors from
     the segmentation head (tumornet.detect, settings `detect`): rows with source = predicted,
     labels -1, their scan's tumor count not read by the recipe (scan_log_tumors NaN). The tumors'
     patches go through the network together (tumornet.descriptor.tumors_parts)."""
@@ -163,6 +165,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     # nineteenth round); the shards keep it in `scan_tumors`, with `source` saying where it came from
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
                              frame=frame, scan_tumors=len(boxes), count_known=not predicted, extents=extents)
+    if box_fn is not None and cfg.drawn_size and not cfg.refine_box:  # drawn boxes' size, as a search by box reads it
+        all_parts = [with_drawn_size(p, cfg.drawn_size, spacing_mm) for p in all_parts]
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}
     out = []
     for i, (t, bbox, parts) in enumerate(zip(scan.tumors, boxes, all_parts, strict=True)):

@@ -19,7 +19,7 @@ import numpy as np
 from embedder.embed import detect_settings, embed_scan, embed_settings
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
-from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts
+from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts, with_drawn_size
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.fitted import require_uncounted
@@ -207,9 +207,11 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
                          ignore=[drawn, vbox] if cfg.frame_skips_tumors else None)
     if scan_tumors is None and not cfg.scan_count:
         scan_tumors = 1  # read by no head
-    return tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame,
-                       extent=box_mm_extent(box_mm, vol.affine, vol.array.shape) if vbox is drawn else None,
-                       scan_tumors=scan_tumors)
+    parts = tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame,
+                        extent=box_mm_extent(box_mm, vol.affine, vol.array.shape) if vbox is drawn else None,
+                        scan_tumors=scan_tumors)
+    # a box as drawn reads its size partly from the tumor the segmentation sees in it (retrieval.drawn_size)
+    return with_drawn_size(parts, cfg.drawn_size, vol.spacing_mm) if vbox is drawn and cfg.drawn_size else parts
 
 
 def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, rerank=None,

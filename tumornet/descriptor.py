@@ -115,6 +115,60 @@ def refine_box(model, image: np.ndarray, bbox, *, patch_size: int, head=None, co
     return shift_box(box_from_mask(found), origin).astype(np.int64)
 
 
+SPAN_LEVEL = 0.3  # tumor_span: the run of the probability profile above this share of its peak ...
+SPAN_PEAK = 0.2  # ... where the peak inside the box reaches this (twentieth round, on validation)
+
+
+def _run_width(profile: np.ndarray, lo: int, hi: int, level: float) -> float:
+    """Width (voxels) of the run of `profile` at or above `level` that holds its highest point within
+    [lo, hi): between the level's crossings, interpolated linearly between voxel centres (a run that
+    reaches an end of the profile: that voxel's outer edge)."""
+    i = lo + int(np.argmax(profile[lo:hi]))
+    a = b = i
+    while a > 0 and profile[a - 1] >= level:
+        a -= 1
+    while b < len(profile) - 1 and profile[b + 1] >= level:
+        b += 1
+    left = a - 0.5 if a == 0 else a - (profile[a] - level) / max(profile[a] - profile[a - 1], 1e-6)
+    right = b + 0.5 if b == len(profile) - 1 else b + (profile[b] - level) / max(profile[b] - profile[b + 1], 1e-6)
+    return float(right - left)
+
+
+def tumor_span(prob: np.ndarray, box) -> np.ndarray:
+    """Per axis, how far the tumor the segmentation head sees in a box spans (voxels): the tumor
+    probability (`prob`, a patch around the box; `box` in its voxels) maximized over the box's cross
+    section along each axis, and the run of that profile above SPAN_LEVEL of its peak in the box that
+    holds the peak, measured over the whole patch; NaN (3,) where the peak is under SPAN_PEAK (nothing
+    seen)."""
+    lo, hi = np.asarray(box[:3], int), np.asarray(box[3:], int)
+    inside = prob[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    peak = float(inside.max()) if inside.size else 0.0
+    if peak < SPAN_PEAK:
+        return np.full(3, np.nan)
+    out = np.empty(3)
+    for a in range(3):
+        cut = tuple(slice(None) if j == a else slice(lo[j], hi[j]) for j in range(3))
+        profile = prob[cut].max(axis=tuple(j for j in range(3) if j != a))
+        out[a] = _run_width(profile, lo[a], hi[a], SPAN_LEVEL * peak)
+    return out
+
+
+def drawn_extent(extent, span, weight: float) -> np.ndarray:
+    """A drawn box's extent per axis, blended in log with `weight` toward the tumor's span inside it
+    (retrieval.drawn_size; tumor_span, capped at the box: a box that is too loose reads smaller, one
+    that is too tight does not grow); the box's own where the segmentation saw nothing."""
+    extent, span = np.asarray(extent, float), np.asarray(span, float)
+    if weight == 0 or not np.isfinite(span).all():
+        return extent
+    return extent ** (1 - weight) * np.minimum(np.maximum(span, 1e-3), extent) ** weight
+
+
+def with_drawn_size(parts: Mapping, weight: float, spacing_mm) -> dict:
+    """One box's parts (tumors_parts) with `box_log_volume` read from drawn_extent (a drawn box)."""
+    extent = drawn_extent(parts["extent"], parts["tumor_span"], weight)
+    return {**parts, "box_log_volume": box_log_volume(extent, spacing_mm)}
+
+
 def box_log_volume(extent, spacing_mm) -> float:
     """The `box_log_volume` part: log of a box's volume in ml from its extent per axis in voxels."""
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
@@ -127,7 +181,8 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                  count_known: bool = True) -> list[dict]:
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
-    "box_log_volume", "position" (3,), "seg_log_volume"}. Each box gets the training patch centred on
+    "box_log_volume", "position" (3,), "seg_log_volume", "extent" (3,): the extent the box's size was read
+    from, "tumor_span" (3,): tumor_span's, for with_drawn_size}. Each box gets the training patch centred on
     it (larger for a larger tumor); patches of one size go through the network together, up to
     `batch` at a time (eval mode: the numbers of one at a time, to float rounding). With the scan's TemplateFrame
     (`frame`, tumornet.register) each dict also has "template_position" (3,) and "atlas"
@@ -156,7 +211,9 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                 frames = torch.from_numpy(np.stack([cut[i][2] for i in idx]))
                 boxes = boxes.to(model.device)
                 f = model.features(x, frames)
-                foreground = (model.seg_head(f).argmax(1) > 0).cpu().numpy()
+                seg_logits = model.seg_head(f).float()
+                foreground = (seg_logits.argmax(1) > 0).cpu().numpy()
+                prob = (1.0 - torch.softmax(seg_logits, 1)[:, 0]).cpu().numpy()
                 pooled = roi_pool(f, boxes)
                 logits = torch.cat([model.task_heads[t](pooled) for t in model.schema.names], 1).float().cpu().numpy()
                 emb = pooled.float().cpu().numpy()
@@ -170,7 +227,9 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
                               "box_log_volume": box_log_volume(extent, spacing_mm),
                               "position": ((box_center(bbox) - centre) / half).astype(np.float32),
                               "seg_log_volume": float(np.log(seg * voxel_ml)),
-                              "scan_log_tumors": float(np.log(count)) if count_known else float("nan")}
+                              "scan_log_tumors": float(np.log(count)) if count_known else float("nan"),
+                              "extent": np.asarray(extent, np.float64),
+                              "tumor_span": tumor_span(prob[n], cut[i][1])}
                     if frame is not None:
                         out[i]["template_position"] = frame.position(box_center(bbox))
                         out[i]["atlas"] = frame.atlas(bbox)

@@ -12,7 +12,7 @@ from .fitted import HEAD_SELECT, POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS, size
 from .register import check_warp_mm
 
 # recipe keys of the search, not of a stored vector: a model file's may change without embedding again
-SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position", "refine_box")
+SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position", "refine_box", "drawn_size")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +56,11 @@ class RetrievalConfig:
     # a drawn box (search --box, and the robustness evaluation's distorted boxes) is first replaced by the
     # box of the tumor the segmentation head finds in it (refine_box). Search-time only, like rerank
     refine_box: bool = False
+    # a drawn box's size (search --box, and the robustness evaluation's distorted boxes): its own extent
+    # per axis (0), or its log blended with this weight toward the extent the segmentation head's tumor
+    # probability spans inside it (tumornet.descriptor.tumor_span; twentieth round: a loose box reads
+    # nearer the tumor's size). Search-time only, like rerank
+    drawn_size: float = 0.0
     # how the refit heads are fit: every head on all of head_inputs with C = 1 ("fixed"), or per task the
     # inputs (all, the box's place and size, or its place alone) and C chosen by cross-validation over the
     # training patients ("cv", tumornet.fitted.select_head: eleventh round); "cv-context": the same with
@@ -108,6 +113,9 @@ class RetrievalConfig:
                              "heads read only with retrieval.scan_count: true")
         if not isinstance(self.refine_box, bool):
             raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
+        if isinstance(self.drawn_size, bool) or not isinstance(self.drawn_size, int | float) or not (
+                0 <= self.drawn_size <= 1):
+            raise InputError(f"retrieval.drawn_size: expected a weight from 0 to 1, got {self.drawn_size!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:
             raise InputError(f"retrieval.rerank: expected a whole number >= 0 (candidates), got {self.rerank!r}")
         for key in ("size", "position"):

@@ -1,0 +1,121 @@
+"""A drawn box's size read partly from the tumor the segmentation head sees in it (the retrieval recipe's
+search-time `drawn_size`, twentieth round), with a stand-in network whose tumor probability is known."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedder.embed import embed_read
+from retrieval.search import drawn_box_parts
+from tumornet.descriptor import box_log_volume, drawn_extent, tumor_span, tumors_parts, with_drawn_size
+from tumornet.errors import InputError
+from tumornet.labels import DEFAULT_SCHEMA
+from tumornet.manifest import ManifestRow
+from tumornet.network import MultitaskNet, NetConfig
+from tumornet.recipe import SEARCH_ONLY, RetrievalConfig
+from tumornet.scans import Scan
+from tumornet.tumors import measure_tumors
+from tumornet.volumes import Volume
+
+TUMOR = (slice(20, 26), slice(18, 24), slice(21, 25))  # 6 x 6 x 4 voxels
+LOOSE = [17, 15, 18, 30, 27, 28]  # 13 x 12 x 10: too large on every side, grazing a neighbour
+
+
+class _Crisp(torch.nn.Module):
+    def forward(self, f):  # tumor probability sigmoid(20 (intensity - 0.5)): ~1 inside, ~0 outside
+        x = f[:, :1]
+        return torch.cat([torch.zeros_like(x), 20 * (x - 0.5)], 1)
+
+
+def _crisp_model() -> MultitaskNet:
+    model = MultitaskNet(NetConfig(channels=4, blocks=1), DEFAULT_SCHEMA)
+    model.features = lambda x, frames: x.expand(-1, 4, -1, -1, -1)
+    model.seg_head = _Crisp()
+    return model
+
+
+def _image() -> np.ndarray:
+    image = np.zeros((48, 48, 48), np.float32)
+    image[TUMOR] = 1.0
+    image[29:33, 20:24, 21:25] = 1.0  # a neighbour the loose box grazes, not touching the tumor
+    return image
+
+
+def test_tumor_span_reads_the_tumor_in_a_loose_box_and_nothing_where_nothing_is_seen():
+    prob = np.zeros((40, 40, 40))
+    prob[10:16, 12:18, 5:9] = 0.8
+    prob[19:22, 12:18, 5:9] = 0.8  # beyond a gap: another run, not the one of the peak
+    # each edge's crossing of 0.3 x the peak lies 0.7 voxel out from the last voxel inside: n + 0.4
+    assert tumor_span(prob, [8, 10, 3, 18, 20, 11]) == pytest.approx([6.4, 6.4, 4.4])
+    # the run is measured over the whole patch, also beyond the box (a box too small does not shrink it)
+    assert tumor_span(prob, [11, 13, 6, 14, 16, 8]) == pytest.approx([6.4, 6.4, 4.4])
+    assert np.isnan(tumor_span(prob * 0.2, [8, 10, 3, 18, 20, 11])).all()  # a peak under 0.2: nothing seen
+    assert np.isnan(tumor_span(prob, [30, 30, 30, 35, 35, 35])).all()
+
+
+def test_drawn_extent_blends_toward_the_span_and_never_grows_a_box():
+    box = np.array([13.0, 12.0, 10.0])
+    assert drawn_extent(box, [6.0, 6.0, 4.0], 0) is not None
+    assert np.allclose(drawn_extent(box, [6.0, 6.0, 4.0], 0), box)
+    assert np.allclose(drawn_extent(box, [6.0, 6.0, 4.0], 1), [6, 6, 4])
+    third = drawn_extent(box, [6.0, 6.0, 4.0], 1 / 3)
+    assert np.allclose(np.log(third), (2 * np.log(box) + np.log([6, 6, 4])) / 3)
+    assert np.allclose(drawn_extent(box, [20.0, 30.0, 10.0], 0.5), box)  # a span wider than the box: the box's
+    assert np.allclose(drawn_extent(box, [np.nan] * 3, 0.5), box)  # nothing seen: the box as drawn
+
+
+def test_a_loose_box_reads_nearer_the_tumors_size_and_an_exact_one_its_own():
+    model, image = _crisp_model(), _image()
+    exact = [20, 18, 21, 26, 24, 25]
+    loose, tight = tumors_parts(model, image, [LOOSE, exact], patch_size=32, spacing_mm=2.0)
+    assert loose["tumor_span"] == pytest.approx([6.4, 6.4, 4.4], abs=0.01)  # the neighbour is not its run
+    assert np.allclose(loose["extent"], [13, 12, 10]) and np.allclose(tight["extent"], [6, 6, 4])
+    assert loose["box_log_volume"] == pytest.approx(box_log_volume([13, 12, 10], 2.0))  # parts: the box's own
+    half = with_drawn_size(loose, 0.5, 2.0)
+    want = np.log(np.prod(np.sqrt(np.array([13, 12, 10]) * [6.4, 6.4, 4.4])) * 8 / 1000)
+    assert half["box_log_volume"] == pytest.approx(want, abs=1e-3)
+    assert np.allclose(half["roipool"], loose["roipool"]) and half["position"] is loose["position"]
+    assert with_drawn_size(tight, 0.5, 2.0)["box_log_volume"] == pytest.approx(tight["box_log_volume"])
+    assert with_drawn_size(loose, 0.0, 2.0)["box_log_volume"] == loose["box_log_volume"]
+
+
+def test_a_search_by_box_and_the_robustness_boxes_read_the_recipes_drawn_size(tmp_path: Path):
+    model, image = _crisp_model(), _image()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    vol = Volume(array=image, spacing_mm=(2.0, 2.0, 2.0), affine=affine, scan_id="q")
+    loose_mm = np.array([17, 15, 18, 30, 27, 28], float) * 2 - 1  # the voxels' outer edges in mm
+    as_drawn = drawn_box_parts(model, vol, loose_mm, cfg=RetrievalConfig(), patch_size=32, where="q")
+    blended = drawn_box_parts(model, vol, loose_mm, cfg=RetrievalConfig(drawn_size=0.5), patch_size=32, where="q")
+    assert as_drawn["box_log_volume"] == pytest.approx(box_log_volume([13, 12, 10], 2.0))
+    assert blended["box_log_volume"] < as_drawn["box_log_volume"] - 0.5  # 13 x 12 x 10 -> about 9 x 9 x 7
+    assert np.allclose(blended["roipool"], as_drawn["roipool"])
+    # a refined box is the tumor's own: its size is not blended again
+    refined = drawn_box_parts(model, vol, loose_mm, cfg=RetrievalConfig(drawn_size=0.5, refine_box=True),
+                              patch_size=32, where="q")
+    assert refined["box_log_volume"] == pytest.approx(box_log_volume([6, 6, 4], 2.0))
+    # evaluate --robustness: distorted boxes read their size as a search by box does; exact boxes never
+    instances = np.zeros(image.shape, np.int32)
+    instances[TUMOR] = 1
+    scan = Scan(volume=vol, instances=instances, tumors=tuple(measure_tumors(instances, affine, scan_id="q")))
+    rows = [ManifestRow(row=1, patient_id="P", scan_id="q", image=tmp_path / "q.nii.gz", mask=tmp_path / "m.nii.gz",
+                        tumor_id=1, labels={})]
+
+    def embedded(box_fn, drawn_size):
+        (row,) = embed_read(model, "m", rows, scan, spacing_mm=2.0, patch_size=32, secret=b"k" * 32, file_hash="",
+                            box_fn=box_fn, recipe=(RetrievalConfig(drawn_size=drawn_size), None))
+        return row["box_log_volume"]
+
+    def grown(b):
+        return np.array(LOOSE)
+
+    assert embedded(grown, 0.5) < embedded(grown, 0.0) - 0.5
+    assert embedded(None, 0.5) == pytest.approx(embedded(None, 0.0))  # a mask's box: its own extent
+
+
+def test_drawn_size_is_a_search_time_weight():
+    assert RetrievalConfig().drawn_size == 0 and "drawn_size" in SEARCH_ONLY  # archives stay valid
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(InputError, match=r"retrieval\.drawn_size: expected a weight from 0 to 1"):
+            RetrievalConfig(drawn_size=bad)
