@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--out", required=True, help="the new model file (the same model id)")
     sp.add_argument("--set", action="append", default=[], help="retrieval.KEY=VALUE: rerank, rerank_size, "
-                    "rerank_position or refine_box; any retrieval key with --manifest")
+                    "rerank_position, refine_box or drawn_size; any retrieval key with --manifest")
     sp.add_argument("--manifest", help="the training cohort: the recipe's statistics and refit heads are fit "
                     "again on the model's training scans, so any retrieval key may change")
     sp.set_defaults(func=cmd_retune)
