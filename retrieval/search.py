@@ -233,9 +233,12 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
     vector = compose(one, cfg, model.schema, stats)[0]
     classes = predicted_classes(one, cfg, model.schema, stats)
     predicted = {t.name: t.classes[int(classes[t.name][0])] for t in model.schema.tasks}
+    # the size the box was read as (its volume part, after retrieval.drawn_size): the equivalent diameter of
+    # the ellipsoid inscribed in it, comparable with the hits' size_mm
+    read_mm = float(np.cbrt(np.exp(parts["box_log_volume"]) * 1000.0))
     return rank(model, archive, [{"tumor_id": None, "box_mm": box_mm.tolist(), "size_mm": None,
-                                "predicted": predicted, "embedding": vector, "patient_key": patient_key}], k=k,
-                where=parse_where(where, model.schema))
+                                  "box_read_mm": read_mm, "predicted": predicted, "embedding": vector,
+                                  "patient_key": patient_key}], k=k, where=parse_where(where, model.schema))
 
 
 def search_archived(model_path, emb_dir, tumor: str, *, k: int = 5, where=None, rerank=None) -> list[dict]:
@@ -263,6 +266,8 @@ def format_search(results: list[dict]) -> str:
         what = (f"query tumor {q['tumor_id']}" if q.get("box_mm") is None else
                 "query box " + ",".join(f"{v:.0f}" for v in q["box_mm"]) + " mm")
         size = "" if q.get("size_mm") is None else f": {q['size_mm']:.1f} mm"
+        if q.get("box_read_mm") is not None:
+            size = f" (read as a tumor about {q['box_read_mm']:.1f} mm across)"
         lines += [f"{what}{size}; predicted {pred}", "",
                   "| rank | distance | scan_key | tumor | size mm | " + " | ".join(q["predicted"]) + " |",
                   "|---|---|---|---|---|" + "---|" * len(q["predicted"])]

@@ -242,6 +242,9 @@ def test_search_by_box_by_archived_tumor_and_with_label_filters(archive, small_c
     (q,) = search_box(archive / "model.pt", archive / "emb", scan[0].image, row["bbox_mm"], k=3)
     assert q["hits"][0]["scan_key"] == key and q["hits"][0]["tumor_id"] == row["tumor_id"]
     assert q["hits"][0]["distance"] < 1e-3 and q["size_mm"] is None and "query box" in format_search([q])
+    # the size the box was read as: the equivalent diameter of its inscribed ellipsoid (drawn_size 0: the box's)
+    assert q["box_read_mm"] == pytest.approx(np.cbrt(np.prod(np.subtract(row["bbox_mm"][3:], row["bbox_mm"][:3]))))
+    assert f"read as a tumor about {q['box_read_mm']:.1f} mm across" in format_search([q])
     # a box drawn 20 % too large reads as its own size, pooled over the voxels that cover it (one more a side)
     from retrieval.search import drawn_box_example, drawn_box_parts
     from tumornet.boxes import box_mm_to_voxels, box_size, box_to_mm, grown_box_mm
