@@ -193,3 +193,20 @@ def test_metric_term_in_the_multitask_loss():
                      ({"metric_memory": 2.5}, r"loss\.metric_memory: must be a whole number")):
         with pytest.raises(InputError, match=msg):
             LossWeights(**bad)
+
+
+def test_tumor_voxels_weigh_more_in_the_segmentation_term():
+    net = _net()
+    x, seg, boxes, labels = _batch()
+    out = net(x, boxes)
+    per_voxel = F.cross_entropy(out["seg"], seg, reduction="none")
+    w = torch.where(seg > 0, 3.0, 1.0)
+    t = multitask_loss(out, seg, labels, LossWeights(seg_tumor_weight=3.0))
+    assert torch.allclose(t["seg"], (w * per_voxel).sum() / w.sum())  # the voxels' mean, weighed
+    plain = multitask_loss(out, seg, labels, LossWeights())["seg"]
+    assert torch.allclose(plain, per_voxel.mean())  # 1: the paper's plain mean
+    # the net starts at "tumor unlikely" (seg_prior): tumor voxels cost more than the rest, so weighing them up raises it
+    assert t["seg"] > plain
+    for bad in (0.0, -1.0):
+        with pytest.raises(InputError, match=r"loss\.seg_tumor_weight: must be > 0"):
+            LossWeights(seg_tumor_weight=bad)

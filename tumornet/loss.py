@@ -30,6 +30,9 @@ class LossWeights:
     # patch: CE averaged over voxels lets small tumors go unsegmented, which the detection of scans
     # without a mask pays for; Dice counts every tumor voxel as much as the whole background does
     seg_dice: float = 0.0
+    # the segmentation CE's weight of tumor voxels against background ones (1 = the paper's plain CE; above 1
+    # a missed tumor voxel costs more: a lead for faint small tumors the detection misses, twentieth round)
+    seg_tumor_weight: float = 1.0
     # lambda_m: a supervised contrastive term on the RoiPool vectors (not in the paper; 0 = off): tumors
     # that share a task's label are pulled together, against the batch's other tumors and the last
     # `metric_memory` tumors of this worker (a batch of 2 patches holds too few tumors to contrast)
@@ -43,6 +46,8 @@ class LossWeights:
         for key, v in weights.items():
             if v < 0:
                 raise InputError(f"loss.{key}: must be >= 0, got {v}")
+        if not self.seg_tumor_weight > 0:
+            raise InputError(f"loss.seg_tumor_weight: must be > 0, got {self.seg_tumor_weight}")
         if not self.metric_temperature > 0:
             raise InputError(f"loss.metric_temperature: must be > 0, got {self.metric_temperature}")
         if int(self.metric_memory) != self.metric_memory:
@@ -130,7 +135,11 @@ def multitask_loss(out: dict, seg_target: torch.Tensor, labels: Mapping[str, tor
     seg_target: (B, D, H, W) class indices; labels: {task: (N,) class index or -1}; bank: the metric
     term's memory of past tumors (read, not updated here).
     """
-    seg = F.cross_entropy(out["seg"], seg_target.long())
+    class_weight = None
+    if weights.seg_tumor_weight != 1:  # background 1, every tumor class seg_tumor_weight
+        class_weight = torch.full((out["seg"].shape[1],), float(weights.seg_tumor_weight), device=out["seg"].device)
+        class_weight[0] = 1.0
+    seg = F.cross_entropy(out["seg"], seg_target.long(), weight=class_weight)
     terms: dict[str, torch.Tensor] = {"seg": seg}
     total = weights.seg * seg
     if weights.seg_dice > 0:
