@@ -205,7 +205,8 @@ def test_tumor_voxels_weigh_more_in_the_segmentation_term():
     assert torch.allclose(t["seg"], (w * per_voxel).sum() / w.sum())  # the voxels' mean, weighed
     plain = multitask_loss(out, seg, labels, LossWeights())["seg"]
     assert torch.allclose(plain, per_voxel.mean())  # 1: the paper's plain mean
-    # the net starts at "tumor unlikely" (seg_prior): tumor voxels cost more than the rest, so weighing them up raises it
+    # the net starts at "tumor unlikely" (seg_prior): tumor voxels cost more than the rest, so weighing them
+    # up raises the term
     assert t["seg"] > plain
     for bad in (0.0, -1.0):
         with pytest.raises(InputError, match=r"loss\.seg_tumor_weight: must be > 0"):
