@@ -40,6 +40,7 @@ from tumornet.export import load_model
 from tumornet.fitted import require_uncounted
 from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import read_manifest
+from tumornet.recipe import RetrievalConfig
 from tumornet.register import register
 from tumornet.volumes import load_volume
 
@@ -63,6 +64,14 @@ def _detect_setting(text: str) -> tuple[float, float]:
     return threshold, min_ml
 
 
+def _weight(text: str) -> float:
+    """--drawn-size W -> a weight from 0 to 1, validated as retrieval.drawn_size is."""
+    try:
+        return RetrievalConfig(drawn_size=float(text)).drawn_size
+    except (ValueError, InputError) as e:
+        raise argparse.ArgumentTypeError(f"expected a weight from 0 to 1, got {text!r} ({e})") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for a in ("--model", "--embeddings", "--manifest", "--secret-file"):
@@ -73,7 +82,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=19)
     p.add_argument("--detect", action="append", default=None, metavar="THRESHOLD:MIN_ML", type=_detect_setting,
                    help="segmentation-head count settings to compare (default 0.5:0.05, the detection default)")
-    p.add_argument("--drawn-size", action="append", type=float, default=None, metavar="W",
+    p.add_argument("--drawn-size", action="append", type=_weight, default=None, metavar="W",
                    help="drawn boxes' size weights to compare (retrieval.drawn_size; default: the model's)")
     args = p.parse_args()
     detects = args.detect or [(0.5, 0.05)]
@@ -81,8 +90,6 @@ def main() -> None:
     model, meta = load_model(args.model)
     spacing, patch, (cfg, stats) = embed_settings(meta, args.model)
     sizes = args.drawn_size or [cfg.drawn_size]
-    for w in sizes:
-        dataclasses.replace(cfg, drawn_size=w)  # validated as in a recipe
     raw = dataclasses.replace(cfg, drawn_size=0.0)  # the drawn boxes' own size, blended below per weight
     if not cfg.scan_count:
         raise SystemExit(f"{args.model}: the recipe does not read the scan's tumor count (retrieval.scan_count)")
