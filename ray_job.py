@@ -197,7 +197,8 @@ def cmd_evaluate(args) -> None:
         from retrieval.detection import detection_sweep, format_detection, parse_windows
 
         rows = detection_sweep(args.model, args.manifest, on=args.on, thresholds=ts,  # the model's own first
-                               windows=parse_windows(args.detect_windows) if args.detect_windows else None)
+                               windows=parse_windows(args.detect_windows) if args.detect_windows else None,
+                               detector=args.detector)
         res["detection"], res["detection_sweep"] = rows[0], rows
         print("\n".join(format_detection(r) for r in rows))
     if args.robustness:
@@ -229,6 +230,9 @@ def cmd_search(args) -> None:
     if args.scan_tumors is not None and not args.box:
         raise InputError("search: --scan-tumors is for a query by --box (a mask, or the archive, knows how "
                          "many tumors its scan holds)")
+    if args.detector and (args.mask or args.box or args.tumor):
+        raise InputError("search: --detector finds the tumors of --image alone (a mask, a box or an archived "
+                         "tumor needs no detection)")
     if args.tumor and args.patient_key:
         raise InputError("search: --patient-key is for a new scan's query; --tumor knows its own patient")
     if args.patient_key is not None and not re.fullmatch(r"[0-9a-f]{16}", args.patient_key):
@@ -246,7 +250,7 @@ def cmd_search(args) -> None:
         tumor_ids = _number_list(args.tumor_id, "--tumor-id") if args.tumor_id else None
         rows = query_rows(args.image, args.mask, binary=args.binary, tumor_ids=tumor_ids)
         results = search(args.model, args.embeddings, rows, k=args.k, where=args.where, rerank=args.rerank,
-                         patient_key=args.patient_key)
+                         patient_key=args.patient_key, detector=args.detector)
     print(json.dumps(results, indent=2) if args.json else format_search(results))
 
 
@@ -390,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--manifest", required=True, help="the archive's manifest (CSV / Parquet), or a folder of NIfTI "
                     "files (scans without masks: the model finds the tumors)")
     sp.add_argument("--min-volume-ml", type=float, help="smallest tumor found in a scan without mask (config detect)")
+    sp.add_argument("--detector", help="a model file whose segmentation head finds the tumors of scans without a "
+                    "mask, at its own detect settings (config embed.detector; default: the model's own head)")
     sp.add_argument("--out", required=True, help="folder of the embedding shards (re-runs add to it)")
     sp.add_argument("--secret-file", required=True, help="the site's key for patient_key hashes (>= 16 bytes)")
     sp.add_argument("--workers", type=int, help="Ray Data actors, each loads the model once (config embed: 2)")
@@ -435,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--detection", action="store_true", help="also score the tumors found without masks (recall)")
     sp.add_argument("--detect-thresholds", help="--detection at these thresholds too (e.g. 0.2,0.3,0.5)")
     sp.add_argument("--detect-windows", help="--detection with these sliding windows too, WINDOW:OVERLAP (e.g. 64:0.5)")
+    sp.add_argument("--detector", help="--detection of the tumors a detector model finds (embed --detector; it must "
+                    "record the model's split)")
     sp.add_argument("--draws", type=int, default=3, help="distortions of every held-out tumor (for --robustness)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the distortions (for --robustness)")
     sp.add_argument("--rerank", type=int, help="search with this many first-stage candidates instead of the "
@@ -458,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "patient's archived tumors are left out")
     sp.add_argument("--binary", action="store_true", help="the mask is binary: each connected component is a tumor")
     sp.add_argument("--tumor-id", help="only these tumors of the mask (comma-separated)")
+    sp.add_argument("--detector", help="--image alone: a model file whose segmentation head finds the tumors "
+                    "(as embed --detector; default: the model's own head)")
     sp.add_argument("--k", type=int, default=5)
     sp.add_argument("--rerank", type=int, help="first-stage candidates instead of the recipe's retrieval.rerank "
                     "(0: one stage)")

@@ -31,6 +31,7 @@ from tumornet.descriptor import (
 )
 from tumornet.detect import DetectConfig, detect_tumors
 from tumornet.errors import InputError
+from tumornet.export import load_model
 from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
@@ -70,14 +71,18 @@ RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "bo
 BOX_EXTENT = {"box_extent": "mask"}
 
 
-def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig) -> str:
+def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig, detector_id: str | None = None) -> str:
     """What besides the weights and the files decides a shard row: spacing, patch size, the retrieval
-    recipe and its statistics, the detection settings, and the registration's settings when the recipe
-    reads the template frame (16 hex chars)."""
+    recipe and its statistics, the detection settings, the detector model's id where one finds the
+    tumors of scans without a mask (none: the model's own segmentation head, as archives embedded before
+    the detector existed), and the registration's settings when the recipe reads the template frame
+    (16 hex chars)."""
     # recipe keys added later are left out at their default, so the archives embedded before stay valid
     same = {k: v for k, v in dataclasses.asdict(recipe[0]).items()
             if RECIPE_ADDED.get(k, ...) != v and k not in SEARCH_ONLY}
     parts = [spacing, patch, same, recipe[1], dataclasses.asdict(detect), BOX_EXTENT]
+    if detector_id is not None:
+        parts.append({"detector": detector_id})
     if recipe[0].needs_frame:
         parts.append(FIT_SETTINGS)
         if recipe[0].warp_mm > 0:
@@ -105,6 +110,20 @@ def detect_settings(meta: dict, **overrides) -> DetectConfig:
     return DetectConfig(**(base | {k: v for k, v in overrides.items() if v is not None}))
 
 
+def load_detector(path, spacing_mm, *, min_volume_ml: float | None = None):
+    """A detector: another model file whose segmentation head finds the tumors of scans without a mask
+    (e.g. one trained with loss.seg_tumor_weight > 1, which finds more of them; the retrieval model still
+    embeds them) -> (network, its metadata, its `detect` settings with min_volume_ml overriding). It must
+    work on the retrieval model's grid (`spacing_mm`): detection runs on the scan read for embedding."""
+    model, meta = load_model(path)
+    own = meta["extra"].get("spacing_mm")
+    if own is None or not np.allclose(np.broadcast_to(np.asarray(own, float), 3),
+                                      np.broadcast_to(np.asarray(spacing_mm, float), 3)):
+        raise InputError(f"{path}: the detector was trained at {own} mm, the retrieval model works at {spacing_mm} "
+                         "mm; a detector must share the retrieval model's spacing")
+    return model, meta, detect_settings(meta, min_volume_ml=min_volume_ml)
+
+
 def read_scan(rows: Sequence[ManifestRow], *, spacing_mm) -> Scan | Volume:
     """The CPU part of embedding a scan (decode, resample, normalize; the mask's tumors measured):
     a Scan, or for a scan without a mask its Volume alone (its tumors are found by the network)."""
@@ -115,18 +134,18 @@ def read_scan(rows: Sequence[ManifestRow], *, spacing_mm) -> Scan | Volume:
 
 def embed_scan(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], *, spacing_mm, patch_size: int,
                secret: bytes, file_hash: str | None = None, box_fn=None, recipe=None,
-               detect: DetectConfig | None = None) -> list[dict]:
+               detect: DetectConfig | None = None, detector=None) -> list[dict]:
     """Rows (one scan_id) of a manifest -> shard rows (see embedder.shards.shard_schema): read_scan
     then embed_read."""
     return embed_read(model, model_id, rows, read_scan(rows, spacing_mm=spacing_mm), spacing_mm=spacing_mm,
                       patch_size=patch_size, secret=secret, file_hash=file_hash, box_fn=box_fn, recipe=recipe,
-                      detect=detect)
+                      detect=detect, detector=detector)
 
 
 @torch.no_grad()
 def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], read: Scan | Volume, *, spacing_mm,
                patch_size: int, secret: bytes, file_hash: str | None = None, box_fn=None, recipe=None,
-               detect: DetectConfig | None = None) -> list[dict]:
+               detect: DetectConfig | None = None, detector=None) -> list[dict]:
     """The network's part of embedding a scan read by read_scan -> shard rows.
 
     recipe: (RetrievalConfig, statistics) of the model file (tumornet.descriptor.recipe_of); None:
@@ -135,13 +154,14 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     distortion), then refined as a search by box does when the recipe says so (retrieval.refine_box),
     or their size read as a search by box reads a drawn box's (retrieval.drawn_size); rows then carry
     the box used. A scan without a mask (a Volume) gets its tumors from
-    the segmentation head (tumornet.detect, settings `detect`): rows with source = predicted,
+    the segmentation head (tumornet.detect, settings `detect`; `detector`: another network's, see
+    load_detector): rows with source = predicted,
     labels -1, their scan's tumor count not read by the recipe (scan_log_tumors NaN). The tumors'
     patches go through the network together (tumornet.descriptor.tumors_parts)."""
     cfg, stats = recipe or (RetrievalConfig(), None)
     predicted = isinstance(read, Volume)
     if predicted:
-        instances, tumors = detect_tumors(model, read, detect or DetectConfig())
+        instances, tumors = detect_tumors(model if detector is None else detector, read, detect or DetectConfig())
         scan = Scan(volume=read, instances=instances, tumors=tuple(tumors))
     else:
         scan = read

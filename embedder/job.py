@@ -35,7 +35,15 @@ from tumornet.manifest import ManifestRow, folder_cohort, read_manifest_lenient,
 from tumornet.recipe import RetrievalConfig
 from tumornet.runtime import ALLOCATOR_ENV
 
-from .embed import detect_settings, embed_read, embed_settings, read_scan, settings_fingerprint, source_hash
+from .embed import (
+    detect_settings,
+    embed_read,
+    embed_settings,
+    load_detector,
+    read_scan,
+    settings_fingerprint,
+    source_hash,
+)
 from .shards import done_scans, model_shard_schema, write_shard
 from .transfer import from_bytes, pack, to_bytes, unpack
 
@@ -113,17 +121,21 @@ class ShardEmbedder:
     the first item, and kept."""
 
     def __init__(self):
-        self.model = None
+        self.model = self.detector = None
 
     def _setup(self, job: dict) -> None:
         import torch
 
         torch.set_num_threads(job["threads"])
         self.model, meta = load_model(job["model_path"])
+        if job.get("detector_path"):
+            self.detector = load_model(job["detector_path"])[0]
         if job["gpus"] > 0:
             if not torch.cuda.is_available():
                 raise RuntimeError("the job asked for GPUs but this actor sees no CUDA device")
             self.model.to("cuda")
+            if self.detector is not None:
+                self.detector.to("cuda")
         self.model_id = meta["model_id"]
         self.recipe = (RetrievalConfig(**job["recipe"]), job["stats"])
         self.schema = model_shard_schema(self.model, self.recipe[0])
@@ -152,7 +164,7 @@ class ShardEmbedder:
                             new = embed_read(self.model, self.model_id, rows, unpack(scan["read"], arrays),
                                              spacing_mm=job["spacing_mm"], patch_size=job["patch_size"],
                                              secret=secret, file_hash=scan["hash"], recipe=self.recipe,
-                                             detect=self.detect)
+                                             detect=self.detect, detector=self.detector)
                         rows_out += new
                         n = len(new)
                     except (Exception, MemoryError) as e:  # recorded, the job goes on
@@ -223,12 +235,13 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
                   workers: int = 2, threads_per_worker: int = 1, scans_per_shard: int = 8,
                   spacing_mm=None, patch_size: int | None = None, max_failure_rate: float = 0.05,
                   min_volume_ml: float | None = None, gpus_per_worker: float = 0.0, precision: str = "fp32",
-                  log=print) -> dict:
+                  detector: str | Path = "", log=print) -> dict:
     """Embed every valid scan of the manifest (or of a plain folder of NIfTI files: scans without a
     mask) -> the run's report (also in `<out>/embed-report.json`, with the history of earlier runs);
     invalid manifest rows and failed scans go to `<out>/embed-errors.jsonl`. report["ok"] is False
     when the failure share exceeds max_failure_rate. Scans without a mask get their tumors from the
-    segmentation head (the model's `detect` settings; min_volume_ml overrides its minimum).
+    segmentation head (the model's `detect` settings; min_volume_ml overrides its minimum), or from a
+    `detector` model's (its own `detect` settings; embedder.embed.load_detector).
 
     `workers` actors run the network (ShardEmbedder), each with `threads_per_worker` CPUs and
     `gpus_per_worker` GPUs (0: CPU, fp32; > 0: CUDA, in `precision` fp32 / bf16 / fp16). With GPUs,
@@ -247,9 +260,14 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         cohort, bad_rows = folder_cohort(manifest, model.schema), []
     else:
         cohort, bad_rows = read_manifest_lenient(manifest, model.schema)
-    detect = detect_settings(meta, min_volume_ml=min_volume_ml)
     scans = cohort.scans()
     spacing, patch, recipe = embed_settings(meta, model_path, spacing_mm=spacing_mm, patch_size=patch_size)
+    detector_id = None
+    if detector:  # validated here too, before any worker starts
+        _, detector_meta, detect = load_detector(detector, spacing, min_volume_ml=min_volume_ml)
+        detector_id = detector_meta["model_id"]
+    else:
+        detect = detect_settings(meta, min_volume_ml=min_volume_ml)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, list[str]] = {}
@@ -267,7 +285,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     chunks = [items[i:i + scans_per_shard] for i in range(0, len(items), scans_per_shard)]
     invalid_scans = len({e.scan_id for e in bad_rows if e.scan_id}) + sum(1 for e in bad_rows if not e.scan_id)
     log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows) in {len(chunks)} "
-        f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it) -> {out}")
+        f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it)"
+        + (f", tumors without a mask found by detector {detector_id}" if detector_id else "") + f" -> {out}")
     progress = Progress(len(scan_ids), log)
     results, stopped = [], ""
     if chunks:
@@ -276,7 +295,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
                "spacing_mm": spacing, "patch_size": patch, "recipe": dataclasses.asdict(recipe[0]),
                "stats": recipe[1], "detect": dataclasses.asdict(detect), "gpus": gpus_per_worker,
                "precision": precision, "threads": threads_per_worker, "stamp": stamp,
-               "settings": settings_fingerprint(spacing, patch, recipe, detect)}
+               "detector_path": str(Path(detector).resolve()) if detector else "",
+               "settings": settings_fingerprint(spacing, patch, recipe, detect, detector_id)}
         ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
                                   for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
         # max_restarts=0, deliberately: a scan's own failure is caught inside the actor, so an actor
@@ -310,7 +330,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     counts = dict(progress.counts)
     total = len(scan_ids) + invalid_scans
     failure_rate = (counts["failed"] + invalid_scans) / total if total else 0.0
-    report = {"run": stamp, "model_id": meta["model_id"], "scans": total, **counts,
+    report = {"run": stamp, "model_id": meta["model_id"], "detector_id": detector_id, "scans": total, **counts,
               "skipped_invalid_rows": len(bad_rows), "skipped_scans": invalid_scans,
               "tumors_embedded": int(sum(int(r["tumors"]) for r in results)), "failure_rate": round(failure_rate, 4),
               "max_failure_rate": max_failure_rate, "ok": failure_rate <= max_failure_rate and not stopped,

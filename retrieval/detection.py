@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from embedder.embed import detect_settings, embed_settings
+from embedder.embed import detect_settings, embed_settings, load_detector
 from tumornet.detect import DetectConfig, tumor_probability, tumors_from_probability
 from tumornet.errors import InputError
 from tumornet.export import load_model
@@ -66,14 +66,23 @@ def parse_windows(text: str) -> list[tuple[int, float]]:
 
 
 def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, windows=None,
-                    min_size_mm: float = 10.0, min_dice: float = 0.3, min_volume_ml: float | None = None) -> list[dict]:
+                    min_size_mm: float = 10.0, min_dice: float = 0.3, min_volume_ml: float | None = None,
+                    detector=None) -> list[dict]:
     """Detection quality at the model's `detect` settings and at each of `thresholds` and `windows`
     ((window, overlap) pairs of the sliding-window pass), the tumor probability computed once per scan
     and window -> one record per (window, threshold), the model's own first. Choose them on the
-    validation split (`on="validation"`), then set them in the config's `detect` section."""
+    validation split (`on="validation"`), then set them in the config's `detect` section. `detector`: a
+    model file that finds the tumors instead of the model's own head (embed --detector), at its own
+    `detect` settings; it must record the same split as the model (its held-out patients unseen)."""
     model, meta = load_model(model_path)
     spacing, _, _ = embed_settings(meta, model_path)
     cfg = detect_settings(meta, min_volume_ml=min_volume_ml)
+    if detector is not None:
+        model, detector_meta, cfg = load_detector(detector, spacing, min_volume_ml=min_volume_ml)
+        if detector_meta["extra"].get("split") != meta["extra"].get("split"):
+            raise InputError(f"{detector}: the detector records another split than the model {model_path}: its "
+                             "detection would be scored on patients it may have trained on")
+    detector_id = None if detector is None else detector_meta["model_id"]
     passes = [(cfg.window, cfg.overlap), *((int(w), float(o)) for w, o in windows or ())]
     passes = list(dict.fromkeys(passes))
     cfgs = [replace(cfg, window=w, overlap=o, threshold=float(t)) for w, o in passes
@@ -93,7 +102,8 @@ def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, 
                     counts[j] += _counts(scan, *tumors_from_probability(prob, scan.volume, c), min_size_mm, min_dice)
     out = []
     for c, (true_big, true_hit, found_big, found_hit, largest) in zip(cfgs, counts.tolist(), strict=True):
-        out.append({"model_id": meta["model_id"], "on": on, "scans": len(scan_ids), "min_size_mm": min_size_mm,
+        out.append({"model_id": meta["model_id"], "detector_id": detector_id, "on": on, "scans": len(scan_ids),
+                    "min_size_mm": min_size_mm,
                     "min_dice": min_dice, "threshold": c.threshold, "window": c.window, "overlap": c.overlap,
                     "min_volume_ml": c.min_volume_ml,
                     "voxel_mm3": voxel_mm3, "true_tumors": true_big, "found_tumors": found_big,
@@ -104,10 +114,10 @@ def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, 
 
 
 def detection_quality(model_path, manifest, *, on: str = "test", min_size_mm: float = 10.0, min_dice: float = 0.3,
-                      min_volume_ml: float | None = None) -> dict:
-    """Detection quality at the model's own detection settings (see detection_sweep)."""
+                      min_volume_ml: float | None = None, detector=None) -> dict:
+    """Detection quality at the model's (or the detector's) own detection settings (see detection_sweep)."""
     return detection_sweep(model_path, manifest, on=on, min_size_mm=min_size_mm, min_dice=min_dice,
-                           min_volume_ml=min_volume_ml)[0]
+                           min_volume_ml=min_volume_ml, detector=detector)[0]
 
 
 def format_detection(res: dict) -> str:
@@ -115,7 +125,8 @@ def format_detection(res: dict) -> str:
         return "n/a" if v is None or v != v else format(v, fmt)
 
     window = f", window {res['window']} overlap {res['overlap']:g}" if "window" in res else ""
-    return (f"Detection on {res['scans']} {res['on']} scans at threshold {res['threshold']:g}{window} (tumors >= "
+    by = f" by detector {res['detector_id']}" if res.get("detector_id") else ""
+    return (f"Detection{by} on {res['scans']} {res['on']} scans at threshold {res['threshold']:g}{window} (tumors >= "
             f"{res['min_size_mm']:g} mm, match: Dice >= {res['min_dice']:g}): recall {share(res['recall'], '.2f')} "
             f"of {res['true_tumors']} true tumors, precision {share(res['precision'], '.2f')} of "
             f"{res['found_tumors']} found; largest tumor found in "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.embed import detect_settings, embed_scan, embed_settings
+from embedder.embed import detect_settings, embed_scan, embed_settings, load_detector
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
 from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts, with_drawn_size
@@ -158,15 +158,20 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[st
 
 
 def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None, rerank=None,
-           patient_key: str | None = None) -> list[dict]:
+           patient_key: str | None = None, detector=None) -> list[dict]:
     """A new scan with its tumor mask (or none: the tumors the model finds) -> one entry per tumor: its
     size, predicted labels and hits (`rerank`: as _archive, for every query form; `patient_key`: the
     query's patient as the archive keys it (embedder: keyed_id of the patient id with the site key),
-    whose archived tumors are then never returned, for every query form; None: unknown)."""
+    whose archived tumors are then never returned, for every query form; None: unknown; `detector`: a
+    model file that finds the tumors of a scan without a mask instead of the model's own head, at its
+    own detect settings: embedder.embed.load_detector)."""
     model, meta, archive = _archive(model_path, emb_dir, rerank)
     spacing, patch, recipe = embed_settings(meta, model_path)
+    net, detect = None, detect_settings(meta)
+    if detector is not None and rows[0].mask is None:
+        net, _, detect = load_detector(detector, spacing)
     queries = embed_scan(model, meta["model_id"], rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY,
-                         file_hash="", recipe=recipe, detect=detect_settings(meta))
+                         file_hash="", recipe=recipe, detect=detect, detector=net)
     if not queries:
         raise InputError(f"{rows[0].image}: the model found no tumor in this scan (give --mask or --box)")
     return rank(model, archive, [{"tumor_id": q["tumor_id"], "size_mm": q["size_mm"],

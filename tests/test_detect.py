@@ -295,3 +295,77 @@ def test_a_masks_box_reads_its_own_extent_as_an_exactly_drawn_box_does(archive, 
         covering_ml = np.prod(np.subtract(r["bbox"][3:], r["bbox"][:3])) * 4.0 ** 3 / 1000
         larger.append(np.log(covering_ml) - r["box_log_volume"])
     assert len(out) >= 2 and min(larger) >= 0 and max(larger) > 0.1  # what the part read before
+
+
+def test_a_detector_finds_the_tumors_that_the_model_embeds(tmp_path, segmenter):
+    """embed / evaluate --detection / search --image with --detector: another model file's segmentation
+    head finds the tumors of scans without a mask (at its own detect settings), the model embeds them."""
+    import dataclasses
+    import json
+
+    from embedder.embed import load_detector, settings_fingerprint
+    from embedder.job import ShardEmbedder, _row_dict, decode_shard
+    from retrieval.detection import format_detection
+    from tumornet.keys import keyed_id
+
+    torch.manual_seed(1)
+    blind = MultitaskNet(NetConfig(channels=8, blocks=1, seg_prior=1e-6), DEFAULT_SCHEMA).eval()  # finds nothing
+    manifest = _write_cohort(tmp_path, range(300, 310))
+    cohort = read_manifest(manifest)
+    split = record_split(cohort, test_fraction=0.3, seed=0)
+    extra = {"spacing_mm": [2.0] * 3, "patch_size": 16, "split": split, "run": "test", "steps": 150}
+    model_path, detector_path = tmp_path / "model.pt", tmp_path / "detector.pt"
+    mid = export_model(blind, model_path, extra=extra)
+    did = export_model(segmenter, detector_path, extra=extra | {"config": {"detect": {"threshold": 0.4}}})
+    net, meta, cfg = load_detector(detector_path, [2.0] * 3)
+    assert meta["model_id"] == did and cfg == DetectConfig(threshold=0.4)  # the detector's own settings
+    assert load_detector(detector_path, [2.0] * 3, min_volume_ml=0.2)[2].min_volume_ml == 0.2
+
+    unmasked = [dataclasses.replace(r, mask=None, tumor_id=0, labels={}) for r in cohort.scans()["S300"][:1]]
+    kw = {"spacing_mm": 2.0, "patch_size": 16, "secret": SECRET, "file_hash": ""}
+    assert embed_scan(blind, mid, unmasked, **kw) == []  # its own head finds nothing
+    by_detector = embed_scan(blind, mid, unmasked, **kw, detect=cfg, detector=net)
+    by_itself = embed_scan(segmenter, did, unmasked, **kw, detect=cfg)
+    assert len(by_detector) == len(by_itself) >= 2 and all(r["source"] == "predicted" for r in by_detector)
+    assert [r["bbox"] for r in by_detector] == [r["bbox"] for r in by_itself]  # the same tumors found
+    assert all(r["model_id"] == mid for r in by_detector)  # embedded by the model, not the detector
+    assert not np.allclose(by_detector[0]["roipool"], by_itself[0]["roipool"])
+    # the detector is part of what decides a shard row (an archive without one keeps its fingerprint)
+    recipe = (RetrievalConfig(), None)
+    plain = settings_fingerprint(2.0, 16, recipe, cfg)
+    assert plain == settings_fingerprint(2.0, 16, recipe, cfg, None) != settings_fingerprint(2.0, 16, recipe, cfg, did)
+
+    # the embedding job's actor loads the detector once and finds the tumors with it
+    job = {"model_path": str(model_path), "out_dir": str(tmp_path / "o"), "secret": SECRET.hex(), "spacing_mm": 2.0,
+           "patch_size": 16, "recipe": dataclasses.asdict(RetrievalConfig()), "stats": None, "threads": 1,
+           "stamp": "t", "detect": dataclasses.asdict(cfg), "gpus": 0, "precision": "fp32", "settings": "s",
+           "detector_path": str(detector_path)}
+    item = {"job": job, "scans": [{"scan_key": keyed_id("S300", SECRET), "done": [],
+                                   "rows": [_row_dict(r) for r in unmasked]}]}
+    decoded = decode_shard({"shard": 0, "payload": json.dumps(item)})
+    out = ShardEmbedder()({k: np.array([v], dtype=object) for k, v in decoded.items()})
+    assert list(out["status"]) == ["embedded"] and int(out["tumors"][0]) == len(by_detector)
+
+    # detection quality by the detector on the model's held-out split: the detector's own figures
+    alone = detection_quality(detector_path, manifest)
+    assert detection_quality(model_path, manifest)["recall"] == 0.0
+    res = detection_quality(model_path, manifest, detector=detector_path)
+    assert res["detector_id"] == did and res["model_id"] == mid and res["recall"] == alone["recall"] >= 0.9
+    assert res["threshold"] == 0.4 and f"Detection by detector {did} on 3 test scans" in format_detection(res)
+    other = tmp_path / "other.pt"
+    export_model(segmenter, other, extra=extra | {"split": record_split(cohort, test_fraction=0.3, seed=1)})
+    with pytest.raises(InputError, match=r"other\.pt: the detector records another split"):
+        detection_quality(model_path, manifest, detector=other)
+    coarse = tmp_path / "coarse.pt"
+    export_model(segmenter, coarse, extra=extra | {"spacing_mm": [4.0] * 3})
+    with pytest.raises(InputError, match=r"coarse\.pt: the detector was trained at \[4\.0, 4\.0, 4\.0\] mm"):
+        detection_quality(model_path, manifest, detector=coarse)
+
+    # search by image alone: the model alone finds nothing, with the detector it searches
+    rows = [r for scan in cohort.scans().values() for r in embed_scan(blind, mid, scan, **kw)]
+    write_shard(rows, tmp_path / "emb" / "s.parquet", model_shard_schema(blind, RetrievalConfig()))
+    img = tmp_path / "img" / "s300.nii.gz"
+    with pytest.raises(InputError, match="the model found no tumor"):
+        search(model_path, tmp_path / "emb", query_rows(img, None), k=3)
+    found = search(model_path, tmp_path / "emb", query_rows(img, None), k=3, detector=detector_path)
+    assert len(found) == len(by_detector) and all(len(q["hits"]) == 3 for q in found)

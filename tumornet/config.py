@@ -142,6 +142,7 @@ class EmbedConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on GPU only)
     scans_per_shard: int = 8
     max_failure_rate: float = 0.05  # exit 1 above this share of failed or skipped scans
+    detector: str = ""  # a model file whose segmentation head finds tumors without a mask ("": the model's own)
 
     def __post_init__(self) -> None:
         if min(self.workers, self.threads_per_worker, self.scans_per_shard) < 1 or self.gpus_per_worker < 0:
