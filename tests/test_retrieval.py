@@ -327,6 +327,8 @@ def test_a_new_scans_query_with_its_patient_key_never_returns_that_patient(archi
     assert main(["search", "--model", str(model), "--embeddings", str(emb), "--tumor", tumor,
                  "--patient-key", mine]) == 2
     assert "--patient-key is for a new scan's query" in capsys.readouterr().err
+    assert main([*argv, "--detector", str(model)]) == 2  # a mask needs no detection
+    assert "--detector finds the tumors of --image alone" in capsys.readouterr().err
     assert main([*argv, "--patient-key", "SYN0001"]) == 2  # a raw id by mistake: refused, never echoed
     err = capsys.readouterr().err
     assert "expected the patient's keyed id (16 hex characters" in err and "SYN0001" not in err
