@@ -77,18 +77,19 @@ def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, 
     model, meta = load_model(model_path)
     spacing, _, _ = embed_settings(meta, model_path)
     cfg = detect_settings(meta, min_volume_ml=min_volume_ml)
+    cohort = read_manifest(manifest, model.schema)
+    _, scan_ids = split_of_model(cohort, meta, where=str(model_path), on=on)
+    detector_id = None
     if detector is not None:
         model, detector_meta, cfg = load_detector(detector, spacing, min_volume_ml=min_volume_ml)
-        if detector_meta["extra"].get("split") != meta["extra"].get("split"):
-            raise InputError(f"{detector}: the detector records another split than the model {model_path}: its "
+        detector_id = detector_meta["model_id"]
+        if split_of_model(cohort, detector_meta, where=str(detector), on=on)[1] != scan_ids:
+            raise InputError(f"{detector}: the detector's {on} patients are not the model's ({model_path}): its "
                              "detection would be scored on patients it may have trained on")
-    detector_id = None if detector is None else detector_meta["model_id"]
     passes = [(cfg.window, cfg.overlap), *((int(w), float(o)) for w, o in windows or ())]
     passes = list(dict.fromkeys(passes))
     cfgs = [replace(cfg, window=w, overlap=o, threshold=float(t)) for w, o in passes
             for t in dict.fromkeys([cfg.threshold, *(thresholds or ())])]
-    cohort = read_manifest(manifest, model.schema)
-    _, scan_ids = split_of_model(cohort, meta, where=str(model_path), on=on)
     scans = cohort.scans()
     voxel_mm3 = None
     counts = np.zeros((len(cfgs), 5), dtype=np.int64)

@@ -352,9 +352,13 @@ def test_a_detector_finds_the_tumors_that_the_model_embeds(tmp_path, segmenter):
     res = detection_quality(model_path, manifest, detector=detector_path)
     assert res["detector_id"] == did and res["model_id"] == mid and res["recall"] == alone["recall"] >= 0.9
     assert res["threshold"] == 0.4 and f"Detection by detector {did} on 3 test scans" in format_detection(res)
+    same = tmp_path / "same.pt"  # the same patients' split, recorded with another salt: accepted
+    export_model(segmenter, same, extra=extra | {"split": record_split(cohort, test_fraction=0.3, seed=0)})
+    assert detection_quality(model_path, manifest, detector=same)["recall"] == res["recall"]
     other = tmp_path / "other.pt"
     export_model(segmenter, other, extra=extra | {"split": record_split(cohort, test_fraction=0.3, seed=1)})
-    with pytest.raises(InputError, match=r"other\.pt: the detector records another split"):
+    assert split_of_model(cohort, load_model(other)[1], where="o")[1] != split_of_model(cohort, meta, where="m")[1]
+    with pytest.raises(InputError, match=r"other\.pt: the detector's test patients are not the model's"):
         detection_quality(model_path, manifest, detector=other)
     coarse = tmp_path / "coarse.pt"
     export_model(segmenter, coarse, extra=extra | {"spacing_mm": [4.0] * 3})
