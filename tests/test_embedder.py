@@ -185,6 +185,10 @@ def test_embed_command_names_bad_input(tmp_path, small_cohort, model_file, secre
     assert "no.key: secret file not found" in capsys.readouterr().err
     assert main([*base, "--model", str(path), "--secret-file", str(secret_file), "--workers", "0"]) == 2
     assert "workers, threads_per_worker and scans_per_shard must be >= 1" in capsys.readouterr().err
+    for detector in (["--detector", str(tmp_path / "det.pt")], ["--set", f"embed.detector={tmp_path / 'det.pt'}"]):
+        assert main([*base, "--model", str(path), "--secret-file", str(secret_file), *detector]) == 2
+        assert "det.pt: model file not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_shard_embedder_actor_without_ray(tmp_path, small_cohort, model_file):
