@@ -178,6 +178,8 @@ def cmd_evaluate(args) -> None:
     from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
     from tumornet.keys import read_secret
 
+    if args.detector and not args.detection:
+        raise InputError("evaluate: --detector scores the tumors a detector finds: give --detection with it")
     ts = _number_list(args.detect_thresholds, "--detect-thresholds", float) if args.detect_thresholds else None
     if ts and not all(0 < t < 1 for t in ts):
         raise InputError(f"--detect-thresholds: each must be in (0, 1), got {args.detect_thresholds!r}")

@@ -124,6 +124,9 @@ def test_new_readers_name_the_bad_file(tmp_path, capsys):
     assert main(["evaluate", "--model", "m.pt", "--embeddings", "e", "--manifest", "x.csv", "--secret-file", "k",
                  "--detection", "--detect-thresholds", "0.3,1.5"]) == 2
     assert "--detect-thresholds: each must be in (0, 1), got '0.3,1.5'" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "m.pt", "--embeddings", "e", "--manifest", "x.csv", "--secret-file", "k",
+                 "--detector", "d.pt"]) == 2  # a detector is scored by --detection only
+    assert "--detector scores the tumors a detector finds: give --detection with it" in capsys.readouterr().err
     assert main(["compact", "--embeddings", str(tmp_path)]) == 2
     assert "no embedding shards" in capsys.readouterr().err
 
