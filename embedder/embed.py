@@ -110,18 +110,21 @@ def detect_settings(meta: dict, **overrides) -> DetectConfig:
     return DetectConfig(**(base | {k: v for k, v in overrides.items() if v is not None}))
 
 
-def load_detector(path, spacing_mm, *, min_volume_ml: float | None = None):
-    """A detector: another model file whose segmentation head finds the tumors of scans without a mask
-    (e.g. one trained with loss.seg_tumor_weight > 1, which finds more of them; the retrieval model still
-    embeds them) -> (network, its metadata, its `detect` settings with min_volume_ml overriding). It must
-    work on the retrieval model's grid (`spacing_mm`): detection runs on the scan read for embedding."""
-    model, meta = load_model(path)
-    own = meta["extra"].get("spacing_mm")
+def load_detector(path, meta: dict, spacing_mm, *, min_volume_ml: float | None = None):
+    """What finds the tumors of scans without a mask for the model of `meta` -> (network, its metadata,
+    detect settings): with a detector `path`, that model file's segmentation head at its own `detect`
+    settings (e.g. one trained with loss.seg_tumor_weight > 1; the retrieval model still embeds the tumors),
+    which must work on the retrieval model's grid (`spacing_mm`: detection runs on the scan read for
+    embedding); without one (None or ""), (None, None, the model's own settings). min_volume_ml overrides."""
+    if not path:
+        return None, None, detect_settings(meta, min_volume_ml=min_volume_ml)
+    model, own_meta = load_model(path)
+    own = own_meta["extra"].get("spacing_mm")
     if own is None or not np.allclose(np.broadcast_to(np.asarray(own, float), 3),
                                       np.broadcast_to(np.asarray(spacing_mm, float), 3)):
         raise InputError(f"{path}: the detector was trained at {own} mm, the retrieval model works at {spacing_mm} "
                          "mm; a detector must share the retrieval model's spacing")
-    return model, meta, detect_settings(meta, min_volume_ml=min_volume_ml)
+    return model, own_meta, detect_settings(own_meta, min_volume_ml=min_volume_ml)
 
 
 def read_scan(rows: Sequence[ManifestRow], *, spacing_mm) -> Scan | Volume:

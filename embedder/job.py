@@ -36,7 +36,6 @@ from tumornet.recipe import RetrievalConfig
 from tumornet.runtime import ALLOCATOR_ENV
 
 from .embed import (
-    detect_settings,
     embed_read,
     embed_settings,
     load_detector,
@@ -262,12 +261,9 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         cohort, bad_rows = read_manifest_lenient(manifest, model.schema)
     scans = cohort.scans()
     spacing, patch, recipe = embed_settings(meta, model_path, spacing_mm=spacing_mm, patch_size=patch_size)
-    detector_id = None
-    if detector:  # validated here too, before any worker starts
-        _, detector_meta, detect = load_detector(detector, spacing, min_volume_ml=min_volume_ml)
-        detector_id = detector_meta["model_id"]
-    else:
-        detect = detect_settings(meta, min_volume_ml=min_volume_ml)
+    # a detector is validated here too, before any worker starts
+    _, detector_meta, detect = load_detector(detector, meta, spacing, min_volume_ml=min_volume_ml)
+    detector_id = detector_meta["model_id"] if detector_meta else None
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, list[str]] = {}

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from embedder.embed import detect_settings, embed_settings, load_detector
+from embedder.embed import embed_settings, load_detector
 from tumornet.detect import DetectConfig, tumor_probability, tumors_from_probability
 from tumornet.errors import InputError
 from tumornet.export import load_model
@@ -76,13 +76,12 @@ def detection_sweep(model_path, manifest, *, on: str = "test", thresholds=None, 
     `detect` settings; it must record the same split as the model (its held-out patients unseen)."""
     model, meta = load_model(model_path)
     spacing, _, _ = embed_settings(meta, model_path)
-    cfg = detect_settings(meta, min_volume_ml=min_volume_ml)
     cohort = read_manifest(manifest, model.schema)
     _, scan_ids = split_of_model(cohort, meta, where=str(model_path), on=on)
+    net, detector_meta, cfg = load_detector(detector, meta, spacing, min_volume_ml=min_volume_ml)
     detector_id = None
-    if detector is not None:
-        model, detector_meta, cfg = load_detector(detector, spacing, min_volume_ml=min_volume_ml)
-        detector_id = detector_meta["model_id"]
+    if net is not None:
+        model, detector_id = net, detector_meta["model_id"]
         if split_of_model(cohort, detector_meta, where=str(detector), on=on)[1] != scan_ids:
             raise InputError(f"{detector}: the detector's {on} patients are not the model's ({model_path}): its "
                              "detection would be scored on patients it may have trained on")

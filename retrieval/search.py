@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.embed import detect_settings, embed_scan, embed_settings, load_detector
+from embedder.embed import embed_scan, embed_settings, load_detector
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
 from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts, with_drawn_size
@@ -167,9 +167,7 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=No
     own detect settings: embedder.embed.load_detector)."""
     model, meta, archive = _archive(model_path, emb_dir, rerank)
     spacing, patch, recipe = embed_settings(meta, model_path)
-    net, detect = None, detect_settings(meta)
-    if detector is not None and rows[0].mask is None:
-        net, _, detect = load_detector(detector, spacing)
+    net, _, detect = load_detector(detector if rows[0].mask is None else None, meta, spacing)
     queries = embed_scan(model, meta["model_id"], rows, spacing_mm=spacing, patch_size=patch, secret=QUERY_KEY,
                          file_hash="", recipe=recipe, detect=detect, detector=net)
     if not queries:

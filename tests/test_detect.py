@@ -317,9 +317,11 @@ def test_a_detector_finds_the_tumors_that_the_model_embeds(tmp_path, segmenter):
     model_path, detector_path = tmp_path / "model.pt", tmp_path / "detector.pt"
     mid = export_model(blind, model_path, extra=extra)
     did = export_model(segmenter, detector_path, extra=extra | {"config": {"detect": {"threshold": 0.4}}})
-    net, meta, cfg = load_detector(detector_path, [2.0] * 3)
+    model_meta = load_model(model_path)[1]
+    net, meta, cfg = load_detector(detector_path, model_meta, [2.0] * 3)
     assert meta["model_id"] == did and cfg == DetectConfig(threshold=0.4)  # the detector's own settings
-    assert load_detector(detector_path, [2.0] * 3, min_volume_ml=0.2)[2].min_volume_ml == 0.2
+    assert load_detector(detector_path, model_meta, [2.0] * 3, min_volume_ml=0.2)[2].min_volume_ml == 0.2
+    assert load_detector(None, model_meta, [2.0] * 3) == (None, None, DetectConfig())  # none: the model's own
 
     unmasked = [dataclasses.replace(r, mask=None, tumor_id=0, labels={}) for r in cohort.scans()["S300"][:1]]
     kw = {"spacing_mm": 2.0, "patch_size": 16, "secret": SECRET, "file_hash": ""}
