@@ -63,7 +63,7 @@ def source_hash(rows: Sequence[ManifestRow], settings: str = "") -> str:
 # recipe keys added after archives existed -> their default
 RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "box", "head_draws": 0,
                 "head_select": "fixed", "warp_mm": 0.0, "frame_skips_tumors": False, "scan_count": False,
-                "count_weight": 1.0}
+                "count_weight": 1.0, "mirror": False}
 
 
 # how a mask's box is measured (tumornet.tumors.tumor_extent; nineteenth round: its own extent, no longer
@@ -187,7 +187,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
     # the count of tumors found without a mask is not read (the segmentation head's count is not trusted:
     # nineteenth round); the shards keep it in `scan_tumors`, with `source` saying where it came from
     all_parts = tumors_parts(model, image, boxes, patch_size=patch_size, spacing_mm=spacing_mm, head=head,
-                             frame=frame, scan_tumors=len(boxes), count_known=not predicted, extents=extents)
+                             frame=frame, scan_tumors=len(boxes), count_known=not predicted, extents=extents,
+                             mirror=cfg.mirror)
     if box_fn is not None and cfg.drawn_size and not cfg.refine_box:  # drawn boxes' size, as a search by box reads it
         all_parts = [with_drawn_size(p, cfg.drawn_size, spacing_mm) for p in all_parts]
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}

@@ -143,10 +143,13 @@ def read_grid(path: str | Path) -> dict[str, tuple]:
         d = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise InputError(f"{p}: not valid YAML ({e})") from None
-    known = {f.name for f in fields(RetrievalConfig)} - {"standardize"}
+    known = {f.name for f in fields(RetrievalConfig)} - {"standardize", "mirror"}
     if not isinstance(d, dict) or not d:
         raise InputError(f"{p}: expected a mapping retrieval key -> list of values")
     for key, values in d.items():
+        if key == "mirror":
+            raise InputError(f"{p}: mirror: a grid composes the shards' parts, and the mirror image's come from the "
+                             "network: retune the model with retrieval.mirror and embed the archive again instead")
         if key not in known:
             raise InputError(f"{p}: unknown grid key {key!r} (expected one of {', '.join(sorted(known))})")
         if not isinstance(values, list) or not values:

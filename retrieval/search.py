@@ -212,7 +212,7 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
         scan_tumors = 1  # read by no head
     parts = tumor_parts(model, vol.array, vbox, patch_size=patch_size, spacing_mm=vol.spacing_mm, frame=frame,
                         extent=box_mm_extent(box_mm, vol.affine, vol.array.shape) if vbox is drawn else None,
-                        scan_tumors=scan_tumors)
+                        scan_tumors=scan_tumors, mirror=cfg.mirror)
     # a box as drawn reads its size partly from the tumor the segmentation sees in it (retrieval.drawn_size)
     return with_drawn_size(parts, cfg.drawn_size, vol.spacing_mm) if vbox is drawn and cfg.drawn_size else parts
 

@@ -267,3 +267,39 @@ def test_task_temperature_sharpens_the_tasks_part():
     assert np.allclose(net[:, 14:16] * np.sqrt(2), _softmax(4 * logits), atol=1e-5)
     with pytest.raises(InputError, match="task_temperature: expected a number > 0, got 0"):
         RetrievalConfig(task_temperature=0)
+
+
+def test_mirror_averages_the_pooled_features_with_the_mirror_images(small_cohort, tmp_path):
+    """retrieval.mirror: RoiPool, mean and context are the mean of the scan's and of its left-right mirror's
+    (the box mirrored with it), so the scan and its mirror give the same; the other parts stay the scan's."""
+    from retrieval.experiments import read_grid
+    from tumornet.descriptor import MIRROR_AVERAGED, mirrored
+
+    model = _model()
+    rows = max(read_manifest(small_cohort).scans().values(), key=len)
+    image = load_scan(rows, spacing_mm=4.0).volume.array
+    boxes = [t.bbox for t in load_scan(rows, spacing_mm=4.0).tumors]
+    head = head_box_voxels(image)
+    flipped, flipped_boxes, flipped_head = mirrored(image, boxes, head)
+    assert np.array_equal(flipped[::-1], image) and np.allclose(flipped_head[0], head_box_voxels(flipped)[0])
+    assert np.array_equal(flipped[flipped_boxes[0][0]:flipped_boxes[0][3]][::-1],
+                          image[boxes[0][0]:boxes[0][3]])  # the box holds the same voxels, mirrored
+    kw = dict(patch_size=16, spacing_mm=4.0)
+    plain = tumors_parts(model, image, boxes, **kw)
+    seen = tumors_parts(model, flipped, flipped_boxes, **kw)
+    both = tumors_parts(model, image, boxes, mirror=True, **kw)
+    again = tumors_parts(model, flipped, flipped_boxes, mirror=True, **kw)
+    for p, q, b, a in zip(plain, seen, both, again, strict=True):
+        for key in MIRROR_AVERAGED:
+            np.testing.assert_allclose(b[key], (p[key] + q[key]) / 2, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)  # either side: one vector
+            assert b[key].dtype == p[key].dtype
+        assert not np.allclose(p["roipool"], q["roipool"])  # the network does see the mirror otherwise
+        for key in ("task_logits", "box_log_volume", "position", "seg_log_volume", "scan_log_tumors"):
+            np.testing.assert_array_equal(b[key], p[key])  # the scan's own
+    with pytest.raises(InputError, match=r"retrieval\.mirror: expected true or false, got 'yes'"):
+        RetrievalConfig(mirror="yes")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("mirror: [false, true]\n")
+    with pytest.raises(InputError, match="mirror: a grid composes the shards' parts"):
+        read_grid(grid)

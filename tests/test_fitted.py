@@ -381,3 +381,6 @@ def test_count_weight_lets_the_heads_weigh_the_count_against_many_inputs(tmp_pat
     fp = [settings_fingerprint(2.0, 64, (RetrievalConfig(**site, **w), {"tumors": 3}), DetectConfig())
           for w in ({}, {"count_weight": 1.0}, {"count_weight": 10})]
     assert fp[0] == fp[1] == "7d3933e7d57fde23" != fp[2]  # as before count_weight (ee3a6cc3c3c7822c before BOX_EXTENT)
+    mirrored = [settings_fingerprint(2.0, 64, (RetrievalConfig(**site, mirror=m), {"tumors": 3}), DetectConfig())
+                for m in (False, True)]
+    assert mirrored[0] == fp[0] != mirrored[1]  # archives embedded before retrieval.mirror stay valid

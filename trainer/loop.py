@@ -145,7 +145,7 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
             if boxes:
                 out += tumors_parts(model, image, boxes, patch_size=cfg.train.patch_size,
                                     spacing_mm=cfg.data.spacing_mm, head=head, frame=frame, extents=extents,
-                                    scan_tumors=len(s.tumors))
+                                    scan_tumors=len(s.tumors), mirror=cfg.retrieval.mirror)
         for task in labels:
             of_scan = [t.labels.get(task, MISSING) for t in s.tumors]
             labels[task] += of_scan

@@ -178,7 +178,7 @@ def box_log_volume(extent, spacing_mm) -> float:
 @torch.no_grad()
 def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None, frame=None,
                  batch: int = 8, extents=None, scan_tumors: int | None = None,
-                 count_known: bool = True) -> list[dict]:
+                 count_known: bool = True, mirror: bool = False) -> list[dict]:
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
     "box_log_volume", "position" (3,), "seg_log_volume", "extent" (3,): the extent the box's size was read
@@ -191,59 +191,90 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     in millimetres and `bboxes` are the voxels covering it (up to one more on each side). Each dict also
     has "scan_log_tumors": the log of `scan_tumors`, the number of tumors in the scan (None: the boxes'), or
     NaN where the count is not known (`count_known` false: the refit heads then read none, see
-    tumornet.fitted.refit_probabilities)."""
+    tumornet.fitted.refit_probabilities). `mirror` (retrieval.mirror): the pooled features
+    (MIRROR_AVERAGED) are the mean of the scan's and of its left-right mirror image's (the box mirrored
+    with it; the network was trained on both, patches.Augment); the rest are the scan's own."""
     count = len(bboxes) if scan_tumors is None else int(scan_tumors)
     if len(bboxes) and count < 1:
         raise InputError(f"scan_tumors: a scan with a tumor box holds at least 1 tumor, got {scan_tumors!r}")
     centre, half = head = head if head is not None else head_box_voxels(image)
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
-    cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
-    out: list[dict | None] = [None] * len(cut)
+    extents = [box_size(b) if extents is None or extents[i] is None else extents[i] for i, b in enumerate(bboxes)]
     was_training = model.training
     model.eval()
     try:
-        for size in sorted({c[0].shape[-1] for c in cut}):
-            same = [i for i, c in enumerate(cut) if c[0].shape[-1] == size]
-            for at in range(0, len(same), batch):
-                idx = same[at:at + batch]
-                x = torch.from_numpy(np.stack([cut[i][0] for i in idx])).to(model.device)
-                boxes = torch.from_numpy(np.array([[n, *cut[i][1]] for n, i in enumerate(idx)], dtype=np.int64))
-                frames = torch.from_numpy(np.stack([cut[i][2] for i in idx]))
-                boxes = boxes.to(model.device)
-                f = model.features(x, frames)
-                seg_logits = model.seg_head(f).float()
-                foreground = (seg_logits.argmax(1) > 0).cpu().numpy()
-                prob = (1.0 - torch.softmax(seg_logits, 1)[:, 0]).cpu().numpy()
-                pooled = roi_pool(f, boxes)
-                logits = torch.cat([model.task_heads[t](pooled) for t in model.schema.names], 1).float().cpu().numpy()
-                emb = pooled.float().cpu().numpy()
-                mean = roi_mean_pool(f, boxes).float().cpu().numpy()
-                shell = shell_mean_pool(f, boxes).float().cpu().numpy()
-                for n, i in enumerate(idx):
-                    bbox = bboxes[i]
-                    extent = box_size(bbox) if extents is None or extents[i] is None else extents[i]
-                    seg = segmented_voxels(foreground[n], cut[i][1], extent)
-                    out[i] = {"roipool": emb[n], "task_logits": logits[n], "roimean": mean[n], "context": shell[n],
-                              "box_log_volume": box_log_volume(extent, spacing_mm),
-                              "position": ((box_center(bbox) - centre) / half).astype(np.float32),
-                              "seg_log_volume": float(np.log(seg * voxel_ml)),
-                              "scan_log_tumors": float(np.log(count)) if count_known else float("nan"),
-                              "extent": np.asarray(extent, np.float64),
-                              "tumor_span": tumor_span(prob[n], cut[i][1])}
-                    if frame is not None:
-                        out[i]["template_position"] = frame.position(box_center(bbox))
-                        out[i]["atlas"] = frame.atlas(bbox)
+        net = _network_parts(model, image, bboxes, extents, patch_size=patch_size, head=head, batch=batch)
+        if mirror and len(bboxes):
+            flipped, boxes, flipped_head = mirrored(image, bboxes, head)
+            seen = _network_parts(model, flipped, boxes, extents, patch_size=patch_size, head=flipped_head,
+                                  batch=batch)
+            for p, q in zip(net, seen, strict=True):
+                p.update({k: ((p[k] + q[k]) / 2).astype(p[k].dtype) for k in MIRROR_AVERAGED})
     finally:
         model.train(was_training)
+    out = []
+    for bbox, extent, p in zip(bboxes, extents, net, strict=True):
+        seg = p.pop("seg_voxels")
+        out.append({**p, "box_log_volume": box_log_volume(extent, spacing_mm),
+                    "position": ((box_center(bbox) - centre) / half).astype(np.float32),
+                    "seg_log_volume": float(np.log(seg * voxel_ml)),
+                    "scan_log_tumors": float(np.log(count)) if count_known else float("nan"),
+                    "extent": np.asarray(extent, np.float64)})
+        if frame is not None:
+            out[-1]["template_position"] = frame.position(box_center(bbox))
+            out[-1]["atlas"] = frame.atlas(bbox)
+    return out
+
+
+MIRROR_AVERAGED = ("roipool", "roimean", "context")  # tumors_parts(mirror=True): the parts pooled over the
+# feature map, the same whichever side the tumor is on; the task logits (left_right would swap), the
+# segmentation's volume and span stay the scan's own
+
+
+def mirrored(image: np.ndarray, bboxes, head) -> tuple[np.ndarray, list[np.ndarray], tuple]:
+    """A working-grid scan (RAS) flipped left-right (axis 0) -> (the flipped scan, the boxes and the head
+    box (centre, half size) carried with it)."""
+    n = image.shape[0]
+    boxes = [np.array([n - b[3], b[1], b[2], n - b[0], b[4], b[5]], dtype=np.int64) for b in np.asarray(bboxes)]
+    centre, half = head
+    return np.ascontiguousarray(image[::-1]), boxes, (np.array([n - 1 - centre[0], *centre[1:]]), half)
+
+
+def _network_parts(model, image: np.ndarray, bboxes, extents, *, patch_size: int, head, batch: int) -> list[dict]:
+    """What the network says of each box (tumors_parts, model in eval mode): {"roipool", "task_logits",
+    "roimean", "context", "tumor_span", "seg_voxels": segmented_voxels of the box}."""
+    cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
+    out: list[dict | None] = [None] * len(cut)
+    for size in sorted({c[0].shape[-1] for c in cut}):
+        same = [i for i, c in enumerate(cut) if c[0].shape[-1] == size]
+        for at in range(0, len(same), batch):
+            idx = same[at:at + batch]
+            x = torch.from_numpy(np.stack([cut[i][0] for i in idx])).to(model.device)
+            boxes = torch.from_numpy(np.array([[n, *cut[i][1]] for n, i in enumerate(idx)], dtype=np.int64))
+            frames = torch.from_numpy(np.stack([cut[i][2] for i in idx]))
+            boxes = boxes.to(model.device)
+            f = model.features(x, frames)
+            seg_logits = model.seg_head(f).float()
+            foreground = (seg_logits.argmax(1) > 0).cpu().numpy()
+            prob = (1.0 - torch.softmax(seg_logits, 1)[:, 0]).cpu().numpy()
+            pooled = roi_pool(f, boxes)
+            logits = torch.cat([model.task_heads[t](pooled) for t in model.schema.names], 1).float().cpu().numpy()
+            emb = pooled.float().cpu().numpy()
+            mean = roi_mean_pool(f, boxes).float().cpu().numpy()
+            shell = shell_mean_pool(f, boxes).float().cpu().numpy()
+            for n, i in enumerate(idx):
+                out[i] = {"roipool": emb[n], "task_logits": logits[n], "roimean": mean[n], "context": shell[n],
+                          "seg_voxels": segmented_voxels(foreground[n], cut[i][1], extents[i]),
+                          "tumor_span": tumor_span(prob[n], cut[i][1])}
     return out
 
 
 def tumor_parts(model, image: np.ndarray, bbox, *, patch_size: int, spacing_mm, head=None, frame=None,
-                extent=None, scan_tumors: int | None = 1) -> dict:
+                extent=None, scan_tumors: int | None = 1, mirror: bool = False) -> dict:
     """The parts of one tumor box (see tumors_parts) in a scan of `scan_tumors` tumors (None: unknown)."""
     return tumors_parts(model, image, [bbox], patch_size=patch_size, spacing_mm=spacing_mm, head=head,
                         frame=frame, extents=[extent], scan_tumors=scan_tumors or 1,
-                        count_known=scan_tumors is not None)[0]
+                        count_known=scan_tumors is not None, mirror=mirror)[0]
 
 
 def stack_parts(parts: Sequence[Mapping]) -> dict[str, np.ndarray]:

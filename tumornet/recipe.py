@@ -81,6 +81,9 @@ class RetrievalConfig:
     # with scan_count, the count's z-score is multiplied by this in the refit heads' inputs: above 1 their
     # L2 penalty pulls its coefficient less toward 0 than the 32-128 other inputs' (eighteenth round)
     count_weight: float = 1.0
+    # the pooled features (RoiPool vector, mean, context) are the mean of the scan's and of its left-right
+    # mirror image's (tumornet.descriptor.tumors_parts: one more forward pass per tumor; twenty-second round)
+    mirror: bool = False
 
     def __post_init__(self) -> None:
         weights = (self.roipool, self.tasks, self.size, self.position, self.seg_size, self.roimean, self.context)
@@ -111,6 +114,8 @@ class RetrievalConfig:
         if self.count_weight != 1 and not self.scan_count:
             raise InputError(f"retrieval.count_weight: {self.count_weight!r} weighs the scan's tumor count, which the "
                              "heads read only with retrieval.scan_count: true")
+        if not isinstance(self.mirror, bool):
+            raise InputError(f"retrieval.mirror: expected true or false, got {self.mirror!r}")
         if not isinstance(self.refine_box, bool):
             raise InputError(f"retrieval.refine_box: expected true or false, got {self.refine_box!r}")
         if isinstance(self.drawn_size, bool) or not isinstance(self.drawn_size, int | float) or not (
