@@ -11,9 +11,13 @@ scored against the training tumors: the rule (retrieval.experiments.recipe_score
 type accuracy, and the share whose top-1 is the mask query's; and how often the segmentation head's
 count is the scan's. Each `--drawn-size W` (default: the model's recipe) scores every count again with
 the drawn boxes' size read at that weight toward the tumor's span in them (tumornet.descriptor.drawn_extent).
+`--decompose` also says which part moves a rough box's top-1 away from the mask query's (twenty-third
+round): for each box kind and each part, the share kept when the rough box's query takes that one part
+from the exactly drawn box's (count unknown).
 
     .venv/bin/python benchmarks/box_count.py --model M --embeddings E --manifest X --secret-file K
         [--on validation] [--grow 0.2] [--draws 2] [--detect 0.5:0.05 --detect 0.9:1] [--drawn-size 0 --drawn-size 0.33]
+        [--decompose]
 
 The model file must carry the heads fit without the count (exported or retuned since the nineteenth
 round; `retune --manifest` with the same recipe adds them); the shards may be its base model's: the
@@ -84,6 +88,8 @@ def main() -> None:
                    help="segmentation-head count settings to compare (default 0.5:0.05, the detection default)")
     p.add_argument("--drawn-size", action="append", type=_weight, default=None, metavar="W",
                    help="drawn boxes' size weights to compare (retrieval.drawn_size; default: the model's)")
+    p.add_argument("--decompose", action="store_true",
+                   help="per rough box kind, the top-1 kept with each part taken from the exact box's")
     args = p.parse_args()
     detects = args.detect or [(0.5, 0.05)]
     secret = read_secret(args.secret_file)
@@ -153,6 +159,23 @@ def main() -> None:
             right = "" if n < 2 else f"; the count right for {hit:.2f} of the exact boxes"
             print(f"  {name}: " + " | ".join(cells) + f"; mean rule {np.mean(rules):.3f}, top-1 kept "
                   f"{np.mean(kept):.3f}{right}")
+        if args.decompose:
+            _decompose({k: stack_parts([with_drawn_size(d, w, at) for d, at in v]) for k, v in drawn.items()},
+                       lambda q: np.mean(top1(compose(q, cfg, model.schema, stats)) == want))
+
+
+SIZE_READS = ("extent", "tumor_span")  # what a drawn box's size is read from, not parts that compose reads
+
+
+def _decompose(queries: dict[str, dict[str, np.ndarray]], kept) -> None:
+    """Which part moves a rough box's top-1 (--decompose): per box kind after the first (exact), the share
+    of mask-query top-1s kept as drawn and with each part taken from the exact box's (count unknown)."""
+    exact = queries[next(iter(queries))]
+    names = [k for k in exact if k not in SIZE_READS]
+    print("  top-1 kept with one part from the exact box (count unknown): " + ", ".join(names))
+    for kind, q in list(queries.items())[1:]:
+        cells = [f"{k} {kept({**q, k: exact[k]}):.2f}" for k in names]
+        print(f"    {kind}: as drawn {kept(q):.2f} | " + " | ".join(cells))
 
 if __name__ == "__main__":
     main()
