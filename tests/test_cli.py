@@ -59,8 +59,9 @@ def test_installed_command_works_from_another_folder(tmp_path, small_cohort):
     assert r.returncode == 2
     assert ("nope: config file not found (bundled configs: ['ablation', 'demo', 'grid-cohorts', 'grid-context', "
             "'grid-count', 'grid-countweight', 'grid-dice', 'grid-frame', 'grid-heads', 'grid-labelsize', "
-            "'grid-pooling', 'grid-rerank', 'grid-robust', 'grid-roipool', 'grid-rough', 'grid-size', 'grid-sizefit', "
-            "'grid-temperature', 'grid-warp', 'paper', 'recipes', 'site', 'site-gpu']") in r.stderr
+            "'grid-pooling', 'grid-rerank', 'grid-robust', 'grid-roipool', 'grid-rough', 'grid-shipped', "
+            "'grid-size', 'grid-sizefit', 'grid-temperature', 'grid-warp', 'paper', 'recipes', 'site', "
+            "'site-gpu']") in r.stderr
 
 
 @pytest.mark.ray
