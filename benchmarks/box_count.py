@@ -142,10 +142,11 @@ def main() -> None:
           "accuracy, the mask query's top-1 kept, for boxes " + ", ".join(kinds))
     for w in sizes:
         print(f"drawn boxes' size at weight {w:g} toward the tumor's span (retrieval.drawn_size):")
+        queries = {kind: stack_parts([with_drawn_size(d, w, at) for d, at in drawn[kind]]) for kind in kinds}
         for n, name in enumerate(variants):
             cells, rules, kept = [], [], []
             for kind in kinds:
-                q = stack_parts([with_drawn_size(d, w, at) for d, at in drawn[kind]])
+                q = dict(queries[kind])  # the count unknown; given or counted below
                 if n == 1:
                     q["scan_log_tumors"] = np.log(true)
                 elif n > 1:
@@ -160,8 +161,7 @@ def main() -> None:
             print(f"  {name}: " + " | ".join(cells) + f"; mean rule {np.mean(rules):.3f}, top-1 kept "
                   f"{np.mean(kept):.3f}{right}")
         if args.decompose:
-            _decompose({k: stack_parts([with_drawn_size(d, w, at) for d, at in v]) for k, v in drawn.items()},
-                       lambda q: np.mean(top1(compose(q, cfg, model.schema, stats)) == want))
+            _decompose(queries, lambda q: np.mean(top1(compose(q, cfg, model.schema, stats)) == want))
 
 
 SIZE_READS = ("extent", "tumor_span")  # what a drawn box's size is read from, not parts that compose reads
