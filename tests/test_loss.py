@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.loop import make_optimizer
+from tumornet.config import TrainConfig
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA, MISSING
 from tumornet.loss import EmbeddingBank, LossWeights, multitask_loss, soft_dice_loss, supervised_contrastive_loss
@@ -80,10 +82,13 @@ def test_masked_labels_give_exactly_zero_gradient_to_their_head():
 
 
 @pytest.mark.slow
-def test_the_net_overfits_a_tiny_batch():
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adamw", 0.003)])
+def test_the_net_overfits_a_tiny_batch(optimizer, lr):
+    """Both of train.optimizer's choices (trainer.loop.make_optimizer) fit a tiny batch in 40 steps."""
     net = _net(1)
     x, seg, boxes, labels = _batch()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    opt = make_optimizer(net, TrainConfig(optimizer=optimizer, lr=lr))
+    assert isinstance(opt, {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer])
     w = LossWeights(seg=1.0, task=0.1)
     first = None
     for _ in range(40):
@@ -211,3 +216,8 @@ def test_tumor_voxels_weigh_more_in_the_segmentation_term():
     for bad in (0.0, -1.0):
         with pytest.raises(InputError, match=r"loss\.seg_tumor_weight: must be > 0"):
             LossWeights(seg_tumor_weight=bad)
+
+
+def test_an_unknown_optimizer_is_refused():
+    with pytest.raises(InputError, match=r"train\.optimizer: expected one of sgd, adamw, got 'adam'"):
+        TrainConfig(optimizer="adam")

@@ -24,7 +24,7 @@ import torch
 
 from tumornet.boxes import distort_box
 from tumornet.cache import prepare_scan
-from tumornet.config import Config, config_from_dict, config_to_dict
+from tumornet.config import Config, TrainConfig, config_from_dict, config_to_dict
 from tumornet.descriptor import stack_parts, tumors_parts
 from tumornet.export import export_model, model_id
 from tumornet.fitted import fit_heads, fit_size, fit_stats
@@ -212,6 +212,14 @@ def failure_injector(cfg: Config, rank: int, world: int, run_dir: Path):
     return after_step
 
 
+def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """`train.optimizer`: SGD with (Nesterov) momentum, the paper's, or AdamW."""
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                           weight_decay=t.weight_decay)
+
+
 def train_func(loop_config: dict) -> None:
     import ray.train
 
@@ -238,8 +246,7 @@ def train_func(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.train.seed)
     model = MultitaskNet(cfg.model, cfg.tasks)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                          nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(model, cfg.train)
     # DeepSpeed broadcasts and flattens parameters as contiguous tensors: initialize with contiguous
     # weights; without ZeRO the parameters stay ours, so they go back to channels_last_3d after
     model.to(memory_format=torch.contiguous_format)

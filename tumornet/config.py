@@ -52,6 +52,9 @@ class DataConfig:
                              f"{self.validation_fraction}")
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The optimisation (paper: SGD + Nesterov, lr 0.1, /10 at epochs 90 and 105, 120 x 200 x 2)."""
@@ -60,6 +63,7 @@ class TrainConfig:
     batches_per_epoch: int = 200  # per worker
     batch_size: int = 2  # per worker
     patch_size: int = 120  # voxels of the working grid (data.spacing_mm)
+    optimizer: str = "sgd"  # sgd (the paper: momentum, nesterov) or adamw (lr ~1e-3; momentum/nesterov unused)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -92,6 +96,8 @@ class TrainConfig:
             raise InputError(f"train.patch_size: must be >= 8 voxels, got {self.patch_size}")
         if self.lr <= 0:
             raise InputError(f"train.lr: must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not 0.0 <= self.background_fraction < 1.0:
             raise InputError(f"train.background_fraction: must be in [0, 1), got {self.background_fraction}")
         if not self.dark_weight > 0:
