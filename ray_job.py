@@ -156,11 +156,15 @@ def cmd_index(args) -> None:
 
 def cmd_retune(args) -> None:
     if args.manifest:  # any retrieval key: the recipe's statistics and refit heads fit again
+        from embedder.embed import model_fingerprint
         from trainer.loop import with_recipe
 
+        before = model_fingerprint(args.model)
         mid = with_recipe(args.model, args.out, args.set, args.manifest)
+        same = model_fingerprint(args.out) == before
         print(f"wrote {args.out}: model {mid} with {', '.join(args.set)}, its statistics fit again on the training "
-              "scans (embed the archive again: its vectors change)")
+              "scans " + ("(the same vectors: its archives stay valid)" if same else
+                          "(embed the archive again: its vectors change)"))
         return
     from tumornet.export import with_search_settings
 
@@ -421,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--out", required=True, help="the new model file (the same model id)")
     sp.add_argument("--set", action="append", default=[], help="retrieval.KEY=VALUE: rerank, rerank_size, "
-                    "rerank_position, refine_box or drawn_size; any retrieval key with --manifest")
+                    "rerank_position, refine_box, drawn_size or drawn_read; any retrieval key with --manifest")
     sp.add_argument("--manifest", help="the training cohort: the recipe's statistics and refit heads are fit "
                     "again on the model's training scans, so any retrieval key may change")
     sp.set_defaults(func=cmd_retune)

@@ -10,7 +10,8 @@ the scan's tumor count
 scored against the training tumors: the rule (retrieval.experiments.recipe_score of the KNN@5 scores),
 type accuracy, and the share whose top-1 is the mask query's; and how often the segmentation head's
 count is the scan's. Each `--drawn-size W` (default: the model's recipe) scores every count again with
-the drawn boxes' size read at that weight toward the tumor's span in them (tumornet.descriptor.drawn_extent).
+the drawn boxes' size read at that weight toward the tumor's span in them (tumornet.descriptor.drawn_extent),
+or toward the extent the model's regression reads (retrieval.drawn_read: fit, tumornet.descriptor.fitted_extent).
 `--decompose` also says which part moves a rough box's top-1 away from the mask query's (twenty-third
 round): for each box kind and each part, the share kept when the rough box's query takes that one part
 from the exactly drawn box's (count unknown).
@@ -41,7 +42,7 @@ from tumornet.descriptor import compose, stack_parts, with_drawn_size
 from tumornet.detect import DetectConfig, tumor_probability, tumors_from_probability
 from tumornet.errors import InputError
 from tumornet.export import load_model
-from tumornet.fitted import require_uncounted
+from tumornet.fitted import drawn_fit_of, require_uncounted
 from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import read_manifest
 from tumornet.recipe import RetrievalConfig
@@ -97,6 +98,10 @@ def main() -> None:
     spacing, patch, (cfg, stats) = embed_settings(meta, args.model)
     sizes = args.drawn_size or [cfg.drawn_size]
     raw = dataclasses.replace(cfg, drawn_size=0.0)  # the drawn boxes' own size, blended below per weight
+    try:  # the recipe's read of a drawn box's size (retrieval.drawn_read), at every weight
+        fit = drawn_fit_of(dataclasses.replace(cfg, drawn_size=1.0), stats, args.model)
+    except InputError as e:
+        raise SystemExit(str(e)) from None
     if not cfg.scan_count:
         raise SystemExit(f"{args.model}: the recipe does not read the scan's tumor count (retrieval.scan_count)")
     try:
@@ -141,8 +146,9 @@ def main() -> None:
     print(f"{len(want)} {args.on} tumors, the training tumors as the database, K = 5; per variant: rule, type "
           "accuracy, the mask query's top-1 kept, for boxes " + ", ".join(kinds))
     for w in sizes:
-        print(f"drawn boxes' size at weight {w:g} toward the tumor's span (retrieval.drawn_size):")
-        queries = {kind: stack_parts([with_drawn_size(d, w, at) for d, at in drawn[kind]]) for kind in kinds}
+        toward = "the tumor's span" if fit is None else "the regression's extent (drawn_read: fit)"
+        print(f"drawn boxes' size at weight {w:g} toward {toward} (retrieval.drawn_size):")
+        queries = {kind: stack_parts([with_drawn_size(d, w, at, fit) for d, at in drawn[kind]]) for kind in kinds}
         for n, name in enumerate(variants):
             cells, rules, kept = [], [], []
             for kind in kinds:
@@ -164,7 +170,8 @@ def main() -> None:
             _decompose(queries, lambda q: np.mean(top1(compose(q, cfg, model.schema, stats)) == want))
 
 
-SIZE_READS = ("extent", "tumor_span")  # what a drawn box's size is read from, not parts that compose reads
+# what a drawn box's size is read from, not parts that compose reads
+SIZE_READS = ("extent", "tumor_span", "span_profile")
 
 
 def _decompose(queries: dict[str, dict[str, np.ndarray]], kept) -> None:

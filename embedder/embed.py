@@ -32,6 +32,7 @@ from tumornet.descriptor import (
 from tumornet.detect import DetectConfig, detect_tumors
 from tumornet.errors import InputError
 from tumornet.export import load_model
+from tumornet.fitted import drawn_fit_of
 from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow
@@ -66,6 +67,11 @@ RECIPE_ADDED = {"size_units": "log", "task_temperature": 1.0, "size_source": "bo
                 "count_weight": 1.0, "mirror": False}
 
 
+# statistics that only a search reads (the drawn-box size regression, retrieval.drawn_read: fit): a model
+# file that gains them keeps its archives
+SEARCH_STATS = ("drawn_fit",)
+
+
 # how a mask's box is measured (tumornet.tumors.tumor_extent; nineteenth round: its own extent, no longer
 # the working grid's voxels that cover it): a change embeds every archive again
 BOX_EXTENT = {"box_extent": "mask"}
@@ -80,7 +86,8 @@ def settings_fingerprint(spacing, patch: int, recipe, detect: DetectConfig, dete
     # recipe keys added later are left out at their default, so the archives embedded before stay valid
     same = {k: v for k, v in dataclasses.asdict(recipe[0]).items()
             if RECIPE_ADDED.get(k, ...) != v and k not in SEARCH_ONLY}
-    parts = [spacing, patch, same, recipe[1], dataclasses.asdict(detect), BOX_EXTENT]
+    stats = {k: v for k, v in (recipe[1] or {}).items() if k not in SEARCH_STATS} if recipe[1] is not None else None
+    parts = [spacing, patch, same, stats, dataclasses.asdict(detect), BOX_EXTENT]
     if detector_id is not None:
         parts.append({"detector": detector_id})
     if recipe[0].needs_frame:
@@ -101,6 +108,14 @@ def embed_settings(meta: dict, model_path, *, spacing_mm=None, patch_size: int |
     if spacing is None:
         raise InputError(f"{model_path}: the model records no training spacing; pass --spacing")
     return spacing, int(patch_size or extra.get("patch_size") or 64), recipe_of(meta)
+
+
+def model_fingerprint(model_path) -> str:
+    """The settings fingerprint a model file's own settings give an archive's rows (settings_fingerprint:
+    its spacing, patch size, recipe and statistics, detection settings; no detector)."""
+    _, meta = load_model(model_path)
+    spacing, patch, recipe = embed_settings(meta, model_path)
+    return settings_fingerprint(spacing, patch, recipe, detect_settings(meta))
 
 
 def detect_settings(meta: dict, **overrides) -> DetectConfig:
@@ -190,7 +205,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
                              frame=frame, scan_tumors=len(boxes), count_known=not predicted, extents=extents,
                              mirror=cfg.mirror)
     if box_fn is not None and cfg.drawn_size and not cfg.refine_box:  # drawn boxes' size, as a search by box reads it
-        all_parts = [with_drawn_size(p, cfg.drawn_size, spacing_mm) for p in all_parts]
+        fit = drawn_fit_of(cfg, stats, "the model file")
+        all_parts = [with_drawn_size(p, cfg.drawn_size, spacing_mm, fit) for p in all_parts]
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}
     out = []
     for i, (t, bbox, parts) in enumerate(zip(scan.tumors, boxes, all_parts, strict=True)):

@@ -22,7 +22,7 @@ from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
 from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts, with_drawn_size
 from tumornet.errors import InputError
 from tumornet.export import load_model
-from tumornet.fitted import require_uncounted
+from tumornet.fitted import drawn_fit_of, require_uncounted
 from tumornet.labels import MISSING
 from tumornet.manifest import ManifestRow
 from tumornet.register import register
@@ -179,7 +179,7 @@ def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=No
 
 
 def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tumors: int | None = None,
-                    frame=None) -> dict:
+                    frame=None, drawn_fit=None) -> dict:
     """The parts of a box drawn on a scan (`vol` at the model's spacing; world mm, RAS) as a search by box
     reads them (tumornet.descriptor.tumor_parts): pooled over the voxels that cover the box (refined first
     when the recipe says refine_box), its size the drawn box's own (the covering voxels can be one more
@@ -189,7 +189,8 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
     refit heads fit without the count read the box (nineteenth round: on validation the segmentation
     head's count cost a box query more than no count at all). `frame`: the scan's registration onto the
     template where the caller has it (several boxes of one scan; not with frame_skips_tumors, whose
-    registration depends on the box); None: registered here where the recipe needs it."""
+    registration depends on the box); None: registered here where the recipe needs it. `drawn_fit`: the model's
+    drawn-box size regression (tumornet.fitted.drawn_fit_of) where the recipe's drawn_read is fit."""
     if scan_tumors is not None and (isinstance(scan_tumors, bool) or not isinstance(scan_tumors, int)
                                     or scan_tumors < 1):
         raise InputError(f"--scan-tumors: expected a whole number >= 1 (the tumors in the scan), got {scan_tumors!r}")
@@ -214,7 +215,10 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
                         extent=box_mm_extent(box_mm, vol.affine, vol.array.shape) if vbox is drawn else None,
                         scan_tumors=scan_tumors, mirror=cfg.mirror)
     # a box as drawn reads its size partly from the tumor the segmentation sees in it (retrieval.drawn_size)
-    return with_drawn_size(parts, cfg.drawn_size, vol.spacing_mm) if vbox is drawn and cfg.drawn_size else parts
+    if vbox is not drawn or not cfg.drawn_size:
+        return parts
+    fit = drawn_fit if drawn_fit is not None else drawn_fit_of(cfg, None, str(where))
+    return with_drawn_size(parts, cfg.drawn_size, vol.spacing_mm, fit)
 
 
 def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, rerank=None,
@@ -230,8 +234,9 @@ def search_box(model_path, emb_dir, image, box_mm, *, k: int = 5, where=None, re
     spacing, patch, (cfg, stats) = embed_settings(meta, model_path)
     if scan_tumors is None and cfg.scan_count and cfg.tasks > 0 and cfg.heads == "refit":
         require_uncounted(stats, str(model_path))
+    fit = drawn_fit_of(cfg, stats, str(model_path))
     parts = drawn_box_parts(model, load_volume(image, scan_id="query", spacing_mm=spacing), box_mm, cfg=cfg,
-                            patch_size=patch, where=image, scan_tumors=scan_tumors)
+                            patch_size=patch, where=image, scan_tumors=scan_tumors, drawn_fit=fit)
     one = {key: np.asarray(v)[None] for key, v in parts.items()}
     vector = compose(one, cfg, model.schema, stats)[0]
     classes = predicted_classes(one, cfg, model.schema, stats)

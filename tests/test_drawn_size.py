@@ -118,3 +118,94 @@ def test_drawn_size_is_a_search_time_weight():
     for bad in (-0.1, 1.5, True, "half"):
         with pytest.raises(InputError, match=r"retrieval\.drawn_size: expected a weight from 0 to 1"):
             RetrievalConfig(drawn_size=bad)
+
+
+def test_span_profile_reads_where_the_tumor_ends_in_the_box():
+    from tumornet.descriptor import span_profile
+    prob = np.zeros((40, 40, 40))
+    prob[10:20, 12:18, 5:9] = 0.8
+    # runs at 0.1 / 0.2 / 0.3 / 0.5 / 0.7 of the peak: each edge's crossing (1 - level) voxel out: n + 2 (1 - level) - 1
+    widths = [10.8, 10.6, 10.4, 10.0, 9.6]
+    loose = span_profile(prob, [8, 10, 3, 22, 20, 11])
+    assert loose.shape == (3, 10) and np.allclose(loose[:, 0], 0.8)
+    assert loose[0, 1:6] == pytest.approx(widths) and loose[2, 1:6] == pytest.approx([4.8, 4.6, 4.4, 4.0, 3.6])
+    assert np.allclose(loose[:, 6:], 0.0)  # a loose box: its end faces and beyond hold nothing
+    exact = span_profile(prob, [10, 12, 5, 20, 18, 9])
+    assert exact[0, 1:6] == pytest.approx(widths)
+    assert np.allclose(exact[:, 6:8], 1.0) and np.allclose(exact[:, 8:], 0.0)  # the tumor fills its end faces
+    tight = span_profile(prob, [12, 13, 6, 18, 17, 8])
+    assert np.allclose(tight[:, 6:], 1.0)  # a box too small: the tumor goes on beyond it
+    assert np.allclose(span_profile(prob * 0, [8, 10, 3, 22, 20, 11]), 0.0)
+
+
+def _drawn_boxes(rng, n_boxes: int, *, scale_sd: float = 1 / 3):
+    """Tumors of 4-12 voxels per axis in a crisp probability map and boxes drawn around them with each
+    side scaled by 2^N(0, scale_sd) -> (span profiles, drawn extents, true extents)."""
+    from tumornet.descriptor import span_profile
+    profiles, extents, trues = [], [], []
+    for _ in range(n_boxes):
+        size = rng.integers(4, 13, 3)
+        prob = np.zeros((48, 48, 48))
+        lo = (48 - size) // 2
+        prob[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]] = 0.9
+        drawn = np.maximum(np.rint(size * np.exp2(rng.normal(0, scale_sd, 3))), 2).astype(int)
+        b0 = 24 - drawn // 2
+        profiles.append(span_profile(prob, [*b0, *(b0 + drawn)]))
+        extents.append(drawn.astype(float))
+        trues.append(size.astype(float))
+    return np.array(profiles), np.array(extents), np.array(trues)
+
+
+def test_a_fitted_read_moves_loose_and_tight_boxes_toward_the_tumors_extent():
+    from tumornet.descriptor import fitted_extent
+    from tumornet.fitted import fit_drawn_size
+    rng = np.random.default_rng(0)
+    fit = fit_drawn_size(*_drawn_boxes(rng, 150))["drawn_fit"]
+    assert len(fit["coef"]) == 8 and fit["axes"] == 450 and fit["resid_sd"] < 0.01  # a crisp map: nearly exact
+    profiles, extents, trues = _drawn_boxes(rng, 60)
+    read = np.array([fitted_extent(e, p, fit, 1.0) for p, e in zip(profiles, extents, strict=True)])
+    before, after = np.abs(np.log(extents / trues)), np.abs(np.log(read / trues))
+    assert after.mean() < 0.01 < 0.12 < before.mean()  # boxes off by ~0.16 in log per axis read within 0.01
+    loose, tight = (extents > trues * 1.2), (extents < trues / 1.2)
+    assert (read[loose] < extents[loose]).mean() > 0.9 and (read[tight] > extents[tight]).mean() > 0.9
+    half = np.array([fitted_extent(e, p, fit, 0.5) for p, e in zip(profiles, extents, strict=True)])
+    assert np.allclose(np.log(half), (np.log(read) + np.log(extents)) / 2)  # the weight blends in log
+    unseen = profiles.copy()
+    unseen[:, :, 0] = 0.1  # a peak under 0.2: the box's own extent
+    assert np.allclose(fitted_extent(extents[0], unseen[0], fit, 1.0), extents[0])
+    assert fit_drawn_size(profiles[:3] * 0, extents[:3], trues[:3]) == {}  # nothing seen: no regression stored
+
+
+def test_drawn_read_fit_is_a_search_time_key_that_needs_the_models_regression(tmp_path: Path):
+    from embedder.embed import settings_fingerprint
+    from tumornet.detect import DetectConfig
+    from tumornet.fitted import drawn_fit_of
+    assert RetrievalConfig().drawn_read == "span" and "drawn_read" in SEARCH_ONLY
+    with pytest.raises(InputError, match=r"retrieval\.drawn_read: expected span or fit, got 'mask'"):
+        RetrievalConfig(drawn_read="mask")
+    cfg = RetrievalConfig(drawn_size=1.0, drawn_read="fit")
+    with pytest.raises(InputError, match=r"old\.pt: retrieval\.drawn_read: fit needs the drawn-box size regression"):
+        drawn_fit_of(cfg, {"tumors": 3}, "old.pt")
+    assert drawn_fit_of(RetrievalConfig(drawn_size=1.0), {}, "m.pt") is None  # span: no regression read
+    fit = fit_drawn_size_on_boxes()
+    assert drawn_fit_of(cfg, {"drawn_fit": fit}, "m.pt") is fit
+    # a model file that gains the regression keeps its archives: the stored vectors do not read it
+    stats = {"tumors": 3, "box_log_volume": {"mean": [0.0], "sd": [1.0]}}
+    same = settings_fingerprint(2.0, 64, (cfg, stats), DetectConfig())
+    assert settings_fingerprint(2.0, 64, (cfg, {**stats, "drawn_fit": fit}), DetectConfig()) == same
+    assert settings_fingerprint(2.0, 64, (cfg, {**stats, "tumors": 4}), DetectConfig()) != same
+    # a search by box reads the regression: a loose box reads smaller; without it the search is refused
+    model, image = _crisp_model(), _image()
+    vol = Volume(array=image, spacing_mm=(2.0, 2.0, 2.0), affine=np.diag([2.0, 2.0, 2.0, 1.0]), scan_id="q")
+    loose_mm = np.array(LOOSE, float) * 2 - 1
+    as_drawn = drawn_box_parts(model, vol, loose_mm, cfg=RetrievalConfig(), patch_size=32, where="q")
+    fitted = drawn_box_parts(model, vol, loose_mm, cfg=cfg, patch_size=32, where="q", drawn_fit=fit)
+    assert fitted["box_log_volume"] < as_drawn["box_log_volume"] - 0.8  # 13 x 12 x 10 -> near 6 x 6 x 4
+    assert fitted["box_log_volume"] == pytest.approx(box_log_volume([6, 6, 4], 2.0), abs=0.35)
+    with pytest.raises(InputError, match=r"q: retrieval\.drawn_read: fit needs"):
+        drawn_box_parts(model, vol, loose_mm, cfg=cfg, patch_size=32, where="q")
+
+
+def fit_drawn_size_on_boxes():
+    from tumornet.fitted import fit_drawn_size
+    return fit_drawn_size(*_drawn_boxes(np.random.default_rng(1), 120))["drawn_fit"]

@@ -27,7 +27,7 @@ from tumornet.cache import prepare_scan
 from tumornet.config import Config, TrainConfig, config_from_dict, config_to_dict
 from tumornet.descriptor import stack_parts, tumors_parts
 from tumornet.export import export_model, model_id
-from tumornet.fitted import fit_heads, fit_size, fit_stats
+from tumornet.fitted import fit_drawn_size, fit_heads, fit_size, fit_stats
 from tumornet.io import atomic_write
 from tumornet.labels import MISSING
 from tumornet.loss import EmbeddingBank, as_float32, multitask_loss
@@ -125,6 +125,7 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
     total = sum(len(s.tumors) for s in scans)
     step = max(1, -(-total // max_tumors))  # scans spread over the whole list, not its start
     parts, labels, sizes, groups, rough_groups = [], {t: [] for t in cfg.tasks.names}, [], [], []
+    exact_extents, rough_extents = [], []  # each box's tumor extent, for the drawn-box size regression
     rough, rough_labels = [], {t: [] for t in cfg.tasks.names}
     voxel_mm3 = float(np.prod(np.broadcast_to(np.asarray(cfg.data.spacing_mm, float), 3)))
     rng = np.random.default_rng(seed)
@@ -150,6 +151,8 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
             of_scan = [t.labels.get(task, MISSING) for t in s.tumors]
             labels[task] += of_scan
             rough_labels[task] += of_scan * draws  # the rough boxes' order: draw by draw, the scan's tumors
+        exact_extents += [t.extent for t in s.tumors]
+        rough_extents += [t.extent for t in s.tumors] * draws  # in the rough boxes' order, as the labels
         groups += [patient] * len(s.tumors)  # cross-validation folds by patient (head_select: cv); never stored
         rough_groups += [patient] * (len(s.tumors) * draws)
         sizes += [equivalent_diameter_mm(max(np.count_nonzero(instances == t.tumor_id), 1) * voxel_mm3)
@@ -158,6 +161,9 @@ def retrieval_stats(model: MultitaskNet, scans, cfg: Config, *, patients=None, m
     stacked = stack_parts(parts)
     stats.update(fit_size(stacked, np.asarray(sizes), stats))  # the size on the working grid, from the mask
     heads_on = stack_parts(parts + rough)
+    if draws:  # the drawn-box size regression (retrieval.drawn_read: fit), from the exact and rough boxes
+        true = np.asarray(exact_extents + rough_extents)
+        stats.update(fit_drawn_size(heads_on["span_profile"], heads_on["extent"], true))
     fit = functools.partial(fit_heads, heads_on, {k: np.asarray(labels[k] + rough_labels[k]) for k in labels},
                             cfg.tasks, stats, position_frame=cfg.retrieval.position_frame,
                             size_source=cfg.retrieval.size_source, select=cfg.retrieval.head_select,

@@ -54,8 +54,11 @@ import torch
 from .boxes import box_center, box_from_mask, box_size, shift_box
 from .errors import InputError
 from .fitted import (
+    DRAWN_FIT_LEVELS,
+    PROFILE_WIDTH,
     _softmax,
     _z,
+    drawn_log_ratio,
     refit_probabilities,
     size_key,
     with_diameters,
@@ -153,6 +156,30 @@ def tumor_span(prob: np.ndarray, box) -> np.ndarray:
     return out
 
 
+def span_profile(prob: np.ndarray, box) -> np.ndarray:
+    """Per axis, what the tumor probability profile (tumor_span's: `prob` maximized over the box's cross
+    section) says of where the tumor ends in a box -> (3, PROFILE_WIDTH): [the peak in the box, the widths
+    (voxels) of the profile's runs at tumornet.fitted.DRAWN_FIT_LEVELS of it that hold its highest point in
+    the box, the profile at the box's first and last slice and at the slice outside each (the patch's
+    edge where the box reaches it), as shares of the peak]. What retrieval.drawn_read: fit reads
+    (tumornet.fitted.fit_drawn_size)."""
+    lo, hi = np.asarray(box[:3], int), np.asarray(box[3:], int)
+    inside = prob[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    peak = float(inside.max()) if inside.size else 0.0
+    out = np.zeros((3, PROFILE_WIDTH))
+    out[:, 0] = peak
+    if peak <= 0:
+        return out
+    for a in range(3):
+        cut = tuple(slice(None) if j == a else slice(lo[j], hi[j]) for j in range(3))
+        profile = prob[cut].max(axis=tuple(j for j in range(3) if j != a))
+        share = profile / peak
+        last = len(profile) - 1
+        out[a, 1:] = [*(_run_width(profile, lo[a], hi[a], level * peak) for level in DRAWN_FIT_LEVELS),
+                      share[lo[a]], share[hi[a] - 1], share[max(lo[a] - 1, 0)], share[min(hi[a], last)]]
+    return out
+
+
 def drawn_extent(extent, span, weight: float) -> np.ndarray:
     """A drawn box's extent per axis, blended in log with `weight` toward the tumor's span inside it
     (retrieval.drawn_size; tumor_span, capped at the box: a box that is too loose reads smaller, one
@@ -163,9 +190,21 @@ def drawn_extent(extent, span, weight: float) -> np.ndarray:
     return extent ** (1 - weight) * np.minimum(np.maximum(span, 1e-3), extent) ** weight
 
 
-def with_drawn_size(parts: Mapping, weight: float, spacing_mm) -> dict:
-    """One box's parts (tumors_parts) with `box_log_volume` read from drawn_extent (a drawn box)."""
-    extent = drawn_extent(parts["extent"], parts["tumor_span"], weight)
+def fitted_extent(extent, profile, fit: Mapping, weight: float) -> np.ndarray:
+    """A drawn box's extent per axis moved in log with `weight` toward the tumor's extent that the training
+    tumors' regression reads from the box's span profile (retrieval.drawn_read: fit; tumornet.fitted
+    .drawn_log_ratio: a loose box reads smaller, a tight one larger; the box's own where nothing is seen)."""
+    extent = np.asarray(extent, float)
+    return extent * np.exp(weight * drawn_log_ratio(fit, profile, extent))
+
+
+def with_drawn_size(parts: Mapping, weight: float, spacing_mm, fit: Mapping | None = None) -> dict:
+    """One box's parts (tumors_parts) with `box_log_volume` read from drawn_extent (a drawn box), or with
+    `fit` (tumornet.fitted.drawn_fit_of: the recipe's drawn_read is fit) from fitted_extent."""
+    if fit is not None:
+        extent = fitted_extent(parts["extent"], parts["span_profile"], fit, weight)
+    else:
+        extent = drawn_extent(parts["extent"], parts["tumor_span"], weight)
     return {**parts, "box_log_volume": box_log_volume(extent, spacing_mm)}
 
 
@@ -182,7 +221,8 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
     "box_log_volume", "position" (3,), "seg_log_volume", "extent" (3,): the extent the box's size was read
-    from, "tumor_span" (3,): tumor_span's, for with_drawn_size}. Each box gets the training patch centred on
+    from, "tumor_span" (3,): tumor_span's, "span_profile" (3, PROFILE_WIDTH): span_profile's, for
+    with_drawn_size}. Each box gets the training patch centred on
     it (larger for a larger tumor); patches of one size go through the network together, up to
     `batch` at a time (eval mode: the numbers of one at a time, to float rounding). With the scan's TemplateFrame
     (`frame`, tumornet.register) each dict also has "template_position" (3,) and "atlas"
@@ -242,7 +282,7 @@ def mirrored(image: np.ndarray, bboxes, head) -> tuple[np.ndarray, list[np.ndarr
 
 def _network_parts(model, image: np.ndarray, bboxes, extents, *, patch_size: int, head, batch: int) -> list[dict]:
     """What the network says of each box (tumors_parts, model in eval mode): {"roipool", "task_logits",
-    "roimean", "context", "tumor_span", "seg_voxels": segmented_voxels of the box}."""
+    "roimean", "context", "tumor_span", "span_profile", "seg_voxels": segmented_voxels of the box}."""
     cut = [centred_patch(image, b, patch_size_for(b, patch_size), head) for b in bboxes]
     out: list[dict | None] = [None] * len(cut)
     for size in sorted({c[0].shape[-1] for c in cut}):
@@ -265,7 +305,8 @@ def _network_parts(model, image: np.ndarray, bboxes, extents, *, patch_size: int
             for n, i in enumerate(idx):
                 out[i] = {"roipool": emb[n], "task_logits": logits[n], "roimean": mean[n], "context": shell[n],
                           "seg_voxels": segmented_voxels(foreground[n], cut[i][1], extents[i]),
-                          "tumor_span": tumor_span(prob[n], cut[i][1])}
+                          "tumor_span": tumor_span(prob[n], cut[i][1]),
+                          "span_profile": span_profile(prob[n], cut[i][1])}
     return out
 
 

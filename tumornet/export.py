@@ -64,8 +64,9 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[MultitaskNet, dict
 def retuned_recipe(path: str | Path, overrides: list[str], *, search_only: bool = True) -> tuple[dict, dict]:
     """A model file's payload and its retrieval config section with `retrieval.<key>=<value>` overrides
     applied and checked -> (payload, retrieval section). `search_only`: only keys of
-    tumornet.recipe.SEARCH_ONLY may change (rerank, rerank_size, rerank_position, refine_box, drawn_size: the
-    stored vectors stay the same); otherwise any retrieval key (the caller fits the statistics again)."""
+    tumornet.recipe.SEARCH_ONLY may change (rerank, rerank_size, rerank_position, refine_box, drawn_size,
+    drawn_read: the stored vectors stay the same); otherwise any retrieval key (the caller fits the statistics
+    again)."""
     from dataclasses import fields
 
     from .config import apply_overrides

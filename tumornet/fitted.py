@@ -365,6 +365,72 @@ def _uncounted_too(parts: Mapping[str, np.ndarray], unknown: np.ndarray, schema:
     return out
 
 
+# span_profile's layout per axis (tumornet.descriptor): the tumor probability's peak in the box, the widths
+# (voxels) of the profile's runs at DRAWN_FIT_LEVELS of that peak, the profile at the box's two end faces and
+# one voxel outside each (shares of the peak). fit_drawn_size reads it (twenty-fifth round)
+DRAWN_FIT_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7)
+PROFILE_WIDTH = 1 + len(DRAWN_FIT_LEVELS) + 4
+DRAWN_FIT_PEAK = 0.2  # below this peak the segmentation saw nothing in the box: the box's own extent stays
+DRAWN_FIT_CLIP = (-1.5, 0.7)  # a fitted log ratio is held to this: a box read at 0.22x to 2x its extent per axis
+
+
+def drawn_design(profiles, extents) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes' span profiles (n, 3, PROFILE_WIDTH) and drawn extents (n, 3; voxels) -> the regression's inputs
+    per box and axis (n * 3, 8): the log of each run's width over the extent (the width held to 0.5 voxel ..
+    3x the extent), the mean and the larger of the two end faces, the mean of the two voxels outside; and
+    (n * 3,) whether the segmentation saw the tumor in the box (its peak >= DRAWN_FIT_PEAK)."""
+    f = np.asarray(profiles, dtype=np.float64).reshape(-1, PROFILE_WIDTH)
+    e = np.maximum(np.asarray(extents, dtype=np.float64).reshape(-1), 1e-3)
+    n = len(DRAWN_FIT_LEVELS)
+    widths = np.clip(np.nan_to_num(f[:, 1:1 + n], nan=0.0), 0.5, 3.0 * e[:, None])
+    faces, outside = f[:, 1 + n:3 + n], f[:, 3 + n:5 + n]
+    x = np.hstack([np.log(widths / e[:, None]), faces.mean(1, keepdims=True), faces.max(1, keepdims=True),
+                   outside.mean(1, keepdims=True)])
+    return np.nan_to_num(x), f[:, 0] >= DRAWN_FIT_PEAK
+
+
+def fit_drawn_size(profiles, extents, true_extents, *, min_boxes: int = 20) -> dict:
+    """How far a drawn box's extent is from its tumor's, per axis, learned from the training tumors' boxes
+    (`retrieval.drawn_read: fit`, twenty-fifth round): a ridge regression (penalty by leave-one-out over
+    the box axes) of log(true extent / drawn extent) on drawn_design's inputs, over the axes where the
+    segmentation saw the tumor; boxes drawn exactly and as the paper's eq. 2 draws them (the refit heads'
+    rough copies, retrieval.head_draws), so that a box is read neither larger nor smaller on average ->
+    {"drawn_fit": plain lists for the model file}, or {} where fewer than `min_boxes` axes were seen."""
+    from sklearn.linear_model import RidgeCV
+
+    x, seen = drawn_design(profiles, extents)
+    y = np.log(np.maximum(np.asarray(true_extents, float).reshape(-1), 1e-3)
+               / np.maximum(np.asarray(extents, float).reshape(-1), 1e-3))
+    if seen.sum() < min_boxes:
+        return {}
+    ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(x[seen], y[seen])
+    resid = y[seen] - ridge.predict(x[seen])
+    return {"drawn_fit": {"coef": ridge.coef_.tolist(), "intercept": float(ridge.intercept_),
+                          "alpha": float(ridge.alpha_), "axes": int(seen.sum()), "resid_sd": float(resid.std())}}
+
+
+def drawn_log_ratio(fit: Mapping, profile, extent) -> np.ndarray:
+    """fit_drawn_size's regression on one box: its profile (3, PROFILE_WIDTH) and extent (3,) -> the log
+    ratio of the tumor's extent to the box's per axis (3,), held to DRAWN_FIT_CLIP; 0 where the
+    segmentation saw nothing in the box."""
+    x, seen = drawn_design(np.asarray(profile)[None], np.asarray(extent)[None])
+    pred = np.clip(x @ np.asarray(fit["coef"], dtype=np.float64) + float(fit["intercept"]), *DRAWN_FIT_CLIP)
+    return np.where(seen, pred, 0.0)
+
+
+def drawn_fit_of(cfg, stats: Mapping | None, where: str) -> Mapping | None:
+    """The drawn-box size regression a recipe reads (`retrieval.drawn_read: fit`; None for `span`), refused,
+    naming `where`, where the model file has none."""
+    if cfg.drawn_read != "fit" or not cfg.drawn_size:
+        return None
+    if "drawn_fit" not in (stats or {}):
+        raise InputError(f"{where}: retrieval.drawn_read: fit needs the drawn-box size regression fit on the "
+                         "training tumors' boxes, which the model file has none of (exported before it existed, or "
+                         "without retrieval.head_draws): ray_job.py retune --manifest with the same recipe, or "
+                         "drawn_read: span")
+    return stats["drawn_fit"]
+
+
 def require_uncounted(stats: Mapping | None, where: str) -> None:
     """Refuse, naming `where`, a model whose statistics lack the heads fit without the scan's tumor count
     (needed wherever the count is unknown: a drawn box without --scan-tumors, a tumor found without a mask)."""

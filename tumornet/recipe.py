@@ -11,8 +11,10 @@ from .errors import InputError
 from .fitted import HEAD_SELECT, POSITION_FRAMES, SIZE_SOURCES, SIZE_UNITS, size_key
 from .register import check_warp_mm
 
+DRAWN_READS = ("span", "fit")  # retrieval.drawn_read
+
 # recipe keys of the search, not of a stored vector: a model file's may change without embedding again
-SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position", "refine_box", "drawn_size")
+SEARCH_ONLY = ("rerank", "rerank_size", "rerank_position", "refine_box", "drawn_size", "drawn_read")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +63,12 @@ class RetrievalConfig:
     # probability spans inside it (tumornet.descriptor.tumor_span; twentieth round: a loose box reads
     # nearer the tumor's size). Search-time only, like rerank
     drawn_size: float = 0.0
+    # what a drawn box's size is moved toward (with weight drawn_size): the span the segmentation's tumor
+    # probability covers in it ("span"), or the tumor's extent that a regression fit at export on the
+    # training tumors' exact and rough boxes reads from that probability's profile in the box ("fit",
+    # tumornet.fitted.fit_drawn_size; twenty-fifth round: a box too loose reads smaller, one too tight
+    # larger). Search-time only, like drawn_size
+    drawn_read: str = "span"
     # how the refit heads are fit: every head on all of head_inputs with C = 1 ("fixed"), or per task the
     # inputs (all, the box's place and size, or its place alone) and C chosen by cross-validation over the
     # training patients ("cv", tumornet.fitted.select_head: eleventh round); "cv-context": the same with
@@ -121,6 +129,8 @@ class RetrievalConfig:
         if isinstance(self.drawn_size, bool) or not isinstance(self.drawn_size, int | float) or not (
                 0 <= self.drawn_size <= 1):
             raise InputError(f"retrieval.drawn_size: expected a weight from 0 to 1, got {self.drawn_size!r}")
+        if self.drawn_read not in DRAWN_READS:
+            raise InputError(f"retrieval.drawn_read: expected {' or '.join(DRAWN_READS)}, got {self.drawn_read!r}")
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, int) or self.rerank < 0:
             raise InputError(f"retrieval.rerank: expected a whole number >= 0 (candidates), got {self.rerank!r}")
         for key in ("size", "position"):
