@@ -24,6 +24,7 @@ from retrieval.search import drawn_box_parts
 from tumornet.boxes import grown_box_mm
 from tumornet.descriptor import compose, stack_parts
 from tumornet.export import load_model
+from tumornet.fitted import drawn_fit_of
 from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import read_manifest
 from tumornet.volumes import load_volume
@@ -39,6 +40,7 @@ def main() -> None:
     secret = read_secret(args.secret_file)
     model, meta = load_model(args.model)
     spacing, patch, (cfg, stats) = embed_settings(meta, args.model)
+    fit = drawn_fit_of(cfg, stats, args.model)  # the recipe's drawn-box size regression, where it reads one
     ev = load_evaluation(args.embeddings, args.manifest, secret, args.model, on=args.on)
     parts = shard_parts(ev.table)
     images = {keyed_id(s, secret): rows[0].image for s, rows in read_manifest(args.manifest).scans().items()}
@@ -49,7 +51,8 @@ def main() -> None:
         if last[0] != key:
             last = (key, load_volume(images[key], scan_id="query", spacing_mm=spacing))
         box = grown_box_mm(ev.table["bbox_mm"][int(i)].as_py(), args.grow)
-        box_parts.append(drawn_box_parts(model, last[1], box, cfg=cfg, patch_size=patch, where=images[key]))
+        box_parts.append(drawn_box_parts(model, last[1], box, cfg=cfg, patch_size=patch, where=images[key],
+                                         drawn_fit=fit))
     drawn = stack_parts(box_parts)
     mask = {k: v[rows] for k, v in parts.items()}
     db = compose({k: v[ev.train_rows] for k, v in parts.items()}, cfg, model.schema, stats)
