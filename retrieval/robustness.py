@@ -15,6 +15,7 @@ from embedder.embed import embed_scan, embed_settings
 from tumornet.boxes import distort_box
 from tumornet.errors import InputError
 from tumornet.export import load_model
+from tumornet.fitted import drawn_fit_of
 from tumornet.manifest import read_manifest
 from tumornet.recipe import RetrievalConfig
 
@@ -30,6 +31,7 @@ def distorted_queries(model_path, ev, manifest, secret: bytes, *, draws: int, se
         raise InputError(f"--draws: expected >= 1, got {draws}")
     model, meta = load_model(model_path)
     spacing, patch, recipe = embed_settings(meta, model_path)
+    drawn_fit_of(recipe[0], recipe[1], str(model_path))  # a recipe that reads a regression the file lacks: refused
     scans = read_manifest(manifest, model.schema).scans()
     out = []
     for d in range(draws):

@@ -198,6 +198,16 @@ def test_robustness_without_distortion_equals_the_clean_scores(archive, small_co
         robustness(archive / "model.pt", archive / "emb", small_cohort, SECRET, draws=0)
 
 
+def test_robustness_refuses_a_drawn_size_regression_the_model_file_lacks(archive, small_cohort, tmp_path):
+    from retrieval.robustness import robustness
+    from tumornet.export import with_search_settings
+
+    lacking = tmp_path / "fit.pt"  # the recipe says drawn_read: fit; the file carries no regression
+    with_search_settings(archive / "model.pt", lacking, ["retrieval.drawn_read=fit", "retrieval.drawn_size=1"])
+    with pytest.raises(InputError, match=r"fit\.pt: retrieval\.drawn_read: fit needs the drawn-box size regression"):
+        robustness(lacking, archive / "emb", small_cohort, SECRET, k=3, draws=1)
+
+
 def test_evaluate_and_search_commands_name_bad_input(tmp_path, archive, small_cohort, capsys):
     from ray_job import main
 
