@@ -10,8 +10,8 @@ the scan's tumor count
 scored against the training tumors: the rule (retrieval.experiments.recipe_score of the KNN@5 scores),
 type accuracy, and the share whose top-1 is the mask query's; and how often the segmentation head's
 count is the scan's. Each `--drawn-size W` (default: the model's recipe) scores every count again with
-the drawn boxes' size read at that weight toward the tumor's span in them (tumornet.descriptor.drawn_extent),
-or toward the extent the model's regression reads (retrieval.drawn_read: fit, tumornet.descriptor.fitted_extent).
+the drawn boxes' size read at that weight toward the tumor's span in them (tumornet.drawn.drawn_extent),
+or toward the extent the model's regression reads (retrieval.drawn_read: fit, tumornet.drawn.fitted_extent).
 `--decompose` also says which part moves a rough box's top-1 away from the mask query's (twenty-third
 round): for each box kind and each part, the share kept when the rough box's query takes that one part
 from the exactly drawn box's (count unknown).
@@ -38,11 +38,12 @@ from retrieval.experiments import recipe_score
 from retrieval.knn import knn_scores
 from retrieval.search import drawn_box_parts
 from tumornet.boxes import box_mm_to_voxels, grown_box_mm, overlaps
-from tumornet.descriptor import compose, stack_parts, with_drawn_size
+from tumornet.descriptor import compose, stack_parts
 from tumornet.detect import DetectConfig, tumor_probability, tumors_from_probability
+from tumornet.drawn import drawn_fit_of, with_drawn_size
 from tumornet.errors import InputError
 from tumornet.export import load_model
-from tumornet.fitted import drawn_fit_of, require_uncounted
+from tumornet.fitted import require_uncounted
 from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import read_manifest
 from tumornet.recipe import RetrievalConfig

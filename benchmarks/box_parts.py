@@ -23,8 +23,8 @@ from retrieval.evaluate import load_evaluation, shard_parts
 from retrieval.search import drawn_box_parts
 from tumornet.boxes import grown_box_mm
 from tumornet.descriptor import compose, stack_parts
+from tumornet.drawn import drawn_fit_of
 from tumornet.export import load_model
-from tumornet.fitted import drawn_fit_of
 from tumornet.keys import keyed_id, read_secret
 from tumornet.manifest import read_manifest
 from tumornet.volumes import load_volume

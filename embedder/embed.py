@@ -27,12 +27,11 @@ from tumornet.descriptor import (
     refine_box,
     stack_parts,
     tumors_parts,
-    with_drawn_size,
 )
 from tumornet.detect import DetectConfig, detect_tumors
+from tumornet.drawn import drawn_fit_of, with_drawn_size
 from tumornet.errors import InputError
 from tumornet.export import load_model
-from tumornet.fitted import drawn_fit_of
 from tumornet.handcrafted import handcrafted_features
 from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import ManifestRow

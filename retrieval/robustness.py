@@ -13,9 +13,9 @@ import pyarrow as pa
 
 from embedder.embed import embed_scan, embed_settings
 from tumornet.boxes import distort_box
+from tumornet.drawn import drawn_fit_of
 from tumornet.errors import InputError
 from tumornet.export import load_model
-from tumornet.fitted import drawn_fit_of
 from tumornet.manifest import read_manifest
 from tumornet.recipe import RetrievalConfig
 

@@ -19,10 +19,11 @@ import numpy as np
 from embedder.embed import embed_scan, embed_settings, load_detector
 from embedder.shards import read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
-from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts, with_drawn_size
+from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts
+from tumornet.drawn import drawn_fit_of, with_drawn_size
 from tumornet.errors import InputError
 from tumornet.export import load_model
-from tumornet.fitted import drawn_fit_of, require_uncounted
+from tumornet.fitted import require_uncounted
 from tumornet.labels import MISSING
 from tumornet.manifest import ManifestRow
 from tumornet.register import register
@@ -190,7 +191,7 @@ def drawn_box_parts(model, vol, box_mm, *, cfg, patch_size: int, where, scan_tum
     head's count cost a box query more than no count at all). `frame`: the scan's registration onto the
     template where the caller has it (several boxes of one scan; not with frame_skips_tumors, whose
     registration depends on the box); None: registered here where the recipe needs it. `drawn_fit`: the model's
-    drawn-box size regression (tumornet.fitted.drawn_fit_of) where the recipe's drawn_read is fit."""
+    drawn-box size regression (tumornet.drawn.drawn_fit_of) where the recipe's drawn_read is fit."""
     if scan_tumors is not None and (isinstance(scan_tumors, bool) or not isinstance(scan_tumors, int)
                                     or scan_tumors < 1):
         raise InputError(f"--scan-tumors: expected a whole number >= 1 (the tumors in the scan), got {scan_tumors!r}")

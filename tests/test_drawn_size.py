@@ -1,5 +1,6 @@
-"""A drawn box's size read partly from the tumor the segmentation head sees in it (the retrieval recipe's
-search-time `drawn_size`, twentieth round), with a stand-in network whose tumor probability is known."""
+"""A drawn box's size read partly from the tumor the segmentation head sees in it (tumornet.drawn: the
+retrieval recipe's search-time `drawn_size`, twentieth round, and `drawn_read: fit`, the regression fit at
+export, twenty-fifth round), with a stand-in network or probability map whose tumor is known."""
 
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import torch
 
 from embedder.embed import embed_read
 from retrieval.search import drawn_box_parts
-from tumornet.descriptor import box_log_volume, drawn_extent, tumor_span, tumors_parts, with_drawn_size
+from tumornet.descriptor import tumors_parts
+from tumornet.drawn import box_log_volume, drawn_extent, tumor_span, with_drawn_size
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA
 from tumornet.manifest import ManifestRow
@@ -121,7 +123,7 @@ def test_drawn_size_is_a_search_time_weight():
 
 
 def test_span_profile_reads_where_the_tumor_ends_in_the_box():
-    from tumornet.descriptor import span_profile
+    from tumornet.drawn import span_profile
     prob = np.zeros((40, 40, 40))
     prob[10:20, 12:18, 5:9] = 0.8
     # runs at 0.1 / 0.2 / 0.3 / 0.5 / 0.7 of the peak: each edge's crossing (1 - level) voxel out: n + 2 (1 - level) - 1
@@ -141,7 +143,7 @@ def test_span_profile_reads_where_the_tumor_ends_in_the_box():
 def _drawn_boxes(rng, n_boxes: int, *, scale_sd: float = 1 / 3):
     """Tumors of 4-12 voxels per axis in a crisp probability map and boxes drawn around them with each
     side scaled by 2^N(0, scale_sd) -> (span profiles, drawn extents, true extents)."""
-    from tumornet.descriptor import span_profile
+    from tumornet.drawn import span_profile
     profiles, extents, trues = [], [], []
     for _ in range(n_boxes):
         size = rng.integers(4, 13, 3)
@@ -157,8 +159,7 @@ def _drawn_boxes(rng, n_boxes: int, *, scale_sd: float = 1 / 3):
 
 
 def test_a_fitted_read_moves_loose_and_tight_boxes_toward_the_tumors_extent():
-    from tumornet.descriptor import fitted_extent
-    from tumornet.fitted import fit_drawn_size
+    from tumornet.drawn import fit_drawn_size, fitted_extent
     rng = np.random.default_rng(0)
     fit = fit_drawn_size(*_drawn_boxes(rng, 150))["drawn_fit"]
     assert len(fit["coef"]) == 8 and fit["axes"] == 450 and fit["resid_sd"] < 0.01  # a crisp map: nearly exact
@@ -179,7 +180,7 @@ def test_a_fitted_read_moves_loose_and_tight_boxes_toward_the_tumors_extent():
 def test_drawn_read_fit_is_a_search_time_key_that_needs_the_models_regression(tmp_path: Path):
     from embedder.embed import settings_fingerprint
     from tumornet.detect import DetectConfig
-    from tumornet.fitted import drawn_fit_of
+    from tumornet.drawn import drawn_fit_of
     assert RetrievalConfig().drawn_read == "span" and "drawn_read" in SEARCH_ONLY
     with pytest.raises(InputError, match=r"retrieval\.drawn_read: expected span or fit, got 'mask'"):
         RetrievalConfig(drawn_read="mask")
@@ -207,5 +208,31 @@ def test_drawn_read_fit_is_a_search_time_key_that_needs_the_models_regression(tm
 
 
 def fit_drawn_size_on_boxes():
-    from tumornet.fitted import fit_drawn_size
+    from tumornet.drawn import fit_drawn_size
     return fit_drawn_size(*_drawn_boxes(np.random.default_rng(1), 120))["drawn_fit"]
+
+
+def test_export_statistics_fit_the_drawn_box_size_on_each_boxs_own_tumor(small_cohort, tmp_path, monkeypatch):
+    """retrieval_stats fits the drawn-box size regression (retrieval.drawn_read: fit) on the exact boxes and
+    the rough copies, each paired with its own tumor's extent."""
+    import trainer.loop as loop
+    from tumornet.cache import prepare_scan
+    from tumornet.config import load_config, with_overrides
+    from tumornet.manifest import read_manifest
+
+    cfg = with_overrides(load_config("demo"), data={"spacing_mm": 4.0}, train={"patch_size": 16},
+                         retrieval={"position_frame": "head", "heads": "refit", "head_draws": 3})
+    scans = [prepare_scan(rows, spacing_mm=4.0, cache_dir=tmp_path / "cache")
+             for rows in list(read_manifest(small_cohort).scans().values())[:10]]
+    seen = {}
+    monkeypatch.setattr(loop, "fit_drawn_size", lambda p, e, t: seen.update(profiles=p, extents=e, true=t) or {})
+    from test_descriptor import _model
+
+    loop.retrieval_stats(_model(), scans, cfg)
+    n = sum(len(s.tumors) for s in scans)
+    extents, true = np.asarray(seen["extents"]), np.asarray(seen["true"])
+    assert seen["profiles"].shape == (4 * n, 3, 10) and extents.shape == true.shape == (4 * n, 3)
+    assert np.allclose(extents[:n], true[:n])  # an exact box: the tumor's own extent
+    off = np.log(extents[n:] / true[n:])  # a rough copy: eq. 2's scale, log2 ~ N(0, 1/3) per axis, rounded
+    assert abs(off.mean()) < 0.1 and 0.15 < off.std() < 0.35
+    assert np.corrcoef(np.log(extents[n:]).ravel(), np.log(true[n:]).ravel())[0, 1] > 0.7  # its own tumor's

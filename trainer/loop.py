@@ -26,8 +26,9 @@ from tumornet.boxes import distort_box
 from tumornet.cache import prepare_scan
 from tumornet.config import Config, TrainConfig, config_from_dict, config_to_dict
 from tumornet.descriptor import stack_parts, tumors_parts
+from tumornet.drawn import fit_drawn_size
 from tumornet.export import export_model, model_id
-from tumornet.fitted import fit_drawn_size, fit_heads, fit_size, fit_stats
+from tumornet.fitted import fit_heads, fit_size, fit_stats
 from tumornet.io import atomic_write
 from tumornet.labels import MISSING
 from tumornet.loss import EmbeddingBank, as_float32, multitask_loss

@@ -52,13 +52,11 @@ import numpy as np
 import torch
 
 from .boxes import box_center, box_from_mask, box_size, shift_box
+from .drawn import box_log_volume, span_of, span_profile
 from .errors import InputError
 from .fitted import (
-    DRAWN_FIT_LEVELS,
-    PROFILE_WIDTH,
     _softmax,
     _z,
-    drawn_log_ratio,
     refit_probabilities,
     size_key,
     with_diameters,
@@ -118,102 +116,6 @@ def refine_box(model, image: np.ndarray, bbox, *, patch_size: int, head=None, co
     return shift_box(box_from_mask(found), origin).astype(np.int64)
 
 
-SPAN_LEVEL = 0.3  # tumor_span: the run of the probability profile above this share of its peak ...
-SPAN_PEAK = 0.2  # ... where the peak inside the box reaches this (twentieth round, on validation)
-
-
-def _run_width(profile: np.ndarray, lo: int, hi: int, level: float) -> float:
-    """Width (voxels) of the run of `profile` at or above `level` that holds its highest point within
-    [lo, hi): between the level's crossings, interpolated linearly between voxel centres (a run that
-    reaches an end of the profile: that voxel's outer edge)."""
-    i = lo + int(np.argmax(profile[lo:hi]))
-    a = b = i
-    while a > 0 and profile[a - 1] >= level:
-        a -= 1
-    while b < len(profile) - 1 and profile[b + 1] >= level:
-        b += 1
-    left = a - 0.5 if a == 0 else a - (profile[a] - level) / max(profile[a] - profile[a - 1], 1e-6)
-    right = b + 0.5 if b == len(profile) - 1 else b + (profile[b] - level) / max(profile[b] - profile[b + 1], 1e-6)
-    return float(right - left)
-
-
-def tumor_span(prob: np.ndarray, box) -> np.ndarray:
-    """Per axis, how far the tumor the segmentation head sees in a box spans (voxels): the tumor
-    probability (`prob`, a patch around the box; `box` in its voxels) maximized over the box's cross
-    section along each axis, and the run of that profile above SPAN_LEVEL of its peak in the box that
-    holds the peak, measured over the whole patch; NaN (3,) where the peak is under SPAN_PEAK (nothing
-    seen)."""
-    lo, hi = np.asarray(box[:3], int), np.asarray(box[3:], int)
-    inside = prob[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    peak = float(inside.max()) if inside.size else 0.0
-    if peak < SPAN_PEAK:
-        return np.full(3, np.nan)
-    out = np.empty(3)
-    for a in range(3):
-        cut = tuple(slice(None) if j == a else slice(lo[j], hi[j]) for j in range(3))
-        profile = prob[cut].max(axis=tuple(j for j in range(3) if j != a))
-        out[a] = _run_width(profile, lo[a], hi[a], SPAN_LEVEL * peak)
-    return out
-
-
-def span_profile(prob: np.ndarray, box) -> np.ndarray:
-    """Per axis, what the tumor probability profile (tumor_span's: `prob` maximized over the box's cross
-    section) says of where the tumor ends in a box -> (3, PROFILE_WIDTH): [the peak in the box, the widths
-    (voxels) of the profile's runs at tumornet.fitted.DRAWN_FIT_LEVELS of it that hold its highest point in
-    the box, the profile at the box's first and last slice and at the slice outside each (the patch's
-    edge where the box reaches it), as shares of the peak]. What retrieval.drawn_read: fit reads
-    (tumornet.fitted.fit_drawn_size)."""
-    lo, hi = np.asarray(box[:3], int), np.asarray(box[3:], int)
-    inside = prob[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    peak = float(inside.max()) if inside.size else 0.0
-    out = np.zeros((3, PROFILE_WIDTH))
-    out[:, 0] = peak
-    if peak <= 0:
-        return out
-    for a in range(3):
-        cut = tuple(slice(None) if j == a else slice(lo[j], hi[j]) for j in range(3))
-        profile = prob[cut].max(axis=tuple(j for j in range(3) if j != a))
-        share = profile / peak
-        last = len(profile) - 1
-        out[a, 1:] = [*(_run_width(profile, lo[a], hi[a], level * peak) for level in DRAWN_FIT_LEVELS),
-                      share[lo[a]], share[hi[a] - 1], share[max(lo[a] - 1, 0)], share[min(hi[a], last)]]
-    return out
-
-
-def drawn_extent(extent, span, weight: float) -> np.ndarray:
-    """A drawn box's extent per axis, blended in log with `weight` toward the tumor's span inside it
-    (retrieval.drawn_size; tumor_span, capped at the box: a box that is too loose reads smaller, one
-    that is too tight does not grow); the box's own where the segmentation saw nothing."""
-    extent, span = np.asarray(extent, float), np.asarray(span, float)
-    if weight == 0 or not np.isfinite(span).all():
-        return extent
-    return extent ** (1 - weight) * np.minimum(np.maximum(span, 1e-3), extent) ** weight
-
-
-def fitted_extent(extent, profile, fit: Mapping, weight: float) -> np.ndarray:
-    """A drawn box's extent per axis moved in log with `weight` toward the tumor's extent that the training
-    tumors' regression reads from the box's span profile (retrieval.drawn_read: fit; tumornet.fitted
-    .drawn_log_ratio: a loose box reads smaller, a tight one larger; the box's own where nothing is seen)."""
-    extent = np.asarray(extent, float)
-    return extent * np.exp(weight * drawn_log_ratio(fit, profile, extent))
-
-
-def with_drawn_size(parts: Mapping, weight: float, spacing_mm, fit: Mapping | None = None) -> dict:
-    """One box's parts (tumors_parts) with `box_log_volume` read from drawn_extent (a drawn box), or with
-    `fit` (tumornet.fitted.drawn_fit_of: the recipe's drawn_read is fit) from fitted_extent."""
-    if fit is not None:
-        extent = fitted_extent(parts["extent"], parts["span_profile"], fit, weight)
-    else:
-        extent = drawn_extent(parts["extent"], parts["tumor_span"], weight)
-    return {**parts, "box_log_volume": box_log_volume(extent, spacing_mm)}
-
-
-def box_log_volume(extent, spacing_mm) -> float:
-    """The `box_log_volume` part: log of a box's volume in ml from its extent per axis in voxels."""
-    voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), 3))) / 1000.0
-    return float(np.log(max(float(np.prod(extent)) * voxel_ml, 1e-6)))
-
-
 @torch.no_grad()
 def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_mm, head=None, frame=None,
                  batch: int = 8, extents=None, scan_tumors: int | None = None,
@@ -221,7 +123,7 @@ def tumors_parts(model, image: np.ndarray, bboxes, *, patch_size: int, spacing_m
     """The parts of tumor boxes of one scan (voxels of `image`, the model's working grid) -> one dict
     per box: {"roipool" (C,), "task_logits" (sum of classes,), "roimean" (C,), "context" (C,),
     "box_log_volume", "position" (3,), "seg_log_volume", "extent" (3,): the extent the box's size was read
-    from, "tumor_span" (3,): tumor_span's, "span_profile" (3, PROFILE_WIDTH): span_profile's, for
+    from, "tumor_span" (3,): tumor_span's, "span_profile" (3, tumornet.drawn.PROFILE_WIDTH): span_profile's, for
     with_drawn_size}. Each box gets the training patch centred on
     it (larger for a larger tumor); patches of one size go through the network together, up to
     `batch` at a time (eval mode: the numbers of one at a time, to float rounding). With the scan's TemplateFrame
@@ -305,8 +207,8 @@ def _network_parts(model, image: np.ndarray, bboxes, extents, *, patch_size: int
             for n, i in enumerate(idx):
                 out[i] = {"roipool": emb[n], "task_logits": logits[n], "roimean": mean[n], "context": shell[n],
                           "seg_voxels": segmented_voxels(foreground[n], cut[i][1], extents[i]),
-                          "tumor_span": tumor_span(prob[n], cut[i][1]),
                           "span_profile": span_profile(prob[n], cut[i][1])}
+                out[i]["tumor_span"] = span_of(out[i]["span_profile"])
     return out
 
 

@@ -60,13 +60,13 @@ class RetrievalConfig:
     refine_box: bool = False
     # a drawn box's size (search --box, and the robustness evaluation's distorted boxes): its own extent
     # per axis (0), or its log blended with this weight toward the extent the segmentation head's tumor
-    # probability spans inside it (tumornet.descriptor.tumor_span; twentieth round: a loose box reads
+    # probability spans inside it (tumornet.drawn.tumor_span; twentieth round: a loose box reads
     # nearer the tumor's size). Search-time only, like rerank
     drawn_size: float = 0.0
     # what a drawn box's size is moved toward (with weight drawn_size): the span the segmentation's tumor
     # probability covers in it ("span"), or the tumor's extent that a regression fit at export on the
     # training tumors' exact and rough boxes reads from that probability's profile in the box ("fit",
-    # tumornet.fitted.fit_drawn_size; twenty-fifth round: a box too loose reads smaller, one too tight
+    # tumornet.drawn.fit_drawn_size; twenty-fifth round: a box too loose reads smaller, one too tight
     # larger). Search-time only, like drawn_size
     drawn_read: str = "span"
     # how the refit heads are fit: every head on all of head_inputs with C = 1 ("fixed"), or per task the
