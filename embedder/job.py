@@ -6,11 +6,13 @@
 The driver validates the manifest and the model, splits the scans into shards of
 `scans_per_shard`, and a Ray Data actor pool (each actor loads the model once) embeds a shard
 at a time and writes it as one Parquet file (embedder.shards). A scan whose image and mask are
-unchanged since the same model embedded it is skipped, so the nightly re-run only embeds new or
-changed scans. A scan that fails (unreadable file, empty mask, ...) is recorded in
-`<out>/embed-errors.jsonl` with its manifest rows and the error, and the job keeps going;
-`<out>/embed-report.json` sums up the run. Shards, logs and the errors file carry no patient or
-scan id and no path: keyed hashes and manifest row numbers instead.
+unchanged since the same model embedded it, and whose manifest rows still say what its shard rows
+copied (the patient, the tumors, their labels: embedder.shards.stored_rows), is skipped, so the
+nightly re-run only embeds new or changed scans, and a corrected label reaches the archive. A scan
+that fails (unreadable file, empty mask, ...) is recorded in `<out>/embed-errors.jsonl` with its
+manifest rows and the error, and the job keeps going; `<out>/embed-report.json` sums up the run.
+Shards, logs and the errors file carry no patient or scan id and no path: keyed hashes and manifest
+row numbers instead.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tumornet.detect import DetectConfig
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.io import atomic_write_text
-from tumornet.keys import keyed_id, read_secret
+from tumornet.keys import keyed_id, patient_key, read_secret
 from tumornet.manifest import ManifestRow, folder_cohort, read_manifest_lenient, redact
 from tumornet.recipe import RetrievalConfig
 from tumornet.runtime import ALLOCATOR_ENV
@@ -43,7 +45,7 @@ from .embed import (
     settings_fingerprint,
     source_hash,
 )
-from .shards import done_scans, model_shard_schema, write_shard
+from .shards import done_scans, model_shard_schema, stored_rows, write_shard
 from .transfer import from_bytes, pack, to_bytes, unpack
 
 ERROR_COLUMNS = ("run", "row", "scan_key", "stage", "error_class", "message")  # embed-errors.jsonl, one JSON a line
@@ -266,22 +268,29 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     detector_id = detector_meta["model_id"] if detector_meta else None
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    done: dict[str, list[str]] = {}
-    for key, h in done_scans(out, meta["model_id"]):
-        done.setdefault(key, []).append(h)
+    tasks = model.schema.names
+    done = done_scans(out, meta["model_id"], tasks)
     scan_ids = sorted(scans)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
     errors = [{"run": stamp, "row": e.row, "scan_key": keyed_id(e.scan_id, secret) if e.scan_id else "",
                "stage": "manifest", "error_class": "invalid_row", "message": e.redacted()} for e in bad_rows]
     _append_errors(out / "embed-errors.jsonl", errors)  # recorded before any scan is embedded
-    items = []
+    items, rows_changed = [], 0
     for s in scan_ids:
-        key = keyed_id(s, secret)
-        items.append({"scan_key": key, "done": done.get(key, []), "rows": [_row_dict(r) for r in scans[s]]})
+        key, rows = keyed_id(s, secret), scans[s]
+        stored = done.get(key)
+        now = stored_rows(patient_key(rows[0].patient_id, secret),
+                          [(r.tumor_id, tuple(r.labels.get(t, -1) for t in tasks)) for r in rows],
+                          masked=rows[0].mask is not None)
+        if stored is not None and stored[1] != now:  # the manifest's rows changed, the files maybe not
+            rows_changed += 1
+        items.append({"scan_key": key, "done": [stored[0]] if stored is not None and stored[1] == now else [],
+                      "rows": [_row_dict(r) for r in rows]})
     chunks = [items[i:i + scans_per_shard] for i in range(0, len(items), scans_per_shard)]
     invalid_scans = len({e.scan_id for e in bad_rows if e.scan_id}) + sum(1 for e in bad_rows if not e.scan_id)
     log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows) in {len(chunks)} "
-        f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it)"
+        f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it"
+        + (f", {rows_changed} of them again for changed manifest rows" if rows_changed else "") + ")"
         + (f", tumors without a mask found by detector {detector_id}" if detector_id else "") + f" -> {out}")
     progress = Progress(len(scan_ids), log)
     results, stopped = [], ""
@@ -327,7 +336,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     total = len(scan_ids) + invalid_scans
     failure_rate = (counts["failed"] + invalid_scans) / total if total else 0.0
     report = {"run": stamp, "model_id": meta["model_id"], "detector_id": detector_id, "scans": total, **counts,
-              "skipped_invalid_rows": len(bad_rows), "skipped_scans": invalid_scans,
+              "rows_changed": rows_changed, "skipped_invalid_rows": len(bad_rows), "skipped_scans": invalid_scans,
               "tumors_embedded": int(sum(int(r["tumors"]) for r in results)), "failure_rate": round(failure_rate, 4),
               "max_failure_rate": max_failure_rate, "ok": failure_rate <= max_failure_rate and not stopped,
               "stopped": stopped, "out_dir": str(out)}

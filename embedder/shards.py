@@ -150,15 +150,30 @@ def compact_shards(out_dir: str | Path, *, rows_per_file: int = 200_000, log=pri
     return report
 
 
-def done_scans(out_dir: str | Path, model_id: str) -> set[tuple[str, str]]:
-    """(scan_key, source_hash) of each scan's newest rows that `model_id` embedded into `out_dir`
-    (only the newest: files or settings changed and changed back are embedded again, since readers
-    see the newest rows)."""
-    cols = ["scan_key", "model_id", "source_hash", "embedded_at", "tumor_id"]
+def done_scans(out_dir: str | Path, model_id: str, tasks: Sequence[str] = ()) -> dict[str, tuple[str, tuple]]:
+    """scan_key -> (source_hash, what its rows say of the manifest: stored_rows) of each scan's newest
+    rows that `model_id` embedded into `out_dir` (only the newest: files or settings changed and changed
+    back are embedded again, since readers see the newest rows). `tasks`: the label columns read."""
+    cols = ["scan_key", "model_id", "source_hash", "embedded_at", "tumor_id", "patient_key", "source",
+            *(f"label_{t}" for t in tasks)]
     tables = [pq.read_table(f, columns=cols) for f in shard_files(Path(out_dir))]
     tables = [t.filter(pa.compute.equal(t["model_id"], model_id)) for t in tables]
     tables = [t for t in tables if t.num_rows]
     if not tables:
-        return set()
+        return {}
     t = newest_rows(pa.concat_tables(tables))
-    return set(zip(t["scan_key"].to_pylist(), t["source_hash"].to_pylist(), strict=True))
+    rows: dict[str, list[dict]] = {}
+    for r in t.to_pylist():
+        rows.setdefault(r["scan_key"], []).append(r)
+    return {key: (rs[0]["source_hash"], stored_rows(
+        rs[0]["patient_key"], [(r["tumor_id"], tuple(r[f"label_{k}"] for k in tasks)) for r in rs],
+        masked=rs[0]["source"] == "mask")) for key, rs in rows.items()}
+
+
+def stored_rows(patient_key: str, tumors: Sequence[tuple[int, tuple[int, ...]]], *, masked: bool) -> tuple:
+    """What a scan's shard rows copy from its manifest rows: the patient's key and, for a scan with a
+    mask, each tumor's id and labels (a scan without one: its tumors were found, the manifest names
+    none). A scan whose manifest rows say otherwise now (a label corrected, a patient merged, a tumor
+    added) is embedded again, its files unchanged."""
+    return (patient_key, tuple(sorted((int(i), tuple(int(v) for v in labels)) for i, labels in tumors))
+            if masked else None)

@@ -1,5 +1,6 @@
 """Archive embedding: per-scan rows, the shard format, and the Ray Data job (marked ray + slow)."""
 
+import csv
 import dataclasses
 import json
 import shutil
@@ -148,6 +149,35 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert read_embeddings(out, model_id=mid).num_rows == n_tumors  # the newest rows only
     run_embedding(**kw)  # back to the model's own settings for what follows
 
+    # the manifest corrected, the files not: a label changed, a scan moved to another patient -> those two
+    # scans embedded again (the same vectors, the manifest's labels and patient now), nothing else
+    table_rows = list(csv.DictReader(manifest.open()))
+    scans = sorted(cohort.scans())
+    relabel, move = scans[3], scans[4]
+    old_type = next(r["tumor_type"] for r in table_rows if r["scan_id"] == relabel)
+    new_type = next(t for t in DEFAULT_SCHEMA["tumor_type"].classes if t != old_type)
+    other_patient = next(r["patient_id"] for r in table_rows if r["scan_id"] not in (relabel, move))
+    for r in table_rows:
+        if r["scan_id"] == relabel:
+            r["tumor_type"] = new_type
+        if r["scan_id"] == move:
+            r["patient_id"] = other_patient
+    with manifest.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+        w.writeheader()
+        w.writerows(table_rows)
+    before = {(r["scan_key"], r["tumor_id"]): r["embedding"] for r in read_embeddings(out, model_id=mid).to_pylist()}
+    fixed = run_embedding(**kw)
+    assert (fixed["embedded"], fixed["unchanged"], fixed["rows_changed"]) == (2, len(scans) - 2, 2)
+    latest = read_embeddings(out, model_id=mid).to_pylist()
+    assert len(latest) == n_tumors
+    new_index = DEFAULT_SCHEMA["tumor_type"].index(new_type)
+    assert {r["label_tumor_type"] for r in latest if r["scan_key"] == keyed_id(relabel, SECRET)} == {new_index}
+    assert {r["patient_key"] for r in latest if r["scan_key"] == keyed_id(move, SECRET)} == {
+        patient_key(other_patient, SECRET)}
+    assert all(np.allclose(before[(r["scan_key"], r["tumor_id"])], r["embedding"], atol=1e-5) for r in latest)
+    assert run_embedding(**kw)["unchanged"] == len(scans)  # and the next night nothing
+
     # one scan's image is corrupted, another's replaced: the first is recorded, the second re-embedded
     scans = sorted(cohort.scans())
     bad, changed = cohort.scans()[scans[0]][0], cohort.scans()[scans[1]][0]
@@ -167,7 +197,7 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert errors[1]["error_class"] == "missing_file" and errors[1]["message"] == "<mask>: file not found"
     assert str(archive) not in json.dumps(errors)
     history = json.loads((out / "embed-report.json").read_text())
-    assert [r["failed"] for r in history["runs"]] == [0, 0, 0, 0, 0, 2] and history["last"] == third
+    assert [r["failed"] for r in history["runs"]] == [0, 0, 0, 0, 0, 0, 0, 2] and history["last"] == third
     latest = read_embeddings(out, model_id=mid)
     assert latest.num_rows == n_tumors  # the re-embedded scan's old rows are superseded; failed scans keep theirs
     hashes = zip(latest["scan_key"].to_pylist(), latest["source_hash"].to_pylist(), strict=True)
