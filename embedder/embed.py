@@ -207,6 +207,8 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
         fit = drawn_fit_of(cfg, stats, "the model file")
         all_parts = [with_drawn_size(p, cfg.drawn_size, spacing_mm, fit) for p in all_parts]
     classes = predicted_classes(stack_parts(all_parts), cfg, model.schema, stats) if all_parts else {}
+    # each tumor's case information (the manifest's info_* cells; a scan without a mask: its one row's)
+    info = {r.tumor_id: r.info for r in rows}
     out = []
     for i, (t, bbox, parts) in enumerate(zip(scan.tumors, boxes, all_parts, strict=True)):
         vector = compose({k: np.asarray(v)[None] for k, v in parts.items()}, cfg, model.schema, stats)[0]
@@ -224,5 +226,6 @@ def embed_read(model: MultitaskNet, model_id: str, rows: Sequence[ManifestRow], 
         for k in tasks:
             row[f"label_{k}"] = int(t.labels.get(k, -1))
             row[f"pred_{k}"] = int(classes[k][i])
+        row.update(rows[0].info if predicted else info.get(t.tumor_id, {}))
         out.append(row)
     return out

@@ -45,7 +45,7 @@ from .embed import (
     settings_fingerprint,
     source_hash,
 )
-from .shards import done_scans, model_shard_schema, stored_rows, write_shard
+from .shards import done_scans, model_shard_schema, no_tumor_row, stored_rows, write_shard
 from .transfer import from_bytes, pack, to_bytes, unpack
 
 ERROR_COLUMNS = ("run", "row", "scan_key", "stage", "error_class", "message")  # embed-errors.jsonl, one JSON a line
@@ -55,14 +55,15 @@ HISTORY = 100  # runs kept in embed-report.json
 def _row_dict(r: ManifestRow) -> dict:
     return {"row": r.row, "patient_id": r.patient_id, "scan_id": r.scan_id, "image": str(r.image),
             "mask": str(r.mask) if r.mask is not None else None, "tumor_id": r.tumor_id, "labels": r.labels,
-            "tumor_values": list(r.tumor_values) if r.tumor_values is not None else None}
+            "tumor_values": list(r.tumor_values) if r.tumor_values is not None else None, "info": r.info}
 
 
 def _row_of(d: dict) -> ManifestRow:
     return ManifestRow(row=d["row"], patient_id=d["patient_id"], scan_id=d["scan_id"], image=Path(d["image"]),
                        mask=Path(d["mask"]) if d["mask"] is not None else None, tumor_id=d["tumor_id"],
                        labels=d["labels"],
-                       tumor_values=tuple(d["tumor_values"]) if d["tumor_values"] is not None else None)
+                       tumor_values=tuple(d["tumor_values"]) if d["tumor_values"] is not None else None,
+                       info=d.get("info") or {})
 
 
 def _failure(e: Exception, rows: list[ManifestRow], stage: str = "read") -> tuple[str, str, str]:
@@ -139,7 +140,7 @@ class ShardEmbedder:
                 self.detector.to("cuda")
         self.model_id = meta["model_id"]
         self.recipe = (RetrievalConfig(**job["recipe"]), job["stats"])
-        self.schema = model_shard_schema(self.model, self.recipe[0])
+        self.schema = model_shard_schema(self.model, self.recipe[0], info=job.get("info", ()))
         self.detect = DetectConfig(**job["detect"])
         self.job = job
 
@@ -166,7 +167,10 @@ class ShardEmbedder:
                                              spacing_mm=job["spacing_mm"], patch_size=job["patch_size"],
                                              secret=secret, file_hash=scan["hash"], recipe=self.recipe,
                                              detect=self.detect, detector=self.detector)
-                        rows_out += new
+                        # a scan where no tumor is found gets a marker row: the next night skips it
+                        rows_out += new or [no_tumor_row(
+                            scan["scan_key"], patient_key(rows[0].patient_id, secret), self.model_id,
+                            scan["hash"], rows[0].info)]
                         n = len(new)
                     except (Exception, MemoryError) as e:  # recorded, the job goes on
                         state, fail = "failed", _failure(e, rows, stage="embed")
@@ -269,6 +273,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tasks = model.schema.names
+    info_columns = sorted({c for r in cohort.rows for c in r.info})  # the manifest's info_* columns in use
     done = done_scans(out, meta["model_id"], tasks)
     scan_ids = sorted(scans)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
@@ -280,7 +285,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         key, rows = keyed_id(s, secret), scans[s]
         stored = done.get(key)
         now = stored_rows(patient_key(rows[0].patient_id, secret),
-                          [(r.tumor_id, tuple(r.labels.get(t, -1) for t in tasks)) for r in rows],
+                          [(r.tumor_id, tuple(r.labels.get(t, -1) for t in tasks), r.info) for r in rows],
                           masked=rows[0].mask is not None)
         if stored is not None and stored[1] != now:  # the manifest's rows changed, the files maybe not
             rows_changed += 1
@@ -300,7 +305,7 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
                "spacing_mm": spacing, "patch_size": patch, "recipe": dataclasses.asdict(recipe[0]),
                "stats": recipe[1], "detect": dataclasses.asdict(detect), "gpus": gpus_per_worker,
                "precision": precision, "threads": threads_per_worker, "stamp": stamp,
-               "detector_path": str(Path(detector).resolve()) if detector else "",
+               "detector_path": str(Path(detector).resolve()) if detector else "", "info": info_columns,
                "settings": settings_fingerprint(spacing, patch, recipe, detect, detector_id)}
         ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
                                   for i, c in enumerate(chunks)], override_num_blocks=len(chunks))

@@ -21,11 +21,14 @@ from tumornet.descriptor import vector_size
 from tumornet.errors import InputError
 from tumornet.handcrafted import FEATURES as HANDCRAFTED
 from tumornet.io import atomic_write
+from tumornet.manifest import INFO_PREFIX
 
 
-def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = None, logits: int = 0) -> pa.Schema:
+def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = None, logits: int = 0,
+                 info: Sequence[str] = ()) -> pa.Schema:
     """channels: C of the RoiPool vector; vector: length of the retrieval `embedding` (default C);
-    logits: the number of task-head logits (all classes of all tasks)."""
+    logits: the number of task-head logits (all classes of all tasks); info: the manifest's info_*
+    columns (case information, strings, null where a row has none), after every other column."""
     return pa.schema(
         [("scan_key", pa.string()), ("patient_key", pa.string()), ("tumor_id", pa.int32()),
          ("source", pa.string()),  # mask | predicted
@@ -52,14 +55,37 @@ def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = No
            ("model_id", pa.string()),
            ("source_hash", pa.string()),  # sha256 of the image and mask files and the embedding settings
            ("embedded_at", pa.timestamp("s", tz="UTC"))]
+        + [(c, pa.string()) for c in info]
     )
 
 
-def model_shard_schema(model, retrieval) -> pa.Schema:
+def model_shard_schema(model, retrieval, info: Sequence[str] = ()) -> pa.Schema:
     """The shard schema of a model (tumornet.network.MultitaskNet) and its retrieval recipe."""
     return shard_schema(model.cfg.channels, model.schema.names,
                         vector=vector_size(retrieval, model.cfg.channels, model.schema),
-                        logits=sum(t.n_classes for t in model.schema.tasks))
+                        logits=sum(t.n_classes for t in model.schema.tasks), info=info)
+
+
+NO_TUMOR = "none"  # the `source` of a scan's marker row: read, no tumor found in it (embedder.job)
+
+
+def no_tumor_row(scan_key: str, patient_key: str, model_id: str, source_hash: str, info: dict) -> dict:
+    """The one row a scan without a mask gets when the model finds no tumor in it: it tells the next
+    night that the scan was read with these files and settings (so it is not read again), and it
+    supersedes the scan's older rows; readers (read_embeddings, the index) never see it."""
+    return {"scan_key": scan_key, "patient_key": patient_key, "tumor_id": 0, "source": NO_TUMOR,
+            "model_id": model_id, "source_hash": source_hash,
+            "embedded_at": datetime.datetime.now(datetime.UTC).replace(microsecond=0), **info}
+
+
+def tumor_rows(table: pa.Table) -> pa.Table:
+    """The rows of tumors: without the marker rows of scans where no tumor was found."""
+    return table.filter(pa.compute.not_equal(table["source"], NO_TUMOR)) if table.num_rows else table
+
+
+def info_of(row: dict) -> dict[str, str]:
+    """A shard row's case information: its non-null info_* cells."""
+    return {k: v for k, v in row.items() if k.startswith(INFO_PREFIX) and v}
 
 
 def write_shard(rows: list[dict], path: Path, schema: pa.Schema) -> None:
@@ -107,7 +133,7 @@ def read_embeddings(out_dir: str | Path, *, model_id: str | None = None, latest:
     if not files:
         raise InputError(f"{out_dir}: no embedding shards (*.parquet)")
     table = read_shard_files(files, model_id)
-    return newest_rows(table) if latest and table.num_rows else table
+    return tumor_rows(newest_rows(table) if latest and table.num_rows else table)
 
 
 def compact_shards(out_dir: str | Path, *, rows_per_file: int = 200_000, log=print) -> dict:
@@ -156,24 +182,32 @@ def done_scans(out_dir: str | Path, model_id: str, tasks: Sequence[str] = ()) ->
     back are embedded again, since readers see the newest rows). `tasks`: the label columns read."""
     cols = ["scan_key", "model_id", "source_hash", "embedded_at", "tumor_id", "patient_key", "source",
             *(f"label_{t}" for t in tasks)]
-    tables = [pq.read_table(f, columns=cols) for f in shard_files(Path(out_dir))]
-    tables = [t.filter(pa.compute.equal(t["model_id"], model_id)) for t in tables]
+    tables = []
+    for f in shard_files(Path(out_dir)):
+        info = [c for c in pq.read_schema(f).names if c.startswith(INFO_PREFIX)]
+        t = pq.read_table(f, columns=cols + info)
+        tables.append(t.filter(pa.compute.equal(t["model_id"], model_id)))
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return {}
-    t = newest_rows(pa.concat_tables(tables))
+    t = newest_rows(pa.concat_tables(tables, promote_options="default"))
     rows: dict[str, list[dict]] = {}
     for r in t.to_pylist():
         rows.setdefault(r["scan_key"], []).append(r)
     return {key: (rs[0]["source_hash"], stored_rows(
-        rs[0]["patient_key"], [(r["tumor_id"], tuple(r[f"label_{k}"] for k in tasks)) for r in rs],
+        rs[0]["patient_key"], [(r["tumor_id"], tuple(r[f"label_{k}"] for k in tasks), info_of(r)) for r in rs],
         masked=rs[0]["source"] == "mask")) for key, rs in rows.items()}
 
 
-def stored_rows(patient_key: str, tumors: Sequence[tuple[int, tuple[int, ...]]], *, masked: bool) -> tuple:
+def stored_rows(patient_key: str, tumors: Sequence[tuple[int, tuple[int, ...], dict]], *, masked: bool) -> tuple:
     """What a scan's shard rows copy from its manifest rows: the patient's key and, for a scan with a
-    mask, each tumor's id and labels (a scan without one: its tumors were found, the manifest names
-    none). A scan whose manifest rows say otherwise now (a label corrected, a patient merged, a tumor
-    added) is embedded again, its files unchanged."""
-    return (patient_key, tuple(sorted((int(i), tuple(int(v) for v in labels)) for i, labels in tumors))
-            if masked else None)
+    mask, each tumor's id, labels and case information (info_* cells); a scan without one: the case
+    information of its one row (its tumors were found, the manifest names none). A scan whose manifest
+    rows say otherwise now (a label corrected, a patient merged, a tumor added, an outcome recorded) is
+    embedded again, its files unchanged."""
+    def info(d: dict) -> tuple:
+        return tuple(sorted((k, str(v)) for k, v in d.items() if v))
+
+    if not masked:
+        return (patient_key, info(tumors[0][2]) if tumors else ())
+    return (patient_key, tuple(sorted((int(i), tuple(int(v) for v in labels), info(d)) for i, labels, d in tumors)))

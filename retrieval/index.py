@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.shards import newest_rows, read_shard_files, shard_files
+from embedder.shards import newest_rows, read_shard_files, shard_files, tumor_rows
 from tumornet.errors import InputError
 from tumornet.io import atomic_write, atomic_write_text
 
@@ -77,7 +77,7 @@ def build_index(emb_dir, *, model_id: str | None = None, exact_below: int = 100_
     emb_dir = Path(emb_dir)
     model_id, files = _model_files(emb_dir, model_id)
     index_path, meta_path, info_path = _paths(emb_dir, model_id)
-    table = newest_rows(read_shard_files(files, model_id))
+    table = tumor_rows(newest_rows(read_shard_files(files, model_id)))
     keys_now = list(zip(table["scan_key"].to_pylist(), table["tumor_id"].to_pylist(),
                         table["embedded_at"].to_pylist(), strict=True))
     info = json.loads(info_path.read_text()) if info_path.is_file() and index_path.is_file() else None
@@ -95,7 +95,7 @@ def build_index(emb_dir, *, model_id: str | None = None, exact_below: int = 100_
             if len(new_rows):
                 index.add(_vectors(table.take(pa.array(new_rows))))
             table = pa.concat_tables([old, table.take(pa.array(new_rows)).drop_columns(
-                [c for c in VECTOR_COLUMNS if c in table.column_names])])
+                [c for c in VECTOR_COLUMNS if c in table.column_names])], promote_options="default")
             mode = f"updated (+{len(new_rows)} rows)"
         else:
             info = None

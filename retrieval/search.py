@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from embedder.embed import embed_scan, embed_settings, load_detector
-from embedder.shards import read_embeddings
+from embedder.shards import info_of, read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
 from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts
 from tumornet.drawn import drawn_fit_of, with_drawn_size
@@ -25,7 +25,7 @@ from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.fitted import require_uncounted
 from tumornet.labels import MISSING
-from tumornet.manifest import ManifestRow
+from tumornet.manifest import INFO_PREFIX, ManifestRow
 from tumornet.register import register
 from tumornet.scans import read_instances
 from tumornet.volumes import load_volume, read_label_map
@@ -141,7 +141,8 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[st
                     continue
                 hits.append({"distance": float(dist), "scan_key": a["scan_key"], "patient_key": a["patient_key"],
                              "tumor_id": a["tumor_id"], "size_mm": a["size_mm"],
-                             "labels": _names(model.schema, a, "label"), "row": int(j)})
+                             "labels": _names(model.schema, a, "label"),
+                             "info": {k.removeprefix(INFO_PREFIX): v for k, v in info_of(a).items()}, "row": int(j)})
                 if len(hits) == need:
                     break
             if len(hits) == need or want >= n:
@@ -277,12 +278,14 @@ def format_search(results: list[dict]) -> str:
         size = "" if q.get("size_mm") is None else f": {q['size_mm']:.1f} mm"
         if q.get("box_read_mm") is not None:
             size = f" (read as a tumor about {q['box_read_mm']:.1f} mm across)"
+        info = sorted({k for h in q["hits"] for k in h.get("info", {})})  # the case information the hits carry
         lines += [f"{what}{size}; predicted {pred}", "",
-                  "| rank | distance | scan_key | tumor | size mm | " + " | ".join(q["predicted"]) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(q["predicted"])]
+                  "| rank | distance | scan_key | tumor | size mm | " + " | ".join([*q["predicted"], *info]) + " |",
+                  "|---|---|---|---|---|" + "---|" * (len(q["predicted"]) + len(info))]
         for h in q["hits"]:
             cells = [str(h["rank"]), f"{h['distance']:.3f}", h["scan_key"], str(h["tumor_id"]), f"{h['size_mm']:.1f}"]
-            lines.append("| " + " | ".join(cells + [v or "?" for v in h["labels"].values()]) + " |")
+            cells += [v or "?" for v in h["labels"].values()] + [h["info"].get(k, "") for k in info]
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
 

@@ -74,6 +74,24 @@ def test_missing_and_unknown_columns(subject):
     _expect(root, rows, r"unknown column\(s\) \['grade'\]", cols)
 
 
+def test_info_columns_are_case_information_read_but_not_trained_on(subject):
+    root, rows = subject
+    cols = ["patient_id", "scan_id", "image", "mask", "tumor_id", "tumor_type", "area", "left_right",
+            "front_rear", "upper_lower", "info_outcome", "info_dose_gy"]
+    told = [{**rows[0], "info_outcome": " controlled at 24 months ", "info_dose_gy": "20"}, {**rows[1]}]
+    cohort = read_manifest(write_manifest(root / "m.csv", told, cols))
+    assert cohort.rows[0].info == {"info_outcome": "controlled at 24 months", "info_dose_gy": "20"}
+    assert cohort.rows[1].info == {}  # empty cells: no information
+    assert cohort.rows[0].labels == read_manifest(write_manifest(root / "n.csv", rows)).rows[0].labels
+    # a cell that holds the patient id is refused, naming the row and column and not the id
+    pid = {"patient_id": "PAT-0042"}
+    with pytest.raises(InputError, match=r"m\.csv row 2 column 'info_outcome': holds the patient id") as e:
+        read_manifest(write_manifest(root / "m.csv", [{**told[0], **pid}, {**rows[1], **pid,
+                                                                           "info_outcome": "see PAT-0042"}], cols))
+    assert "PAT-0042" not in str(e.value)
+    _expect(root, rows, r"unknown column\(s\) \['info_'\].*columns named info_\*", [*cols[:10], "info_"])
+
+
 def test_bad_cells_name_row_and_column(subject):
     root, rows = subject
     _expect(root, [rows[0], {**rows[1], "area": "kidney"}], r"m\.csv row 2 column area: unknown class 'kidney'")

@@ -15,6 +15,7 @@ import torch
 from embedder.embed import embed_scan
 from embedder.job import run_embedding
 from embedder.shards import read_embeddings, shard_files, shard_schema, write_shard
+from retrieval.search import format_search, search_archived
 from tumornet.errors import InputError
 from tumornet.export import export_model, load_model
 from tumornet.keys import keyed_id, patient_key, read_secret
@@ -100,6 +101,29 @@ def test_shards_are_plain_arrow_and_keep_the_newest_rows_of_a_scan(tmp_path):
         read_embeddings(tmp_path / "none")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_scan_without_a_tumor_is_read_once_and_never_shown(ray_head, tmp_path, small_cohort, model_file,
+                                                              secret_file):
+    """A folder of scans without masks where the model finds nothing (an untrained segmentation head):
+    each scan gets one marker row, the next night reads none of them again, readers see no row."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for rows in list(read_manifest(small_cohort).scans().values())[:2]:
+        shutil.copy(rows[0].image, folder / f"{rows[0].scan_id}.nii.gz")
+    path, _ = model_file
+    kw = dict(manifest=folder, model_path=path, out_dir=tmp_path / "emb", secret_file=secret_file, workers=1,
+              log=lambda *_: None)
+    first = run_embedding(**kw)
+    assert (first["embedded"], first["tumors_embedded"], first["failed"]) == (2, 0, 0)
+    marks = pq.read_table(shard_files(tmp_path / "emb")[0]).to_pylist()
+    assert sorted(r["scan_key"] for r in marks) == sorted(keyed_id(p.name[:-7], SECRET) for p in folder.iterdir())
+    assert all(r["source"] == "none" and r["tumor_id"] == 0 and r["embedding"] is None for r in marks)
+    assert read_embeddings(tmp_path / "emb").num_rows == 0  # readers never see a marker
+    again = run_embedding(**kw)
+    assert (again["embedded"], again["unchanged"]) == (0, 2)
+
+
 def test_secret_file_errors(tmp_path):
     with pytest.raises(InputError, match="secret file not found"):
         read_secret(tmp_path / "missing.key")
@@ -178,6 +202,30 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert all(np.allclose(before[(r["scan_key"], r["tumor_id"])], r["embedding"], atol=1e-5) for r in latest)
     assert run_embedding(**kw)["unchanged"] == len(scans)  # and the next night nothing
 
+    # case information: an info_* column added, one tumor's outcome recorded -> that scan alone embedded
+    # again; its rows carry it, search shows it beside the hit, and the other rows have none
+    told = scans[5]
+    for r in table_rows:
+        r["info_outcome"] = "local control at 12 months" if r["scan_id"] == told else ""
+    with manifest.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+        w.writeheader()
+        w.writerows(table_rows)
+    noted = run_embedding(**kw)
+    assert (noted["embedded"], noted["rows_changed"]) == (1, 1)
+    latest = read_embeddings(out, model_id=mid).to_pylist()
+    carried = {r["scan_key"] for r in latest if r["info_outcome"] == "local control at 12 months"}
+    assert carried == {keyed_id(told, SECRET)} and sum(r["info_outcome"] is None for r in latest) == len(latest) - len(
+        [r for r in table_rows if r["scan_id"] == told])
+    query = next(r for r in latest if r["patient_key"] != latest[[x["scan_key"] for x in latest].index(
+        keyed_id(told, SECRET))]["patient_key"])
+    (res,) = search_archived(path, out, f"{query['scan_key']}:{query['tumor_id']}", k=len(latest))
+    told_hits = [h for h in res["hits"] if h["scan_key"] == keyed_id(told, SECRET)]
+    assert told_hits and all(h["info"] == {"outcome": "local control at 12 months"} for h in told_hits)
+    assert all(h["info"] == {} for h in res["hits"] if h["scan_key"] != keyed_id(told, SECRET))
+    assert "| outcome |" in format_search([res]) and "local control at 12 months |" in format_search([res])
+    assert run_embedding(**kw)["unchanged"] == len(scans)
+
     # one scan's image is corrupted, another's replaced: the first is recorded, the second re-embedded
     scans = sorted(cohort.scans())
     bad, changed = cohort.scans()[scans[0]][0], cohort.scans()[scans[1]][0]
@@ -197,7 +245,7 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert errors[1]["error_class"] == "missing_file" and errors[1]["message"] == "<mask>: file not found"
     assert str(archive) not in json.dumps(errors)
     history = json.loads((out / "embed-report.json").read_text())
-    assert [r["failed"] for r in history["runs"]] == [0, 0, 0, 0, 0, 0, 0, 2] and history["last"] == third
+    assert [r["failed"] for r in history["runs"]] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 2] and history["last"] == third
     latest = read_embeddings(out, model_id=mid)
     assert latest.num_rows == n_tumors  # the re-embedded scan's old rows are superseded; failed scans keep theirs
     hashes = zip(latest["scan_key"].to_pylist(), latest["source_hash"].to_pylist(), strict=True)

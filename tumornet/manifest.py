@@ -11,6 +11,10 @@ A manifest is one table (CSV or Parquet), one row per tumor, paths relative to t
   values form the tumor mask, other values are ignored, and tumors are its 26-connected
   components numbered by decreasing size (tumors.py), so tumor_id 1 is the largest.
 - task columns: class names of the label schema; an empty cell is a missing label (-1).
+- `info_*` columns (optional, any number): case information a site keeps with each tumor (e.g.
+  info_outcome, info_dose_gy): not read by training; `embed` copies them into the shards and `search`
+  shows them beside each hit. They must not identify a patient (a cell holding the row's patient id is
+  refused; anything else is the site's to keep out).
 Every problem is reported with the manifest's path, the row number (1-based, data rows) and the
 column; patient identifiers are never echoed.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
@@ -28,6 +32,7 @@ from .labels import DEFAULT_SCHEMA, LabelSchema
 
 REQUIRED = ("patient_id", "scan_id", "image", "mask", "tumor_id")
 OPTIONAL = ("tumor_values",)
+INFO_PREFIX = "info_"  # case information columns: carried into the shards and shown by search
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_REPORTED = 25
 
@@ -42,6 +47,7 @@ class ManifestRow:
     tumor_id: int  # 0 when there is no mask
     labels: dict[str, int]
     tumor_values: tuple[int, ...] | None = None
+    info: dict[str, str] = field(default_factory=dict)  # the row's non-empty info_* cells, keyed by column
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,22 @@ def _unmasked_row(i: int, raw: dict[str, str], root: Path, schema: LabelSchema, 
     return ManifestRow(row=i, patient_id=raw["patient_id"].strip(), scan_id=raw["scan_id"].strip(),
                        image=_inside(root, raw.get("image", "").strip(), where=f"{where} column 'image'",
                                      check_files=check_files),
-                       mask=None, tumor_id=0, labels={})
+                       mask=None, tumor_id=0, labels={}, info=_info(raw, where))
+
+
+def _info(raw: dict[str, str], where: str) -> dict[str, str]:
+    """A row's non-empty info_* cells; a cell holding the row's patient id is refused (no raw patient
+    identifier reaches an output)."""
+    pid = raw.get("patient_id", "").strip()
+    out = {}
+    for c, v in raw.items():
+        if not (c and c.startswith(INFO_PREFIX)) or not (v := str(v or "").strip()):
+            continue
+        if len(pid) > 2 and pid in v:
+            raise InputError(f"{where} column '{c}': holds the patient id; case information must not identify "
+                             "a patient")
+        out[c] = v
+    return out
 
 
 def _parse_row(i: int, raw: dict[str, str], root: Path, schema: LabelSchema, name: str, check_files: bool,
@@ -153,6 +174,7 @@ def _parse_row(i: int, raw: dict[str, str], root: Path, schema: LabelSchema, nam
         tumor_id=tumor_id,
         labels=schema.encode(raw, where=f"{where} column "),
         tumor_values=values,
+        info=_info(raw, where),
     )
 
 
@@ -191,10 +213,12 @@ def _validate(path: Path, schema: LabelSchema, check_files: bool,
     missing = [c for c in (*REQUIRED, *schema.names) if c not in columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}; the header has {columns}")
-    unknown = [c for c in columns if c not in (*REQUIRED, *OPTIONAL, *schema.names)]
+    unknown = [c for c in columns if c not in (*REQUIRED, *OPTIONAL, *schema.names)
+               and not (c.startswith(INFO_PREFIX) and len(c) > len(INFO_PREFIX))]
     if unknown:
         raise InputError(f"{path}: unknown column(s) {unknown}; a task column must be declared under "
-                         f"'tasks:' in the config (tasks now: {list(schema.names)})")
+                         f"'tasks:' in the config (tasks now: {list(schema.names)}); case information goes in "
+                         f"columns named {INFO_PREFIX}*")
     if not raw_rows:
         raise InputError(f"{path}: the manifest has no rows")
     errors: list[RowError] = []
