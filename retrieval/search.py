@@ -77,9 +77,13 @@ def parse_where(items, schema) -> dict[str, int]:
         task, _, cls = item.partition("=")
         if task not in schema:
             raise InputError(f"--where {item!r}: unknown task {task!r}; tasks: {list(schema.names)}")
-        if cls not in schema[task].classes:
-            raise InputError(f"--where {item!r}: unknown class {cls!r}; {task} classes: {list(schema[task].classes)}")
-        out[task] = schema[task].classes.index(cls)
+        try:
+            out[task] = schema[task].index(cls)
+        except InputError:
+            raise InputError(f"--where {item!r}: unknown class {cls!r}; {task} classes: "
+                             f"{list(schema[task].classes)}") from None
+        if out[task] == MISSING:
+            raise InputError(f"--where {item!r}: give a class; {task} classes: {list(schema[task].classes)}")
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import write_manifest, write_nifti
 from tumornet.errors import InputError
 from tumornet.keys import patient_key
-from tumornet.labels import MISSING, LabelSchema
+from tumornet.labels import DEFAULT_SCHEMA, MISSING, LabelSchema
 from tumornet.manifest import read_manifest
 from tumornet.scans import load_scan
 from tumornet.split import patient_groups, split_patients, split_scan_ids
@@ -90,6 +90,20 @@ def test_info_columns_are_case_information_read_but_not_trained_on(subject):
                                                                            "info_outcome": "see PAT-0042"}], cols))
     assert "PAT-0042" not in str(e.value)
     _expect(root, rows, r"unknown column\(s\) \['info_'\].*columns named info_\*", [*cols[:10], "info_"])
+
+
+def test_class_names_are_matched_regardless_of_case_and_separators(subject):
+    from retrieval.search import parse_where
+
+    root, rows = subject
+    loose = [{**rows[0], "tumor_type": "Metastasis", "left_right": " LEFT ", "area": "Skull base-CPA"}, rows[1]]
+    r1 = read_manifest(write_manifest(root / "m.csv", loose)).rows[0]
+    assert (r1.labels["tumor_type"], r1.labels["left_right"], r1.labels["area"]) == (0, 0, 10)
+    _expect(root, [{**rows[0], "area": "skull base"}], r"column area: unknown class 'skull base'")
+    assert parse_where(["tumor_type=Meningioma", "area=deep grey matter"], DEFAULT_SCHEMA) == {
+        "tumor_type": 1, "area": 5}
+    with pytest.raises(InputError, match="give a class"):
+        parse_where(["tumor_type="], DEFAULT_SCHEMA)
 
 
 def test_bad_cells_name_row_and_column(subject):

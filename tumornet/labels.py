@@ -48,19 +48,25 @@ class Task:
         return len(self.classes)
 
     def index(self, value: str | None, *, where: str = "") -> int:
-        """Class name -> index; None or '' -> MISSING. Unknown names raise, naming `where`."""
+        """Class name -> index; None or '' -> MISSING. A name is matched as written, else regardless of
+        case and of spaces / hyphens for underscores ('Skull base-CPA' is skull_base_cpa) when that
+        names one class. Unknown names raise, naming `where`."""
         if value is None or str(value).strip() == "":
             return MISSING
         v = str(value).strip()
-        try:
+        if v in self.classes:
             return self.classes.index(v)
-        except ValueError:
-            raise InputError(
-                f"{where}{self.name}: unknown class {v!r}; expected one of {list(self.classes)} or empty"
-            ) from None
+        loose = [i for i, c in enumerate(self.classes) if _loose(c) == _loose(v)]
+        if len(loose) == 1:
+            return loose[0]
+        raise InputError(f"{where}{self.name}: unknown class {v!r}; expected one of {list(self.classes)} or empty")
 
     def name_of(self, index: int) -> str:
         return "" if index == MISSING else self.classes[index]
+
+
+def _loose(name: str) -> str:
+    return "_".join(name.lower().replace("-", " ").replace("_", " ").split())
 
 
 @dataclass(frozen=True)
