@@ -45,7 +45,7 @@ from .embed import (
     settings_fingerprint,
     source_hash,
 )
-from .shards import done_scans, model_shard_schema, no_tumor_row, stored_rows, write_shard
+from .shards import done_scans, folder_lock, model_shard_schema, no_tumor_row, stored_rows, write_shard
 from .transfer import from_bytes, pack, to_bytes, unpack
 
 ERROR_COLUMNS = ("run", "row", "scan_key", "stage", "error_class", "message")  # embed-errors.jsonl, one JSON a line
@@ -272,81 +272,84 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
     detector_id = detector_meta["model_id"] if detector_meta else None
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tasks = model.schema.names
-    info_columns = sorted({c for r in cohort.rows for c in r.info})  # the manifest's info_* columns in use
-    done = done_scans(out, meta["model_id"], tasks)
-    scan_ids = sorted(scans)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    errors = [{"run": stamp, "row": e.row, "scan_key": keyed_id(e.scan_id, secret) if e.scan_id else "",
-               "stage": "manifest", "error_class": "invalid_row", "message": e.redacted()} for e in bad_rows]
-    _append_errors(out / "embed-errors.jsonl", errors)  # recorded before any scan is embedded
-    items, rows_changed = [], 0
-    for s in scan_ids:
-        key, rows = keyed_id(s, secret), scans[s]
-        stored = done.get(key)
-        now = stored_rows(patient_key(rows[0].patient_id, secret),
-                          [(r.tumor_id, tuple(r.labels.get(t, -1) for t in tasks), r.info) for r in rows],
-                          masked=rows[0].mask is not None)
-        if stored is not None and stored[1] != now:  # the manifest's rows changed, the files maybe not
-            rows_changed += 1
-        items.append({"scan_key": key, "done": [stored[0]] if stored is not None and stored[1] == now else [],
-                      "rows": [_row_dict(r) for r in rows]})
-    chunks = [items[i:i + scans_per_shard] for i in range(0, len(items), scans_per_shard)]
-    invalid_scans = len({e.scan_id for e in bad_rows if e.scan_id}) + sum(1 for e in bad_rows if not e.scan_id)
-    log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows) in {len(chunks)} "
-        f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it"
-        + (f", {rows_changed} of them again for changed manifest rows" if rows_changed else "") + ")"
-        + (f", tumors without a mask found by detector {detector_id}" if detector_id else "") + f" -> {out}")
-    progress = Progress(len(scan_ids), log)
-    results, stopped = [], ""
-    if chunks:
-        init_ray()
-        job = {"model_path": str(Path(model_path).resolve()), "out_dir": str(out), "secret": secret.hex(),
-               "spacing_mm": spacing, "patch_size": patch, "recipe": dataclasses.asdict(recipe[0]),
-               "stats": recipe[1], "detect": dataclasses.asdict(detect), "gpus": gpus_per_worker,
-               "precision": precision, "threads": threads_per_worker, "stamp": stamp,
-               "detector_path": str(Path(detector).resolve()) if detector else "", "info": info_columns,
-               "settings": settings_fingerprint(spacing, patch, recipe, detect, detector_id)}
-        ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
-                                  for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
-        # max_restarts=0, deliberately: a scan's own failure is caught inside the actor, so an actor
-        # dies only on a hard crash (OOM kill, segfault), and restarting it would replay the same
-        # shard forever (Ray Data's default: infinite restarts and task retries). The job stops
-        # instead, keeping every shard written, and the next run resumes with what is missing.
-        # (Ray 2.60-2.63 take max_restarts only through the deprecated **ray_remote_args, hence
-        # the pin ray < 2.64 in pyproject.toml and this one deprecation notice filtered here)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            if gpus_per_worker > 0:  # reads in CPU tasks, so that a GPU never waits on gzip
-                ds = ds.map(decode_shard, num_cpus=1, runtime_env={"env_vars": ALLOCATOR_ENV})
-            stream = ds.map_batches(
-                ShardEmbedder, batch_size=1, num_cpus=threads_per_worker, num_gpus=gpus_per_worker,
-                compute=ray.data.ActorPoolStrategy(size=min(workers, len(chunks))),
-                runtime_env={"env_vars": ALLOCATOR_ENV}, max_restarts=0,
-            ).iter_rows()
-        try:
-            for r in stream:
-                results.append(r)
-                progress.add(str(r["status"]))
-                if r["status"] == "failed":
-                    _append_errors(out / "embed-errors.jsonl", [{
-                        "run": stamp, "row": int(r["row"]), "scan_key": str(r["scan_key"]), "stage": str(r["stage"]),
-                        "error_class": str(r["error_class"]), "message": str(r["message"])}])
-        except Exception as e:  # an actor crashed: what was written stays; the next run resumes
-            stopped = f"{type(e).__name__}: the embedding stopped after {progress.done} of {len(scan_ids)} scans"
-            log(f"embed: {stopped}")
-            _append_errors(out / "embed-errors.jsonl", [{"run": stamp, "row": 0, "scan_key": "", "stage": "embed",
-                                                         "error_class": "job_stopped", "message": stopped}])
-    counts = dict(progress.counts)
-    total = len(scan_ids) + invalid_scans
-    failure_rate = (counts["failed"] + invalid_scans) / total if total else 0.0
-    report = {"run": stamp, "model_id": meta["model_id"], "detector_id": detector_id, "scans": total, **counts,
-              "rows_changed": rows_changed, "skipped_invalid_rows": len(bad_rows), "skipped_scans": invalid_scans,
-              "tumors_embedded": int(sum(int(r["tumors"]) for r in results)), "failure_rate": round(failure_rate, 4),
-              "max_failure_rate": max_failure_rate, "ok": failure_rate <= max_failure_rate and not stopped,
-              "stopped": stopped, "out_dir": str(out)}
-    _append_history(out / "embed-report.json", report)
-    log(f"embedded {counts['embedded']} scans ({report['tumors_embedded']} tumors), {counts['unchanged']} unchanged, "
-        f"{counts['failed']} failed, {invalid_scans} skipped for invalid rows"
-        + (f" (see {out / 'embed-errors.jsonl'})" if counts["failed"] or bad_rows else ""))
-    return report
+    with folder_lock(out, "embed"):  # one writer at a time: a second run stops before writing
+        tasks = model.schema.names
+        info_columns = sorted({c for r in cohort.rows for c in r.info})  # the manifest's info_* columns in use
+        done = done_scans(out, meta["model_id"], tasks)
+        scan_ids = sorted(scans)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+        errors = [{"run": stamp, "row": e.row, "scan_key": keyed_id(e.scan_id, secret) if e.scan_id else "",
+                   "stage": "manifest", "error_class": "invalid_row", "message": e.redacted()} for e in bad_rows]
+        _append_errors(out / "embed-errors.jsonl", errors)  # recorded before any scan is embedded
+        items, rows_changed = [], 0
+        for s in scan_ids:
+            key, rows = keyed_id(s, secret), scans[s]
+            stored = done.get(key)
+            now = stored_rows(patient_key(rows[0].patient_id, secret),
+                              [(r.tumor_id, tuple(r.labels.get(t, -1) for t in tasks), r.info) for r in rows],
+                              masked=rows[0].mask is not None)
+            if stored is not None and stored[1] != now:  # the manifest's rows changed, the files maybe not
+                rows_changed += 1
+            items.append({"scan_key": key, "done": [stored[0]] if stored is not None and stored[1] == now else [],
+                          "rows": [_row_dict(r) for r in rows]})
+        chunks = [items[i:i + scans_per_shard] for i in range(0, len(items), scans_per_shard)]
+        invalid_scans = len({e.scan_id for e in bad_rows if e.scan_id}) + sum(1 for e in bad_rows if not e.scan_id)
+        log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows) in {len(chunks)} "
+            f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it"
+            + (f", {rows_changed} of them again for changed manifest rows" if rows_changed else "") + ")"
+            + (f", tumors without a mask found by detector {detector_id}" if detector_id else "") + f" -> {out}")
+        progress = Progress(len(scan_ids), log)
+        results, stopped = [], ""
+        if chunks:
+            init_ray()
+            job = {"model_path": str(Path(model_path).resolve()), "out_dir": str(out), "secret": secret.hex(),
+                   "spacing_mm": spacing, "patch_size": patch, "recipe": dataclasses.asdict(recipe[0]),
+                   "stats": recipe[1], "detect": dataclasses.asdict(detect), "gpus": gpus_per_worker,
+                   "precision": precision, "threads": threads_per_worker, "stamp": stamp,
+                   "detector_path": str(Path(detector).resolve()) if detector else "", "info": info_columns,
+                   "settings": settings_fingerprint(spacing, patch, recipe, detect, detector_id)}
+            ds = ray.data.from_items([{"shard": i, "payload": json.dumps({"job": job, "scans": c})}
+                                      for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
+            # max_restarts=0, deliberately: a scan's own failure is caught inside the actor, so an actor
+            # dies only on a hard crash (OOM kill, segfault), and restarting it would replay the same
+            # shard forever (Ray Data's default: infinite restarts and task retries). The job stops
+            # instead, keeping every shard written, and the next run resumes with what is missing.
+            # (Ray 2.60-2.63 take max_restarts only through the deprecated **ray_remote_args, hence
+            # the pin ray < 2.64 in pyproject.toml and this one deprecation notice filtered here)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                if gpus_per_worker > 0:  # reads in CPU tasks, so that a GPU never waits on gzip
+                    ds = ds.map(decode_shard, num_cpus=1, runtime_env={"env_vars": ALLOCATOR_ENV})
+                stream = ds.map_batches(
+                    ShardEmbedder, batch_size=1, num_cpus=threads_per_worker, num_gpus=gpus_per_worker,
+                    compute=ray.data.ActorPoolStrategy(size=min(workers, len(chunks))),
+                    runtime_env={"env_vars": ALLOCATOR_ENV}, max_restarts=0,
+                ).iter_rows()
+            try:
+                for r in stream:
+                    results.append(r)
+                    progress.add(str(r["status"]))
+                    if r["status"] == "failed":
+                        _append_errors(out / "embed-errors.jsonl", [{
+                            "run": stamp, "row": int(r["row"]), "scan_key": str(r["scan_key"]),
+                            "stage": str(r["stage"]), "error_class": str(r["error_class"]),
+                            "message": str(r["message"])}])
+            except Exception as e:  # an actor crashed: what was written stays; the next run resumes
+                stopped = f"{type(e).__name__}: the embedding stopped after {progress.done} of {len(scan_ids)} scans"
+                log(f"embed: {stopped}")
+                _append_errors(out / "embed-errors.jsonl", [{"run": stamp, "row": 0, "scan_key": "", "stage": "embed",
+                                                             "error_class": "job_stopped", "message": stopped}])
+        counts = dict(progress.counts)
+        total = len(scan_ids) + invalid_scans
+        failure_rate = (counts["failed"] + invalid_scans) / total if total else 0.0
+        report = {"run": stamp, "model_id": meta["model_id"], "detector_id": detector_id, "scans": total, **counts,
+                  "rows_changed": rows_changed, "skipped_invalid_rows": len(bad_rows), "skipped_scans": invalid_scans,
+                  "tumors_embedded": int(sum(int(r["tumors"]) for r in results)),
+                  "failure_rate": round(failure_rate, 4),
+                  "max_failure_rate": max_failure_rate, "ok": failure_rate <= max_failure_rate and not stopped,
+                  "stopped": stopped, "out_dir": str(out)}
+        _append_history(out / "embed-report.json", report)
+        log(f"embedded {counts['embedded']} scans ({report['tumors_embedded']} tumors), {counts['unchanged']} "
+            f"unchanged, {counts['failed']} failed, {invalid_scans} skipped for invalid rows"
+            + (f" (see {out / 'embed-errors.jsonl'})" if counts["failed"] or bad_rows else ""))
+        return report

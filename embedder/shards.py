@@ -9,7 +9,10 @@ re-run finds exactly what was done.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,6 +96,32 @@ def write_shard(rows: list[dict], path: Path, schema: pa.Schema) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+@contextlib.contextmanager
+def folder_lock(out_dir: Path, what: str):
+    """Hold `<out_dir>/.lock` (an advisory flock, released by the OS when the process ends, however it
+    ends) while `what` (embed, compact) writes the folder; another run that finds it held stops with an
+    error naming the folder, before it writes anything (a nightly job that overran into the next night's
+    start, a compaction during an embedding)."""
+    path = Path(out_dir) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            held = f.read().strip() or "another process"
+            raise InputError(f"{out_dir}: {held} is writing this folder; this {what} stops without writing "
+                             "(run it again when that one ends)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{what} (pid {os.getpid()}, since {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC)")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def shard_files(out_dir: Path) -> list[Path]:
     return sorted(p for p in Path(out_dir).glob("*.parquet") if not p.name.startswith(".tmp-"))
 
@@ -144,36 +173,37 @@ def compact_shards(out_dir: str | Path, *, rows_per_file: int = 200_000, log=pri
     if rows_per_file < 1:
         raise InputError(f"--rows-per-file: expected >= 1, got {rows_per_file}")
     out = Path(out_dir)
-    files = shard_files(out)
-    if not files:
+    if not shard_files(out):
         raise InputError(f"{out}: no embedding shards (*.parquet)")
-    by_model: dict[str, list[Path]] = {}
-    rows_before = 0
-    for f in files:
-        t = pq.read_table(f, columns=["model_id"])
-        rows_before += t.num_rows
-        for mid in set(t["model_id"].to_pylist()):
-            by_model.setdefault(mid, []).append(f)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    written: list[Path] = []
-    for mid, model_files in sorted(by_model.items()):
-        table = newest_rows(read_shard_files(model_files, mid))
-        order = pa.compute.sort_indices(table, sort_keys=[("scan_key", "ascending"), ("tumor_id", "ascending")])
-        table = table.take(order)
-        for n, start in enumerate(range(0, table.num_rows, rows_per_file)):
-            path = out / f"compact-{mid}-{stamp}-{n:05d}.parquet"
-            chunk = table.slice(start, rows_per_file)
-            atomic_write(path, lambda tmp, chunk=chunk: pq.write_table(chunk, tmp))
-            written.append(path)
-    for f in files:
-        if f not in written:
-            f.unlink()
-    rows_after = sum(pq.ParquetFile(f).metadata.num_rows for f in written)
-    report = {"files_before": len(files), "files_after": len(written), "rows_before": rows_before,
-              "rows_after": rows_after, "models": len(by_model)}
-    log(f"compact: {len(files)} files ({rows_before} rows) -> {len(written)} files ({rows_after} rows, "
-        f"{rows_before - rows_after} superseded or duplicate rows dropped)")
-    return report
+    with folder_lock(out, "compact"):
+        files = shard_files(out)  # as the lock finds them: no embedding writes beside a compaction
+        by_model: dict[str, list[Path]] = {}
+        rows_before = 0
+        for f in files:
+            t = pq.read_table(f, columns=["model_id"])
+            rows_before += t.num_rows
+            for mid in set(t["model_id"].to_pylist()):
+                by_model.setdefault(mid, []).append(f)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+        written: list[Path] = []
+        for mid, model_files in sorted(by_model.items()):
+            table = newest_rows(read_shard_files(model_files, mid))
+            order = pa.compute.sort_indices(table, sort_keys=[("scan_key", "ascending"), ("tumor_id", "ascending")])
+            table = table.take(order)
+            for n, start in enumerate(range(0, table.num_rows, rows_per_file)):
+                path = out / f"compact-{mid}-{stamp}-{n:05d}.parquet"
+                chunk = table.slice(start, rows_per_file)
+                atomic_write(path, lambda tmp, chunk=chunk: pq.write_table(chunk, tmp))
+                written.append(path)
+        for f in files:
+            if f not in written:
+                f.unlink()
+        rows_after = sum(pq.ParquetFile(f).metadata.num_rows for f in written)
+        report = {"files_before": len(files), "files_after": len(written), "rows_before": rows_before,
+                  "rows_after": rows_after, "models": len(by_model)}
+        log(f"compact: {len(files)} files ({rows_before} rows) -> {len(written)} files ({rows_after} rows, "
+            f"{rows_before - rows_after} superseded or duplicate rows dropped)")
+        return report
 
 
 def done_scans(out_dir: str | Path, model_id: str, tasks: Sequence[str] = ()) -> dict[str, tuple[str, tuple]]:

@@ -14,7 +14,7 @@ import torch
 
 from embedder.embed import embed_scan
 from embedder.job import run_embedding
-from embedder.shards import read_embeddings, shard_files, shard_schema, write_shard
+from embedder.shards import compact_shards, folder_lock, read_embeddings, shard_files, shard_schema, write_shard
 from retrieval.search import format_search, search_archived
 from tumornet.errors import InputError
 from tumornet.export import export_model, load_model
@@ -122,6 +122,26 @@ def test_a_scan_without_a_tumor_is_read_once_and_never_shown(ray_head, tmp_path,
     assert read_embeddings(tmp_path / "emb").num_rows == 0  # readers never see a marker
     again = run_embedding(**kw)
     assert (again["embedded"], again["unchanged"]) == (0, 2)
+
+
+def test_one_writer_at_a_time(tmp_path, small_cohort, model_file, secret_file):
+    """While an embedding holds the archive folder, a second embedding or a compaction stops with an
+    error naming the folder and the holder, before writing anything; the lock goes with its holder."""
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "old.parquet").write_bytes(b"")  # a shard, as far as the first check of compaction goes
+    path, _ = model_file
+    with folder_lock(out, "embed"):
+        with pytest.raises(InputError, match=r"emb: embed \(pid \d+, since .* UTC\) is writing this folder; this "
+                                             r"compact stops without writing"):
+            compact_shards(out)
+        with pytest.raises(InputError, match=r"is writing this folder; this embed stops without writing"):
+            run_embedding(manifest=small_cohort, model_path=path, out_dir=out, secret_file=secret_file,
+                          log=lambda *_: None)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "old.parquet"]  # nothing written
+    assert (out / ".lock").read_text() == ""
+    with folder_lock(out, "compact"):  # free again
+        assert "compact (pid" in (out / ".lock").read_text()
 
 
 def test_secret_file_errors(tmp_path):
