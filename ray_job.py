@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tumornet.errors import InputError
+from tumornet.keys import check_key
 
 
 def _config(args):
@@ -178,6 +179,24 @@ def cmd_compact(args) -> None:
     print(json.dumps(compact_shards(args.embeddings, rows_per_file=args.rows_per_file), indent=2))
 
 
+def cmd_forget(args) -> None:
+    from embedder.forget import forget
+    from retrieval.index import refresh_indexes
+    from tumornet.keys import patient_key, read_secret
+
+    patients = list(args.patient_key)
+    if args.patients_file:  # raw ids in a file, keyed here: never on the command line nor in a log
+        if not args.secret_file:
+            raise InputError("--patients-file: give --secret-file too (the site key the shards were written with)")
+        secret, path = read_secret(args.secret_file), Path(args.patients_file)
+        if not path.is_file():
+            raise InputError(f"{path}: patients file not found")
+        patients += [patient_key(line.strip(), secret) for line in path.read_text().splitlines() if line.strip()]
+    report = forget(args.embeddings, patient_keys=patients, scan_keys=args.scan_key)
+    report["indexes"] = refresh_indexes(args.embeddings, report["models"])
+    print(json.dumps(report, indent=2))
+
+
 def cmd_evaluate(args) -> None:
     from retrieval.evaluate import evaluate, format_evaluation, write_evaluation
     from tumornet.keys import read_secret
@@ -241,10 +260,8 @@ def cmd_search(args) -> None:
                          "tumor needs no detection)")
     if args.tumor and args.patient_key:
         raise InputError("search: --patient-key is for a new scan's query; --tumor knows its own patient")
-    if args.patient_key is not None and not re.fullmatch(r"[0-9a-f]{16}", args.patient_key):
-        # not echoed: a raw patient id given by mistake must not reach a log
-        raise InputError("--patient-key: expected the patient's keyed id (16 hex characters, as in the shards' "
-                         "patient_key column), not a raw patient id")
+    if args.patient_key is not None:
+        check_key(args.patient_key, "--patient-key")
     if args.tumor:
         results = search_archived(args.model, args.embeddings, args.tumor, k=args.k, where=args.where,
                                   rerank=args.rerank)
@@ -434,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
     sp.add_argument("--rows-per-file", type=int, default=200_000)
     sp.set_defaults(func=cmd_compact)
+
+    sp = sub.add_parser("forget", help="remove patients or scans from an archive (rows, files and index), for good")
+    sp.add_argument("--embeddings", required=True, help="folder of embedding shards")
+    sp.add_argument("--patient-key", action="append", default=[], help="a patient's keyed id (repeatable)")
+    sp.add_argument("--scan-key", action="append", default=[], help="a scan's keyed id (repeatable)")
+    sp.add_argument("--patients-file", help="raw patient ids, one a line, keyed with --secret-file")
+    sp.add_argument("--secret-file", help="the site key the shards were written with (for --patients-file)")
+    sp.set_defaults(func=cmd_forget)
 
     sp = sub.add_parser("evaluate", help="KNN retrieval scores of the model's held-out split: learned vs handcrafted")
     archive_args(sp)

@@ -45,6 +45,7 @@ from .embed import (
     settings_fingerprint,
     source_hash,
 )
+from .forget import forgotten_keys
 from .shards import done_scans, folder_lock, model_shard_schema, no_tumor_row, stored_rows, write_shard
 from .transfer import from_bytes, pack, to_bytes, unpack
 
@@ -276,10 +277,17 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         tasks = model.schema.names
         info_columns = sorted({c for r in cohort.rows for c in r.info})  # the manifest's info_* columns in use
         done = done_scans(out, meta["model_id"], tasks)
-        scan_ids = sorted(scans)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
         errors = [{"run": stamp, "row": e.row, "scan_key": keyed_id(e.scan_id, secret) if e.scan_id else "",
                    "stage": "manifest", "error_class": "invalid_row", "message": e.redacted()} for e in bad_rows]
+        # scans removed from this archive by `forget` stay out while the manifest still lists them
+        gone_patients, gone_scans = forgotten_keys(out)
+        gone = sorted(s for s, rows in scans.items() if keyed_id(s, secret) in gone_scans
+                      or patient_key(rows[0].patient_id, secret) in gone_patients)
+        errors += [{"run": stamp, "row": scans[s][0].row, "scan_key": keyed_id(s, secret), "stage": "manifest",
+                    "error_class": "forgotten", "message": "<scan>: removed from this archive by `forget` (its "
+                    "patient or itself); take its rows out of the manifest"} for s in gone]
+        scan_ids = sorted(set(scans) - set(gone))
         _append_errors(out / "embed-errors.jsonl", errors)  # recorded before any scan is embedded
         items, rows_changed = [], 0
         for s in scan_ids:
@@ -294,7 +302,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
                           "rows": [_row_dict(r) for r in rows]})
         chunks = [items[i:i + scans_per_shard] for i in range(0, len(items), scans_per_shard)]
         invalid_scans = len({e.scan_id for e in bad_rows if e.scan_id}) + sum(1 for e in bad_rows if not e.scan_id)
-        log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows) in {len(chunks)} "
+        log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows"
+            + (f", {len(gone)} removed by `forget`" if gone else "") + f") in {len(chunks)} "
             f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it"
             + (f", {rows_changed} of them again for changed manifest rows" if rows_changed else "") + ")"
             + (f", tumors without a mask found by detector {detector_id}" if detector_id else "") + f" -> {out}")
@@ -343,7 +352,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         total = len(scan_ids) + invalid_scans
         failure_rate = (counts["failed"] + invalid_scans) / total if total else 0.0
         report = {"run": stamp, "model_id": meta["model_id"], "detector_id": detector_id, "scans": total, **counts,
-                  "rows_changed": rows_changed, "skipped_invalid_rows": len(bad_rows), "skipped_scans": invalid_scans,
+                  "rows_changed": rows_changed, "forgotten": len(gone), "skipped_invalid_rows": len(bad_rows),
+                  "skipped_scans": invalid_scans,
                   "tumors_embedded": int(sum(int(r["tumors"]) for r in results)),
                   "failure_rate": round(failure_rate, 4),
                   "max_failure_rate": max_failure_rate, "ok": failure_rate <= max_failure_rate and not stopped,
@@ -351,5 +361,5 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
         _append_history(out / "embed-report.json", report)
         log(f"embedded {counts['embedded']} scans ({report['tumors_embedded']} tumors), {counts['unchanged']} "
             f"unchanged, {counts['failed']} failed, {invalid_scans} skipped for invalid rows"
-            + (f" (see {out / 'embed-errors.jsonl'})" if counts["failed"] or bad_rows else ""))
+            + (f" (see {out / 'embed-errors.jsonl'})" if counts["failed"] or bad_rows or gone else ""))
         return report

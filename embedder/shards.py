@@ -70,6 +70,7 @@ def model_shard_schema(model, retrieval, info: Sequence[str] = ()) -> pa.Schema:
 
 
 NO_TUMOR = "none"  # the `source` of a scan's marker row: read, no tumor found in it (embedder.job)
+REMOVED = "removed"  # the `source` of a scan's tombstone row: removed from the archive (embedder.forget)
 
 
 def no_tumor_row(scan_key: str, patient_key: str, model_id: str, source_hash: str, info: dict) -> dict:
@@ -82,8 +83,11 @@ def no_tumor_row(scan_key: str, patient_key: str, model_id: str, source_hash: st
 
 
 def tumor_rows(table: pa.Table) -> pa.Table:
-    """The rows of tumors: without the marker rows of scans where no tumor was found."""
-    return table.filter(pa.compute.not_equal(table["source"], NO_TUMOR)) if table.num_rows else table
+    """The rows of tumors: without the marker rows of scans where no tumor was found, nor the tombstones
+    of scans removed from the archive."""
+    if not table.num_rows:
+        return table
+    return table.filter(pa.compute.invert(pa.compute.is_in(table["source"], pa.array([NO_TUMOR, REMOVED]))))
 
 
 def info_of(row: dict) -> dict[str, str]:

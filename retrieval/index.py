@@ -78,6 +78,11 @@ def build_index(emb_dir, *, model_id: str | None = None, exact_below: int = 100_
     model_id, files = _model_files(emb_dir, model_id)
     index_path, meta_path, info_path = _paths(emb_dir, model_id)
     table = tumor_rows(newest_rows(read_shard_files(files, model_id)))
+    if table.num_rows == 0:  # every scan of the model removed (forget) or without a tumor: no index
+        for path in (index_path, meta_path, info_path):
+            path.unlink(missing_ok=True)
+        log(f"index: model {model_id} has no tumor rows in {emb_dir}: no index")
+        return {"model_id": model_id, "kind": None, "rows": 0}
     keys_now = list(zip(table["scan_key"].to_pylist(), table["tumor_id"].to_pylist(),
                         table["embedded_at"].to_pylist(), strict=True))
     info = json.loads(info_path.read_text()) if info_path.is_file() and index_path.is_file() else None
@@ -119,6 +124,23 @@ def build_index(emb_dir, *, model_id: str | None = None, exact_below: int = 100_
     atomic_write_text(info_path, json.dumps(info, indent=2))
     log(f"index: {mode}: {info['rows']} vectors of model {model_id}, {kind} -> {index_path}")
     return info
+
+
+def refresh_indexes(emb_dir, model_ids, log=print) -> dict[str, str]:
+    """Rebuild the existing indexes of `model_ids` after their rows changed other than by new shards
+    (embedder.forget: the removed rows must leave the index files too), each of its own kind and nprobe
+    -> {model id: "rebuilt" | "removed"} (removed: no tumor row of that model is left)."""
+    out = {}
+    for mid in model_ids:
+        index_path, _, info_path = _paths(Path(emb_dir), mid)
+        if not info_path.is_file():
+            continue
+        old = json.loads(info_path.read_text())
+        index_path.unlink(missing_ok=True)  # built again whole, never updated
+        info = build_index(emb_dir, model_id=mid, exact_below=2**62 if old["kind"] == "flat" else 0,
+                           nprobe=old.get("nprobe", 32), log=log)
+        out[mid] = "rebuilt" if info["rows"] else "removed"
+    return out
 
 
 def _vectors(table: pa.Table) -> np.ndarray:

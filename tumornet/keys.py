@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
 
 from .errors import InputError
@@ -25,6 +26,16 @@ def keyed_id(identifier: str, secret: bytes) -> str:
 
 def patient_key(patient_id: str, secret: bytes) -> str:
     return keyed_id(patient_id, secret)
+
+
+def check_key(value: str, flag: str, what: str = "patient") -> str:
+    """A keyed id of a patient or scan (`what`) as the shards hold it (16 lowercase hex characters) ->
+    itself; anything else is refused without being echoed (a raw id given by mistake must not reach a
+    log)."""
+    if not re.fullmatch(r"[0-9a-f]{16}", str(value)):
+        raise InputError(f"{flag}: expected the {what}'s keyed id (16 hex characters, as in the shards' "
+                         f"{what}_key column), not a raw {what} id")
+    return str(value)
 
 
 def read_secret(path: str | Path) -> bytes:
