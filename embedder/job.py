@@ -46,7 +46,16 @@ from .embed import (
     source_hash,
 )
 from .forget import forgotten_keys
-from .shards import done_scans, folder_lock, model_shard_schema, no_tumor_row, stored_rows, write_shard
+from .shards import (
+    done_scans,
+    folder_lock,
+    model_shard_schema,
+    no_tumor_row,
+    rewrite_rows,
+    same_tumors,
+    stored_rows,
+    write_shard,
+)
 from .transfer import from_bytes, pack, to_bytes, unpack
 
 ERROR_COLUMNS = ("run", "row", "scan_key", "stage", "error_class", "message")  # embed-errors.jsonl, one JSON a line
@@ -96,6 +105,8 @@ def decode_shard(row: dict) -> dict:
             entry["hash"] = source_hash(rows, job["settings"])
             if entry["hash"] in scan["done"]:
                 entry["state"] = "unchanged"
+            elif entry["hash"] == scan.get("relabel"):  # the same files, the same tumors: rows rewritten
+                entry["state"] = "relabeled"
             else:
                 entry["read"] = pack(read_scan(rows, spacing_mm=job["spacing_mm"]), arrays, f"s{n}")
         except (Exception, MemoryError) as e:  # a batch job records the failure and goes on
@@ -189,7 +200,7 @@ class Progress:
 
     def __init__(self, total: int, log, every: float = 10.0):
         self.total, self.log, self.every = total, log, every
-        self.counts = {"embedded": 0, "unchanged": 0, "failed": 0}
+        self.counts = {"embedded": 0, "unchanged": 0, "relabeled": 0, "failed": 0}
         self.t0 = self.last = time.perf_counter()
 
     def add(self, state: str) -> None:
@@ -209,7 +220,8 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         c = self.counts
         return (f"embed: {self.done}/{self.total} scans ({c['embedded']} embedded, {c['unchanged']} unchanged, "
-                f"{c['failed']} failed), {rate:.2f} scans/s, ETA {eta:.0f} s")
+                + (f"{c['relabeled']} relabeled, " if c["relabeled"] else "")
+                + f"{c['failed']} failed), {rate:.2f} scans/s, ETA {eta:.0f} s")
 
 
 def _append_errors(path: Path, records: list[dict]) -> None:
@@ -289,23 +301,31 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
                     "patient or itself); take its rows out of the manifest"} for s in gone]
         scan_ids = sorted(set(scans) - set(gone))
         _append_errors(out / "embed-errors.jsonl", errors)  # recorded before any scan is embedded
-        items, rows_changed = [], 0
+        items, rows_changed, updates = [], 0, {}
         for s in scan_ids:
             key, rows = keyed_id(s, secret), scans[s]
             stored = done.get(key)
-            now = stored_rows(patient_key(rows[0].patient_id, secret),
-                              [(r.tumor_id, tuple(r.labels.get(t, -1) for t in tasks), r.info) for r in rows],
+            pk = patient_key(rows[0].patient_id, secret)
+            now = stored_rows(pk, [(r.tumor_id, tuple(r.labels.get(t, -1) for t in tasks), r.info) for r in rows],
                               masked=rows[0].mask is not None)
-            if stored is not None and stored[1] != now:  # the manifest's rows changed, the files maybe not
+            item = {"scan_key": key, "done": [], "rows": [_row_dict(r) for r in rows]}
+            if stored is not None and stored[1] == now:
+                item["done"] = [stored[0]]
+            elif stored is not None:  # the manifest's rows changed, the files maybe not
                 rows_changed += 1
-            items.append({"scan_key": key, "done": [stored[0]] if stored is not None and stored[1] == now else [],
-                          "rows": [_row_dict(r) for r in rows]})
+                if same_tumors(stored[1], now):  # files unchanged too (the read task checks): rows rewritten
+                    item["relabel"] = stored[0]
+                    updates[key] = ({"patient_key": pk, "all": rows[0].info} if rows[0].mask is None else
+                                    {"patient_key": pk, "tumors": {r.tumor_id: {**{f"label_{t}": r.labels.get(t, -1)
+                                                                                   for t in tasks}, **r.info}
+                                                                   for r in rows}})
+            items.append(item)
         chunks = [items[i:i + scans_per_shard] for i in range(0, len(items), scans_per_shard)]
         invalid_scans = len({e.scan_id for e in bad_rows if e.scan_id}) + sum(1 for e in bad_rows if not e.scan_id)
         log(f"embed: {len(scan_ids)} valid scans ({invalid_scans} skipped for invalid manifest rows"
             + (f", {len(gone)} removed by `forget`" if gone else "") + f") in {len(chunks)} "
             f"shards with model {meta['model_id']} ({len(done)} scans already embedded by it"
-            + (f", {rows_changed} of them again for changed manifest rows" if rows_changed else "") + ")"
+            + (f", {rows_changed} of them with changed manifest rows" if rows_changed else "") + ")"
             + (f", tumors without a mask found by detector {detector_id}" if detector_id else "") + f" -> {out}")
         progress = Progress(len(scan_ids), log)
         results, stopped = [], ""
@@ -348,6 +368,11 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
                 log(f"embed: {stopped}")
                 _append_errors(out / "embed-errors.jsonl", [{"run": stamp, "row": 0, "scan_key": "", "stage": "embed",
                                                              "error_class": "job_stopped", "message": stopped}])
+        # scans whose files are unchanged and whose manifest rows changed only in what the rows copy: their
+        # rows written again with it, from the stored ones (no forward pass)
+        relabeled = [str(r["scan_key"]) for r in results if r["status"] == "relabeled"]
+        rewrite_rows(out, meta["model_id"], {k: updates[k] for k in relabeled},
+                     model_shard_schema(model, recipe[0], info_columns), stamp)
         counts = dict(progress.counts)
         total = len(scan_ids) + invalid_scans
         failure_rate = (counts["failed"] + invalid_scans) / total if total else 0.0
@@ -360,6 +385,8 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
                   "stopped": stopped, "out_dir": str(out)}
         _append_history(out / "embed-report.json", report)
         log(f"embedded {counts['embedded']} scans ({report['tumors_embedded']} tumors), {counts['unchanged']} "
-            f"unchanged, {counts['failed']} failed, {invalid_scans} skipped for invalid rows"
+            f"unchanged, " + (f"{counts['relabeled']} rewritten with their new manifest rows (no forward pass), "
+                              if counts["relabeled"] else "")
+            + f"{counts['failed']} failed, {invalid_scans} skipped for invalid rows"
             + (f" (see {out / 'embed-errors.jsonl'})" if counts["failed"] or bad_rows or gone else ""))
         return report

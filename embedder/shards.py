@@ -234,14 +234,50 @@ def done_scans(out_dir: str | Path, model_id: str, tasks: Sequence[str] = ()) ->
 
 
 def stored_rows(patient_key: str, tumors: Sequence[tuple[int, tuple[int, ...], dict]], *, masked: bool) -> tuple:
-    """What a scan's shard rows copy from its manifest rows: the patient's key and, for a scan with a
-    mask, each tumor's id, labels and case information (info_* cells); a scan without one: the case
-    information of its one row (its tumors were found, the manifest names none). A scan whose manifest
-    rows say otherwise now (a label corrected, a patient merged, a tumor added, an outcome recorded) is
-    embedded again, its files unchanged."""
+    """What a scan's shard rows copy from its manifest rows: (the patient's key, "mask", each tumor's id,
+    labels and case information (info_* cells)) for a scan with a mask; (the patient's key, "found", the
+    case information of its one row) for a scan without one (its tumors were found, the manifest names
+    none). A scan whose manifest rows say otherwise now (a label corrected, a patient merged, a tumor
+    added, an outcome recorded) is written again, its files unchanged (embedder.job)."""
     def info(d: dict) -> tuple:
         return tuple(sorted((k, str(v)) for k, v in d.items() if v))
 
     if not masked:
-        return (patient_key, info(tumors[0][2]) if tumors else ())
-    return (patient_key, tuple(sorted((int(i), tuple(int(v) for v in labels), info(d)) for i, labels, d in tumors)))
+        return (patient_key, "found", info(tumors[0][2]) if tumors else ())
+    return (patient_key, "mask",
+            tuple(sorted((int(i), tuple(int(v) for v in labels), info(d)) for i, labels, d in tumors)))
+
+
+def same_tumors(stored: tuple, now: tuple) -> bool:
+    """Two stored_rows of a scan name the same tumors (only labels, case information or the patient
+    differ): its rows can be rewritten without a forward pass when its files are unchanged too."""
+    if stored[1] != now[1]:
+        return False
+    return now[1] == "found" or [t[0] for t in stored[2]] == [t[0] for t in now[2]]
+
+
+def rewrite_rows(out_dir: str | Path, model_id: str, updates: dict[str, dict], schema: pa.Schema, stamp: str,
+                 rows_per_file: int = 200_000) -> int:
+    """The newest rows of `model_id` for the scans of `updates` (scan_key -> {"patient_key", "tumors":
+    {tumor_id: {column: value}}} or {"patient_key", "all": {column: value}}), their copied columns
+    replaced (every info_* column cleared first, so a cell emptied in the manifest empties), written anew
+    with a newer `embedded_at` (they supersede the old rows); vectors, predictions and the source hash are
+    kept -> rows written."""
+    files = shard_files(Path(out_dir))
+    if not updates or not files:
+        return 0
+    table = newest_rows(read_shard_files(files, model_id))
+    table = table.filter(pa.compute.is_in(table["scan_key"], pa.array(sorted(updates))))
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    rows = []
+    for r in table.to_pylist():
+        u = updates[r["scan_key"]]
+        r.update({k: None for k in r if k.startswith(INFO_PREFIX)})
+        r.update(u["all"] if "all" in u else u["tumors"].get(r["tumor_id"], {}))
+        r["patient_key"] = u["patient_key"]
+        r["embedded_at"] = max(now, r["embedded_at"] + datetime.timedelta(seconds=1))  # newer than what it supersedes
+        rows.append(r)
+    for n, start in enumerate(range(0, len(rows), rows_per_file)):
+        write_shard(rows[start:start + rows_per_file], Path(out_dir) / f"relabel-{model_id}-{stamp}-{n:05d}.parquet",
+                    schema)
+    return len(rows)

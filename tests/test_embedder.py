@@ -14,7 +14,16 @@ import torch
 
 from embedder.embed import embed_scan
 from embedder.job import run_embedding
-from embedder.shards import compact_shards, folder_lock, read_embeddings, shard_files, shard_schema, write_shard
+from embedder.shards import (
+    compact_shards,
+    folder_lock,
+    read_embeddings,
+    same_tumors,
+    shard_files,
+    shard_schema,
+    stored_rows,
+    write_shard,
+)
 from retrieval.search import format_search, search_archived
 from tumornet.errors import InputError
 from tumornet.export import export_model, load_model
@@ -144,6 +153,17 @@ def test_one_writer_at_a_time(tmp_path, small_cohort, model_file, secret_file):
         assert "compact (pid" in (out / ".lock").read_text()
 
 
+def test_rows_are_rewritten_without_a_forward_pass_only_for_the_same_tumors():
+    one = stored_rows("p1", [(1, (0, 1), {}), (2, (1, 1), {"info_outcome": "x"})], masked=True)
+    relabeled = stored_rows("p2", [(2, (1, 0), {}), (1, (0, 1), {"info_outcome": "y"})], masked=True)
+    assert one != relabeled and same_tumors(one, relabeled)  # labels, case information, patient: rewritten
+    assert not same_tumors(one, stored_rows("p1", [(1, (0, 1), {})], masked=True))  # a tumor less: embedded
+    found = stored_rows("p1", [(0, (), {"info_outcome": "x"})], masked=False)
+    assert found == stored_rows("p1", [(3, (-1, -1), {"info_outcome": "x"})], masked=False)  # the row's info only
+    assert same_tumors(found, stored_rows("p9", [(0, (), {})], masked=False))
+    assert not same_tumors(found, one)  # a mask added: embedded
+
+
 def test_secret_file_errors(tmp_path):
     with pytest.raises(InputError, match="secret file not found"):
         read_secret(tmp_path / "missing.key")
@@ -194,7 +214,8 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     run_embedding(**kw)  # back to the model's own settings for what follows
 
     # the manifest corrected, the files not: a label changed, a scan moved to another patient -> those two
-    # scans embedded again (the same vectors, the manifest's labels and patient now), nothing else
+    # scans' rows written again from the stored ones (the same vectors, the manifest's labels and patient
+    # now; no forward pass), nothing else
     table_rows = list(csv.DictReader(manifest.open()))
     scans = sorted(cohort.scans())
     relabel, move = scans[3], scans[4]
@@ -212,7 +233,8 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
         w.writerows(table_rows)
     before = {(r["scan_key"], r["tumor_id"]): r["embedding"] for r in read_embeddings(out, model_id=mid).to_pylist()}
     fixed = run_embedding(**kw)
-    assert (fixed["embedded"], fixed["unchanged"], fixed["rows_changed"]) == (2, len(scans) - 2, 2)
+    assert (fixed["embedded"], fixed["relabeled"], fixed["unchanged"], fixed["rows_changed"]) == (
+        0, 2, len(scans) - 2, 2)
     latest = read_embeddings(out, model_id=mid).to_pylist()
     assert len(latest) == n_tumors
     new_index = DEFAULT_SCHEMA["tumor_type"].index(new_type)
@@ -222,8 +244,8 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert all(np.allclose(before[(r["scan_key"], r["tumor_id"])], r["embedding"], atol=1e-5) for r in latest)
     assert run_embedding(**kw)["unchanged"] == len(scans)  # and the next night nothing
 
-    # case information: an info_* column added, one tumor's outcome recorded -> that scan alone embedded
-    # again; its rows carry it, search shows it beside the hit, and the other rows have none
+    # case information: an info_* column added, one tumor's outcome recorded -> that scan's rows alone
+    # written again; they carry it, search shows it beside the hit, and the other rows have none
     told = scans[5]
     for r in table_rows:
         r["info_outcome"] = "local control at 12 months" if r["scan_id"] == told else ""
@@ -232,7 +254,7 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
         w.writeheader()
         w.writerows(table_rows)
     noted = run_embedding(**kw)
-    assert (noted["embedded"], noted["rows_changed"]) == (1, 1)
+    assert (noted["embedded"], noted["relabeled"], noted["rows_changed"]) == (0, 1, 1)
     latest = read_embeddings(out, model_id=mid).to_pylist()
     carried = {r["scan_key"] for r in latest if r["info_outcome"] == "local control at 12 months"}
     assert carried == {keyed_id(told, SECRET)} and sum(r["info_outcome"] is None for r in latest) == len(latest) - len(
