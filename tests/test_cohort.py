@@ -12,6 +12,7 @@ from tumornet.labels import DEFAULT_SCHEMA, MISSING, LabelSchema
 from tumornet.manifest import read_manifest
 from tumornet.scans import load_scan
 from tumornet.split import patient_groups, split_patients, split_scan_ids
+from tumornet.summary import format_summary, summarize
 
 
 def test_valid_manifest_reads_labels_and_paths(subject):
@@ -83,6 +84,11 @@ def test_info_columns_are_case_information_read_but_not_trained_on(subject):
     assert cohort.rows[0].info == {"info_outcome": "controlled at 24 months", "info_dose_gy": "20"}
     assert cohort.rows[1].info == {}  # empty cells: no information
     assert cohort.rows[0].labels == read_manifest(write_manifest(root / "n.csv", rows)).rows[0].labels
+    summary = summarize(cohort, measure=False)  # how many tumors have each, never the values
+    assert summary["info"] == {"info_dose_gy": 1, "info_outcome": 1}
+    text = format_summary(summary)
+    assert "case information: info_dose_gy 1 of 2 tumors, info_outcome 1 of 2 tumors" in text
+    assert "controlled" not in text
     # a cell that holds the patient id is refused, naming the row and column and not the id
     pid = {"patient_id": "PAT-0042"}
     with pytest.raises(InputError, match=r"m\.csv row 2 column 'info_outcome': holds the patient id") as e:

@@ -49,6 +49,8 @@ def summarize(cohort: Cohort, *, test_fraction: float = 0.2, seed: int = 0, meas
                   "test_fraction": test_fraction, "seed": seed},
         "labels": labels,
         "missing_label_fraction": round(missing / n_cells, 4),
+        # case information (info_* columns): how many tumors have each, never the values
+        "info": dict(sorted(Counter(c for r in cohort.rows for c in r.info).items())),
     }
     if measure:
         out["size_mm"] = {
@@ -68,6 +70,8 @@ def format_summary(s: dict) -> str:
     ]
     for task, counts in s["labels"].items():
         lines.append(f"  {task:12s} " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if s.get("info"):
+        lines.append("case information: " + ", ".join(f"{c} {n} of {s['tumors']} tumors" for c, n in s["info"].items()))
     for kind, st in s.get("size_mm", {}).items():
         lines.append(
             f"  size {kind:12s} n={st['n']:4d}  {st['min']:5.1f} .. {st['median']:5.1f} .. {st['max']:5.1f} mm"
