@@ -98,8 +98,8 @@ def forget(out_dir: str | Path, *, patient_keys: Iterable[str] = (), scan_keys: 
     scans_removed = len({scan for rows in stones.values() for scan in (r["scan_key"] for r in rows)})
     report = {"patient_keys": len(patients), "scan_keys": len(scans_asked), "scans_removed": scans_removed,
               "tumor_rows_removed": int(rows_removed), "models": sorted(stones)}
-    log(f"forget: {scans_removed} scans ({rows_removed} tumor rows of {len(stones)} models) removed for "
-        f"{len(patients)} patient and {len(scans_asked)} scan keys; recorded in {out / FORGOTTEN}")
+    log(f"forget: {scans_removed} scan(s) ({rows_removed} tumor row(s) of {len(stones)} model(s)) removed for "
+        f"{len(patients)} patient and {len(scans_asked)} scan key(s); recorded in {out / FORGOTTEN}")
     if stones:  # the removed rows gone from the files, not only superseded
         compact_shards(out, log=log)
     return report

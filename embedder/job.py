@@ -388,5 +388,6 @@ def run_embedding(*, manifest: str | Path, model_path: str | Path, out_dir: str 
             f"unchanged, " + (f"{counts['relabeled']} rewritten with their new manifest rows (no forward pass), "
                               if counts["relabeled"] else "")
             + f"{counts['failed']} failed, {invalid_scans} skipped for invalid rows"
+            + (f", {len(gone)} left out as removed by `forget`" if gone else "")
             + (f" (see {out / 'embed-errors.jsonl'})" if counts["failed"] or bad_rows or gone else ""))
         return report
