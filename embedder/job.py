@@ -7,10 +7,14 @@ The driver validates the manifest and the model, splits the scans into shards of
 `scans_per_shard`, and a Ray Data actor pool (each actor loads the model once) embeds a shard
 at a time and writes it as one Parquet file (embedder.shards). A scan whose image and mask are
 unchanged since the same model embedded it, and whose manifest rows still say what its shard rows
-copied (the patient, the tumors, their labels: embedder.shards.stored_rows), is skipped, so the
-nightly re-run only embeds new or changed scans, and a corrected label reaches the archive. A scan
-that fails (unreadable file, empty mask, ...) is recorded in `<out>/embed-errors.jsonl` with its
-manifest rows and the error, and the job keeps going; `<out>/embed-report.json` sums up the run.
+copied (the patient, the tumors, their labels and case information: embedder.shards.stored_rows), is
+skipped, so the nightly re-run only embeds new or changed scans; one whose files and tumors are
+unchanged but whose labels, case information or patient changed gets its stored rows written again
+with them (`relabeled`, no forward pass). A scan without a mask where no tumor is found gets one
+marker row, so it is read once. Scans removed by `forget` stay out. The job holds the folder's lock
+(one writer at a time). A scan that fails (unreadable file, empty mask, ...) is recorded in
+`<out>/embed-errors.jsonl` with its manifest rows and the error, and the job keeps going;
+`<out>/embed-report.json` sums up the run.
 Shards, logs and the errors file carry no patient or scan id and no path: keyed hashes and manifest
 row numbers instead.
 """
