@@ -492,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scan-tumors", type=int, help="with --box: how many tumors the scan holds, where the model's "
                     "recipe reads it (retrieval.scan_count; default: counted by the segmentation head)")
     sp.add_argument("--tumor", help="an archived tumor as the query: SCAN_KEY:TUMOR_ID (its own patient excluded)")
-    sp.add_argument("--where", action="append", default=[], help="only archive tumors with this label, task=class")
+    sp.add_argument("--where", action="append", default=[], help="only archive tumors with this label, task=class, "
+                    "or this case information, info_COLUMN=value (* for any)")
     sp.add_argument("--patient-key", help="the new scan's patient as the shards key it (patient_key): that "
                     "patient's archived tumors are left out")
     sp.add_argument("--binary", action="store_true", help="the mask is binary: each connected component is a tumor")

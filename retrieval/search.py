@@ -70,13 +70,21 @@ def _names(schema, row: dict, prefix: str) -> dict:
             for t in schema.names}
 
 
-def parse_where(items, schema) -> dict[str, int]:
-    """`task=class` filters (e.g. tumor_type=schwannoma) -> {task: class index}."""
-    out = {}
+def parse_where(items, schema) -> dict[str, int | str]:
+    """`task=class` filters (e.g. tumor_type=schwannoma) -> {task: class index}, and `info_COLUMN=value`
+    filters on the case information (e.g. info_outcome=local control: that cell exactly, case and
+    surrounding spaces aside; info_outcome=* : any non-empty cell) -> {info_COLUMN: value}."""
+    out: dict[str, int | str] = {}
     for item in items or ():
         task, _, cls = item.partition("=")
+        if task.startswith(INFO_PREFIX) and len(task) > len(INFO_PREFIX):
+            if not cls.strip():
+                raise InputError(f"--where {item!r}: give a value (or * for any)")
+            out[task] = cls.strip().lower()
+            continue
         if task not in schema:
-            raise InputError(f"--where {item!r}: unknown task {task!r}; tasks: {list(schema.names)}")
+            raise InputError(f"--where {item!r}: unknown task {task!r}; tasks: {list(schema.names)}, or "
+                             f"{INFO_PREFIX}COLUMN for case information")
         try:
             out[task] = schema[task].index(cls)
         except InputError:
@@ -85,6 +93,18 @@ def parse_where(items, schema) -> dict[str, int]:
         if out[task] == MISSING:
             raise InputError(f"--where {item!r}: give a class; {task} classes: {list(schema[task].classes)}")
     return out
+
+
+def _passes_where(a: dict, where: dict) -> bool:
+    """An archive row passes the label and case information filters of parse_where."""
+    for key, want in where.items():
+        if key.startswith(INFO_PREFIX):
+            cell = (a.get(key) or "").strip().lower()
+            if not cell or (want != "*" and cell != want):
+                return False
+        elif a[f"label_{key}"] != want:
+            return False
+    return True
 
 
 def _archive(model_path, emb_dir, rerank: int | None = None):
@@ -115,7 +135,7 @@ class Archive:
         self.search, self.vector, self.rerank = search_fn, vector_fn, rerank
 
 
-def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[str, int] | None = None) -> list[dict]:
+def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict | None = None) -> list[dict]:
     """queries: {"embedding", "patient_key" (None: unknown), ...shown fields} -> each with its `hits`:
     the k nearest archive tumors, never from the query's own patient, among the rows that pass the
     label filters (the candidate list grows until k pass or the archive is exhausted). A recipe with a
@@ -130,7 +150,7 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict[st
     def passes(a: dict, q: dict) -> bool:
         if q.get("patient_key") is not None and a["patient_key"] == q["patient_key"]:
             return False  # never the query's own patient
-        return all(a[f"label_{t}"] == c for t, c in (where or {}).items())
+        return _passes_where(a, where or {})
 
     out = []
     for q in queries:

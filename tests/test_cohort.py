@@ -112,6 +112,24 @@ def test_class_names_are_matched_regardless_of_case_and_separators(subject):
         parse_where(["tumor_type="], DEFAULT_SCHEMA)
 
 
+def test_search_filters_on_case_information():
+    from retrieval.search import _passes_where, parse_where
+
+    where = parse_where(["info_outcome= Local control ", "tumor_type=metastasis"], DEFAULT_SCHEMA)
+    assert where == {"info_outcome": "local control", "tumor_type": 0}
+    row = {"label_tumor_type": 0, "info_outcome": "local control"}
+    assert _passes_where(row, where) and _passes_where({**row, "info_outcome": "LOCAL CONTROL"}, where)
+    assert not _passes_where({**row, "info_outcome": "progression"}, where)
+    assert not _passes_where({**row, "info_outcome": None}, where) and not _passes_where({"label_tumor_type": 0}, where)
+    assert not _passes_where({**row, "label_tumor_type": 1}, where)
+    anything = parse_where(["info_outcome=*"], DEFAULT_SCHEMA)
+    assert _passes_where({"info_outcome": "x"}, anything) and not _passes_where({"info_outcome": " "}, anything)
+    with pytest.raises(InputError, match="give a value"):
+        parse_where(["info_outcome="], DEFAULT_SCHEMA)
+    with pytest.raises(InputError, match="info_\\* names are the manifest's case information"):
+        LabelSchema.from_dict({"info_grade": ["low", "high"]})
+
+
 def test_bad_cells_name_row_and_column(subject):
     root, rows = subject
     _expect(root, [rows[0], {**rows[1], "area": "kidney"}], r"m\.csv row 2 column area: unknown class 'kidney'")

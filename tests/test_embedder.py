@@ -266,6 +266,9 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert told_hits and all(h["info"] == {"outcome": "local control at 12 months"} for h in told_hits)
     assert all(h["info"] == {} for h in res["hits"] if h["scan_key"] != keyed_id(told, SECRET))
     assert "| outcome |" in format_search([res]) and "local control at 12 months |" in format_search([res])
+    (only,) = search_archived(path, out, f"{query['scan_key']}:{query['tumor_id']}", k=len(latest),
+                              where=["info_outcome=Local control at 12 months"])
+    assert sorted(h["scan_key"] for h in only["hits"]) == sorted(h["scan_key"] for h in told_hits)
     assert run_embedding(**kw)["unchanged"] == len(scans)
 
     # one scan's image is corrupted, another's replaced: the first is recorded, the second re-embedded

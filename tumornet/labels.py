@@ -38,6 +38,8 @@ class Task:
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise InputError(f"task name {self.name!r}: must be a plain identifier")
+        if self.name.startswith("info_"):
+            raise InputError(f"task name {self.name!r}: info_* names are the manifest's case information columns")
         if len(self.classes) < 2:
             raise InputError(f"task {self.name!r}: needs at least 2 classes, got {list(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
