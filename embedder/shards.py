@@ -103,7 +103,7 @@ def write_shard(rows: list[dict], path: Path, schema: pa.Schema) -> None:
 @contextlib.contextmanager
 def folder_lock(out_dir: Path, what: str):
     """Hold `<out_dir>/.lock` (an advisory flock, released by the OS when the process ends, however it
-    ends) while `what` (embed, compact) writes the folder; another run that finds it held stops with an
+    ends) while `what` (embed, compact, forget) writes the folder; another run that finds it held stops with an
     error naming the folder, before it writes anything (a nightly job that overran into the next night's
     start, a compaction during an embedding)."""
     path = Path(out_dir) / ".lock"
