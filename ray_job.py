@@ -180,18 +180,12 @@ def cmd_compact(args) -> None:
 
 
 def cmd_forget(args) -> None:
-    from embedder.forget import forget
+    from embedder.forget import forget, keys_of_patients_file
     from retrieval.index import refresh_indexes
-    from tumornet.keys import patient_key, read_secret
 
     patients = list(args.patient_key)
-    if args.patients_file:  # raw ids in a file, keyed here: never on the command line nor in a log
-        if not args.secret_file:
-            raise InputError("--patients-file: give --secret-file too (the site key the shards were written with)")
-        secret, path = read_secret(args.secret_file), Path(args.patients_file)
-        if not path.is_file():
-            raise InputError(f"{path}: patients file not found")
-        patients += [patient_key(line.strip(), secret) for line in path.read_text().splitlines() if line.strip()]
+    if args.patients_file:
+        patients += keys_of_patients_file(args.patients_file, args.secret_file)
     report = forget(args.embeddings, patient_keys=patients, scan_keys=args.scan_key)
     report["indexes"] = refresh_indexes(args.embeddings, report["models"])
     print(json.dumps(report, indent=2))

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from tumornet.errors import InputError
 from tumornet.io import atomic_write
-from tumornet.keys import check_key
+from tumornet.keys import check_key, patient_key, read_secret
 
 from .shards import REMOVED, compact_shards, folder_lock, newest_rows, shard_files
 
@@ -52,6 +52,17 @@ def forgotten_keys(out_dir: str | Path) -> tuple[set[str], set[str]]:
     return patients, scans
 
 
+def keys_of_patients_file(path: str | Path, secret_file: str | Path | None) -> list[str]:
+    """Raw patient ids, one a line (blank lines skipped), keyed with the site's secret: the ids stay in
+    the file, never on a command line nor in a log."""
+    if not secret_file:
+        raise InputError("--patients-file: give --secret-file too (the site key the shards were written with)")
+    secret, path = read_secret(secret_file), Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: patients file not found")
+    return [patient_key(line.strip(), secret) for line in path.read_text().splitlines() if line.strip()]
+
+
 def forget(out_dir: str | Path, *, patient_keys: Iterable[str] = (), scan_keys: Iterable[str] = (),
            log=print) -> dict:
     """Remove the scans of `patient_keys` and the scans `scan_keys` (keyed ids, as in the shards) from
@@ -75,14 +86,12 @@ def forget(out_dir: str | Path, *, patient_keys: Iterable[str] = (), scan_keys: 
             for f in files:  # each model's schema, as its shards have it (the vector sizes differ by model)
                 for mid in set(pq.read_table(f, columns=["model_id"])["model_id"].to_pylist()) - set(schemas):
                     schemas[mid] = pq.read_schema(f)
-            newest: dict[tuple[str, str], dict] = {}
+            hit: dict[tuple[str, str], dict] = {}  # (model, scan) -> one of its newest rows
             for r in table.to_pylist():
                 if (r["patient_key"] in patients or r["scan_key"] in scans_asked) and r["source"] != REMOVED:
                     rows_removed += r["source"] in ("mask", "predicted")
-                    key = (r["model_id"], r["scan_key"])
-                    if key not in newest or r["embedded_at"] > newest[key]["embedded_at"]:
-                        newest[key] = r
-            for (mid, scan), r in sorted(newest.items()):
+                    hit.setdefault((r["model_id"], r["scan_key"]), r)
+            for (mid, scan), r in sorted(hit.items()):
                 at = max(now, r["embedded_at"] + datetime.timedelta(seconds=1))  # newer than what it supersedes
                 stones.setdefault(mid, []).append({
                     "scan_key": scan, "patient_key": r["patient_key"], "tumor_id": 0, "source": REMOVED,

@@ -24,7 +24,7 @@ from tumornet.descriptor import vector_size
 from tumornet.errors import InputError
 from tumornet.handcrafted import FEATURES as HANDCRAFTED
 from tumornet.io import atomic_write
-from tumornet.manifest import INFO_PREFIX
+from tumornet.labels import INFO_PREFIX
 
 
 def shard_schema(channels: int, tasks: Sequence[str], *, vector: int | None = None, logits: int = 0,

@@ -24,8 +24,8 @@ from tumornet.drawn import drawn_fit_of, with_drawn_size
 from tumornet.errors import InputError
 from tumornet.export import load_model
 from tumornet.fitted import require_uncounted
-from tumornet.labels import MISSING
-from tumornet.manifest import INFO_PREFIX, ManifestRow
+from tumornet.labels import INFO_PREFIX, MISSING, is_info_column
+from tumornet.manifest import ManifestRow
 from tumornet.register import register
 from tumornet.scans import read_instances
 from tumornet.volumes import load_volume, read_label_map
@@ -77,7 +77,7 @@ def parse_where(items, schema) -> dict[str, int | str]:
     out: dict[str, int | str] = {}
     for item in items or ():
         task, _, cls = item.partition("=")
-        if task.startswith(INFO_PREFIX) and len(task) > len(INFO_PREFIX):
+        if is_info_column(task):
             if not cls.strip():
                 raise InputError(f"--where {item!r}: give a value (or * for any)")
             out[task] = cls.strip().lower()

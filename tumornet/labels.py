@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from .errors import InputError
 
 MISSING = -1
+INFO_PREFIX = "info_"  # manifest columns of case information (tumornet.manifest), never a task
+
+
+def is_info_column(name: str) -> bool:
+    """A manifest column of case information: info_ followed by a name."""
+    return name.startswith(INFO_PREFIX) and len(name) > len(INFO_PREFIX)
 
 TUMOR_TYPES = ("metastasis", "meningioma", "schwannoma")
 AREAS = (
@@ -38,7 +44,7 @@ class Task:
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise InputError(f"task name {self.name!r}: must be a plain identifier")
-        if self.name.startswith("info_"):
+        if self.name.startswith(INFO_PREFIX):
             raise InputError(f"task name {self.name!r}: info_* names are the manifest's case information columns")
         if len(self.classes) < 2:
             raise InputError(f"task {self.name!r}: needs at least 2 classes, got {list(self.classes)}")

@@ -28,11 +28,10 @@ from pathlib import Path
 
 from .errors import InputError
 from .io import write_table_csv
-from .labels import DEFAULT_SCHEMA, LabelSchema
+from .labels import DEFAULT_SCHEMA, INFO_PREFIX, LabelSchema, is_info_column
 
 REQUIRED = ("patient_id", "scan_id", "image", "mask", "tumor_id")
 OPTIONAL = ("tumor_values",)
-INFO_PREFIX = "info_"  # case information columns: carried into the shards and shown by search
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_REPORTED = 25
 
@@ -131,7 +130,7 @@ def _info(raw: dict[str, str], where: str) -> dict[str, str]:
     pid = raw.get("patient_id", "").strip()
     out = {}
     for c, v in raw.items():
-        if not (c and c.startswith(INFO_PREFIX)) or not (v := str(v or "").strip()):
+        if not (c and is_info_column(c)) or not (v := str(v or "").strip()):
             continue
         if len(pid) > 2 and pid in v:
             raise InputError(f"{where} column '{c}': holds the patient id; case information must not identify "
@@ -213,8 +212,7 @@ def _validate(path: Path, schema: LabelSchema, check_files: bool,
     missing = [c for c in (*REQUIRED, *schema.names) if c not in columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}; the header has {columns}")
-    unknown = [c for c in columns if c not in (*REQUIRED, *OPTIONAL, *schema.names)
-               and not (c.startswith(INFO_PREFIX) and len(c) > len(INFO_PREFIX))]
+    unknown = [c for c in columns if c not in (*REQUIRED, *OPTIONAL, *schema.names) and not is_info_column(c)]
     if unknown:
         raise InputError(f"{path}: unknown column(s) {unknown}; a task column must be declared under "
                          f"'tasks:' in the config (tasks now: {list(schema.names)}); case information goes in "
