@@ -7,8 +7,11 @@ scan filed under the wrong patient.
 Under the folder's lock (embedder.shards.folder_lock): every model's rows of those scans are superseded
 by one tombstone row each (`source = removed`, no vectors, no labels: readers never see it), the keys
 are recorded in `<out>/forgotten.jsonl`, so that no later `embed` puts them back while the manifest
-still lists them (it skips them, recorded), and the shards are compacted, so that the removed rows are
-gone from the files, not only hidden. The caller rebuilds any index of the folder (ray_job.py does).
+still lists them (it skips them, recorded), and each shard file that holds a row of those scans is
+written again without it (the other files are not touched), so that the removed rows are gone from the
+files, not only hidden. The tombstones hide the rows from the first moment; a run that stopped before
+every file was rewritten is finished by running it again (the files are found from every row, not only
+the newest). The caller rebuilds the index of each model touched (ray_job.py does).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tumornet.errors import InputError
 from tumornet.io import atomic_write
 from tumornet.keys import check_key, patient_key, read_secret
 
-from .shards import REMOVED, compact_shards, folder_lock, newest_rows, shard_files
+from .shards import NO_TUMOR, REMOVED, folder_lock, newest_rows, shard_files
 
 FORGOTTEN = "forgotten.jsonl"  # {"at", "patient_key" | "scan_key"} a line
 
@@ -76,39 +80,61 @@ def forget(out_dir: str | Path, *, patient_keys: Iterable[str] = (), scan_keys: 
         raise InputError(f"{out}: not a folder of embedding shards")
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     with folder_lock(out, "forget"):
-        stones: dict[str, list[dict]] = {}  # model id -> its tombstone rows
-        schemas: dict[str, pa.Schema] = {}
-        rows_removed = 0
         files = shard_files(out)
-        if files:
-            cols = ["scan_key", "patient_key", "model_id", "tumor_id", "embedded_at", "source"]
-            table = newest_rows(pa.concat_tables([pq.read_table(f, columns=cols) for f in files]))
-            for f in files:  # each model's schema, as its shards have it (the vector sizes differ by model)
-                for mid in set(pq.read_table(f, columns=["model_id"])["model_id"].to_pylist()) - set(schemas):
-                    schemas[mid] = pq.read_schema(f)
-            hit: dict[tuple[str, str], dict] = {}  # (model, scan) -> one of its newest rows
-            for r in table.to_pylist():
-                if (r["patient_key"] in patients or r["scan_key"] in scans_asked) and r["source"] != REMOVED:
-                    rows_removed += r["source"] in ("mask", "predicted")
-                    hit.setdefault((r["model_id"], r["scan_key"]), r)
-            for (mid, scan), r in sorted(hit.items()):
-                at = max(now, r["embedded_at"] + datetime.timedelta(seconds=1))  # newer than what it supersedes
-                stones.setdefault(mid, []).append({
-                    "scan_key": scan, "patient_key": r["patient_key"], "tumor_id": 0, "source": REMOVED,
-                    "model_id": mid, "source_hash": "", "embedded_at": at})
-        stamp = now.strftime("%Y%m%dT%H%M%S")
-        for mid, rows in sorted(stones.items()):
-            t = pa.Table.from_pylist(rows, schema=schemas[mid])
-            atomic_write(out / f"forgotten-{mid}-{stamp}.parquet", lambda tmp, t=t: pq.write_table(t, tmp))
+        cols = ["scan_key", "patient_key", "model_id", "tumor_id", "embedded_at", "source"]
+        held = {f: pq.read_table(f, columns=cols) for f in files}
+        # the scans removed: those asked, and every scan of the patients asked (any row of any model)
+        doomed = set(scans_asked)
+        for t in held.values():
+            doomed.update(pc.filter(t["scan_key"], pc.is_in(t["patient_key"], value_set=pa.array(
+                sorted(patients), pa.string()))).to_pylist())
+        doomed_array = pa.array(sorted(doomed), pa.string())
+        stones = _tombstones(out, held, doomed_array, now)
         records = [{"at": now.isoformat(), "patient_key": k} for k in sorted(patients)]
         records += [{"at": now.isoformat(), "scan_key": k} for k in sorted(scans_asked)]
         with open(out / FORGOTTEN, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
-    scans_removed = len({scan for rows in stones.values() for scan in (r["scan_key"] for r in rows)})
+        # the rows gone from the files, not only superseded: each file holding one is written again without it
+        rewritten, models, rows_removed = 0, set(stones), 0
+        for f, t in held.items():
+            gone = pc.and_(pc.is_in(t["scan_key"], value_set=doomed_array), pc.not_equal(t["source"], REMOVED))
+            if not pc.any(gone).as_py():
+                continue
+            rows_removed += pc.sum(pc.and_(gone, pc.not_equal(t["source"], NO_TUMOR))).as_py()
+            models.update(pc.filter(t["model_id"], gone).to_pylist())
+            keep = pq.read_table(f).filter(pc.invert(gone))
+            if keep.num_rows:
+                atomic_write(f, lambda tmp, keep=keep: pq.write_table(keep, tmp))
+            else:
+                f.unlink()
+            rewritten += 1
+    scans_removed = len({r["scan_key"] for rows in stones.values() for r in rows})
     report = {"patient_keys": len(patients), "scan_keys": len(scans_asked), "scans_removed": scans_removed,
-              "tumor_rows_removed": int(rows_removed), "models": sorted(stones)}
-    log(f"forget: {scans_removed} scan(s) ({rows_removed} tumor row(s) of {len(stones)} model(s)) removed for "
-        f"{len(patients)} patient and {len(scans_asked)} scan key(s); recorded in {out / FORGOTTEN}")
-    if stones:  # the removed rows gone from the files, not only superseded
-        compact_shards(out, log=log)
+              "tumor_rows_removed": int(rows_removed), "files_rewritten": rewritten, "models": sorted(models)}
+    log(f"forget: {scans_removed} scan(s) removed for {len(patients)} patient and {len(scans_asked)} scan key(s) "
+        f"({rows_removed} tumor row(s) of {len(models)} model(s) taken out of {rewritten} of {len(files)} shard "
+        f"file(s)); recorded in {out / FORGOTTEN}")
     return report
+
+
+def _tombstones(out: Path, held: dict[Path, pa.Table], doomed: pa.Array, now) -> dict[str, list[dict]]:
+    """One tombstone row per model and scan of `doomed` whose newest rows are not one already, written
+    into one file per model -> {model id: its tombstone rows}."""
+    stones: dict[str, list[dict]] = {}
+    rows = [t.filter(pc.is_in(t["scan_key"], value_set=doomed)) for t in held.values()]
+    hit: dict[tuple[str, str], dict] = {}  # (model, scan) -> one of its newest rows
+    for r in newest_rows(pa.concat_tables(rows)).to_pylist() if rows else []:
+        if r["source"] != REMOVED:
+            hit.setdefault((r["model_id"], r["scan_key"]), r)
+    for (mid, scan), r in sorted(hit.items()):
+        at = max(now, r["embedded_at"] + datetime.timedelta(seconds=1))  # newer than what it supersedes
+        stones.setdefault(mid, []).append({
+            "scan_key": scan, "patient_key": r["patient_key"], "tumor_id": 0, "source": REMOVED,
+            "model_id": mid, "source_hash": "", "embedded_at": at})
+    stamp = now.strftime("%Y%m%dT%H%M%S")
+    for mid, rows in sorted(stones.items()):
+        schema = next(pq.read_schema(f) for f, t in held.items()  # the model's schema, as its shards have it
+                      if pc.any(pc.equal(t["model_id"], mid)).as_py())
+        t = pa.Table.from_pylist(rows, schema=schema)
+        atomic_write(out / f"forgotten-{mid}-{stamp}.parquet", lambda tmp, t=t: pq.write_table(t, tmp))
+    return stones

@@ -19,6 +19,17 @@ from tumornet.keys import keyed_id, patient_key
 from tumornet.manifest import read_manifest
 
 
+def _split_shards(emb, parts: int = 6) -> None:
+    """The archive's one shard file as `parts` files (a night's shards), rows in scan order."""
+    (f,) = emb.glob("*.parquet")
+    t = pq.read_table(f)
+    t = t.sort_by("scan_key")
+    step = -(-t.num_rows // parts)
+    for n in range(parts):
+        pq.write_table(t.slice(n * step, step), emb / f"part-{n}.parquet")
+    f.unlink()
+
+
 def _json_tail(out: str) -> dict:
     return json.loads(out[out.index("\n{\n") + 1:] if not out.startswith("{") else out)
 
@@ -28,6 +39,7 @@ def test_forget_removes_a_patient_and_a_scan_for_good(archive, small_cohort, tmp
 
     emb = tmp_path / "emb"
     shutil.copytree(archive / "emb", emb)
+    _split_shards(emb)
     assert main(["index", "--embeddings", str(emb)]) == 0
     cohort = read_manifest(small_cohort)
     patients = cohort.patients()
@@ -40,6 +52,10 @@ def test_forget_removes_a_patient_and_a_scan_for_good(archive, small_cohort, tmp
     before = read_embeddings(emb).to_pylist()
     removed = [r for r in before if r["patient_key"] == pk or r["scan_key"] == sk]
     assert len({r["scan_key"] for r in removed}) == len(patients[gone]) + 1
+    shards = {f: f.read_bytes() for f in emb.glob("*.parquet")}
+    holding = {f for f in shards if any(r["patient_key"] == pk or r["scan_key"] == sk
+                                        for r in pq.read_table(f, columns=["patient_key", "scan_key"]).to_pylist())}
+    assert 0 < len(holding) < len(shards)
     capsys.readouterr()
 
     assert main(["forget", "--embeddings", str(emb), "--patients-file", str(tmp_path / "withdrawn.txt"),
@@ -47,7 +63,10 @@ def test_forget_removes_a_patient_and_a_scan_for_good(archive, small_cohort, tmp
     report = _json_tail(capsys.readouterr().out)
     mid = before[0]["model_id"]
     assert report == {"patient_keys": 1, "scan_keys": 1, "scans_removed": len(patients[gone]) + 1,
-                      "tumor_rows_removed": len(removed), "models": [mid], "indexes": {mid: "rebuilt"}}
+                      "tumor_rows_removed": len(removed), "files_rewritten": len(holding), "models": [mid],
+                      "indexes": {mid: "rebuilt"}}
+    # only the files that held their rows were written again; every other shard is untouched
+    assert all(f.read_bytes() == b for f, b in shards.items() if f not in holding)
     after = read_embeddings(emb).to_pylist()
     assert len(after) == len(before) - len(removed)
     assert not any(r["patient_key"] == pk or r["scan_key"] == sk for r in after)
@@ -98,3 +117,41 @@ def test_forget_refuses_raw_ids_and_needs_a_key(tmp_path, capsys):
     assert "expected the patient's keyed id" in err and "SYN0001" not in err
     assert main(["forget", "--embeddings", str(tmp_path / "emb"), "--patients-file", "x.txt"]) == 2
     assert "give --secret-file too" in capsys.readouterr().err
+
+
+def test_forget_interrupted_is_finished_by_running_it_again(archive, small_cohort, tmp_path, monkeypatch):
+    """A run that stopped after its tombstones (the rows already hidden) and before every file was
+    rewritten: the same command again takes the rows out of the files that still hold them."""
+    import embedder.forget as forget_module
+
+    emb = tmp_path / "emb"
+    shutil.copytree(archive / "emb", emb)
+    _split_shards(emb)
+    gone = sorted(read_manifest(small_cohort).patients())[0]
+    pk = patient_key(gone, SECRET)
+    before = read_embeddings(emb)
+    writes = []
+
+    def crash(path, write):  # the tombstone file is written, then the machine stops
+        if writes:
+            raise KeyboardInterrupt
+        writes.append(path)
+        return atomic_write(path, write)
+
+    from tumornet.io import atomic_write
+    monkeypatch.setattr(forget_module, "atomic_write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        forget(emb, patient_keys=[pk], log=lambda *_: None)
+    assert writes[0].name.startswith("forgotten-")
+    hidden = read_embeddings(emb)  # hidden from readers already
+    assert len(hidden) < len(before) and pk not in hidden["patient_key"].to_pylist()
+    monkeypatch.undo()
+
+    report = forget(emb, patient_keys=[pk], log=lambda *_: None)
+    assert report["scans_removed"] == 0 and report["files_rewritten"] > 0  # the tombstones were there already
+    assert report["models"] == [before["model_id"][0].as_py()]
+    for f in emb.glob("*.parquet"):
+        for r in pq.read_table(f, columns=["patient_key", "source"]).to_pylist():
+            assert r["patient_key"] != pk or r["source"] == "removed"
+    assert read_embeddings(emb).to_pylist() == hidden.to_pylist()
+    assert forget(emb, patient_keys=[pk], log=lambda *_: None)["files_rewritten"] == 0  # nothing left to do
