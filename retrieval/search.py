@@ -11,6 +11,7 @@ The query itself is never written anywhere.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,8 +180,26 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict | 
         hits = [{"rank": r, **{key: v for key, v in h.items() if key != "row"}} for r, h in enumerate(hits[:k], 1)]
         if where and not hits:
             raise InputError("no archive tumor passes the --where filters")
-        out.append({k_: v for k_, v in q.items() if k_ not in ("embedding", "patient_key")} | {"hits": hits})
+        out.append({k_: v for k_, v in q.items() if k_ not in ("embedding", "patient_key")}
+                   | {"hits": hits, "among_hits": among_hits(hits)})
     return out
+
+
+NOT_RECORDED = "(not recorded)"
+
+
+def among_hits(hits: list[dict]) -> dict[str, dict[str, int]]:
+    """What the hits say, counted, most frequent first: per task its classes (unlabeled hits left out),
+    and per case-information column its values, the hits without one counted as NOT_RECORDED (how the
+    retrieved tumors went: e.g. {"outcome": {"local control": 3, "progression": 1, "(not recorded)": 1}})."""
+    counts: dict[str, Counter] = {}
+    for h in hits:
+        for task, v in h["labels"].items():
+            if v:
+                counts.setdefault(task, Counter())[v] += 1
+    for col in sorted({c for h in hits for c in h.get("info", {})}):
+        counts[col] = Counter(h.get("info", {}).get(col) or NOT_RECORDED for h in hits)
+    return {col: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for col, c in counts.items()}
 
 
 def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None, rerank=None,
@@ -310,6 +329,10 @@ def format_search(results: list[dict]) -> str:
             cells = [str(h["rank"]), f"{h['distance']:.3f}", h["scan_key"], str(h["tumor_id"]), f"{h['size_mm']:.1f}"]
             cells += [v or "?" for v in h["labels"].values()] + [h["info"].get(k, "") for k in info]
             lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        if q["hits"]:
+            said = "; ".join(f"{col} " + ", ".join(f"{v} {n}" for v, n in c.items())
+                             for col, c in q.get("among_hits", {}).items())
+            lines += ["", f"among these {len(q['hits'])}: {said}"]
         lines.append("")
     return "\n".join(lines).rstrip()
 

@@ -266,6 +266,11 @@ def test_embedding_job_is_incremental_and_records_failures(ray_head, tmp_path, s
     assert told_hits and all(h["info"] == {"outcome": "local control at 12 months"} for h in told_hits)
     assert all(h["info"] == {} for h in res["hits"] if h["scan_key"] != keyed_id(told, SECRET))
     assert "| outcome |" in format_search([res]) and "local control at 12 months |" in format_search([res])
+    n_told = len(told_hits)  # how the retrieved tumors went, counted below the table
+    assert res["among_hits"]["outcome"] == {"(not recorded)": len(res["hits"]) - n_told,
+                                            "local control at 12 months": n_told}
+    assert (f"outcome (not recorded) {len(res['hits']) - n_told}, local control at 12 months {n_told}"
+            in format_search([res]))
     (only,) = search_archived(path, out, f"{query['scan_key']}:{query['tumor_id']}", k=len(latest),
                               where=["info_outcome=Local control at 12 months"])
     assert sorted(h["scan_key"] for h in only["hits"]) == sorted(h["scan_key"] for h in told_hits)

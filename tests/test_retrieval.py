@@ -342,3 +342,24 @@ def test_a_new_scans_query_with_its_patient_key_never_returns_that_patient(archi
     assert main([*argv, "--patient-key", "SYN0001"]) == 2  # a raw id by mistake: refused, never echoed
     err = capsys.readouterr().err
     assert "expected the patient's keyed id (16 hex characters" in err and "SYN0001" not in err
+
+
+def test_among_hits_counts_what_the_hits_say():
+    from retrieval.search import NOT_RECORDED, among_hits, format_search
+
+    hits = [{"rank": r, "distance": 0.1 * r, "scan_key": f"{r:016x}", "tumor_id": 1, "size_mm": 12.0,
+             "labels": {"tumor_type": t, "left_right": s}, "info": info}
+            for r, (t, s, info) in enumerate([("metastasis", "left", {"outcome": "progression"}),
+                                              ("meningioma", None, {"outcome": "local control", "dose_gy": "14"}),
+                                              ("metastasis", "left", {}),
+                                              ("metastasis", "right", {"outcome": "local control"})], 1)]
+    said = among_hits(hits)
+    assert said == {"tumor_type": {"metastasis": 3, "meningioma": 1}, "left_right": {"left": 2, "right": 1},
+                    "dose_gy": {NOT_RECORDED: 3, "14": 1},
+                    "outcome": {"local control": 2, NOT_RECORDED: 1, "progression": 1}}
+    assert list(said["outcome"]) == ["local control", NOT_RECORDED, "progression"]  # most first, ties by name
+    text = format_search([{"tumor_id": 1, "size_mm": 12.0, "predicted": {"tumor_type": "metastasis"},
+                           "hits": hits, "among_hits": said}])
+    assert text.endswith("among these 4: tumor_type metastasis 3, meningioma 1; left_right left 2, right 1; "
+                         "dose_gy (not recorded) 3, 14 1; outcome local control 2, (not recorded) 1, progression 1")
+    assert among_hits([]) == {}
