@@ -114,6 +114,8 @@ def forget(out_dir: str | Path, *, patient_keys: Iterable[str] = (), scan_keys: 
     log(f"forget: {scans_removed} scan(s) removed for {len(patients)} patient and {len(scans_asked)} scan key(s) "
         f"({rows_removed} tumor row(s) of {len(models)} model(s) taken out of {rewritten} of {len(files)} shard "
         f"file(s)); recorded in {out / FORGOTTEN}")
+    if rewritten:
+        log("forget: an evaluation or report made from this folder before still shows them: make it again")
     return report
 
 

@@ -147,7 +147,9 @@ def test_forget_interrupted_is_finished_by_running_it_again(archive, small_cohor
     assert len(hidden) < len(before) and pk not in hidden["patient_key"].to_pylist()
     monkeypatch.undo()
 
-    report = forget(emb, patient_keys=[pk], log=lambda *_: None)
+    said = []
+    report = forget(emb, patient_keys=[pk], log=said.append)
+    assert "make it again" in said[-1]  # the outputs made before from this folder
     assert report["scans_removed"] == 0 and report["files_rewritten"] > 0  # the tombstones were there already
     assert report["models"] == [before["model_id"][0].as_py()]
     for f in emb.glob("*.parquet"):
