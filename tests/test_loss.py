@@ -8,7 +8,14 @@ from trainer.loop import make_optimizer
 from tumornet.config import TrainConfig
 from tumornet.errors import InputError
 from tumornet.labels import DEFAULT_SCHEMA, MISSING
-from tumornet.loss import EmbeddingBank, LossWeights, multitask_loss, soft_dice_loss, supervised_contrastive_loss
+from tumornet.loss import (
+    EmbeddingBank,
+    LossWeights,
+    multitask_loss,
+    per_tumor_dice_loss,
+    soft_dice_loss,
+    supervised_contrastive_loss,
+)
 from tumornet.network import MultitaskNet, NetConfig
 
 SIZE = (12, 12, 12)
@@ -127,6 +134,42 @@ def test_soft_dice_term():
     assert (tumor_grad < 0).all()  # descending the term raises the tumor logit inside the tumor
     with pytest.raises(InputError, match=r"loss\.seg_dice: must be >= 0, got -1\.0"):
         LossWeights(seg_dice=-1.0)
+
+
+def test_per_tumor_dice_term_counts_every_tumor_the_same():
+    seg = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    seg[0, 1:9, 1:9, 1:9] = 1  # a big tumor (512 voxels)
+    seg[0, 12:14, 12:14, 12:14] = 1  # a small one (8 voxels)
+    boxes = torch.tensor([[0, 1, 1, 1, 9, 9, 9], [0, 12, 12, 12, 14, 14, 14]])
+    only_big = torch.zeros(1, 2, 16, 16, 16)
+    only_big[0, 0] = 20.0
+    only_big[0, 0, 1:9, 1:9, 1:9], only_big[0, 1, 1:9, 1:9, 1:9] = -20.0, 20.0  # the small tumor missed
+    # the small tumor's box: Dice (0 + 1) / (0 + 8 + 1); the big one's about 1: the mean is about half
+    assert per_tumor_dice_loss(only_big, seg, boxes).item() == pytest.approx((1 - 1 / 9) / 2, abs=1e-4)
+    assert soft_dice_loss(only_big, seg).item() < 0.02  # the batch Dice barely sees the miss
+    flipped = torch.zeros(1, 2, 16, 16, 16)
+    flipped[0, 0] = 20.0
+    flipped[0, 0, 12:14, 12:14, 12:14], flipped[0, 1, 12:14, 12:14, 12:14] = -20.0, 20.0  # the big one missed
+    assert per_tumor_dice_loss(flipped, seg, boxes).item() == pytest.approx((1 - 1 / 513) / 2, abs=1e-4)
+    # a box clipped to the patch, one outside it (skipped); no tumor at all: 0 with a gradient path
+    clipped = torch.tensor([[0, -4, 1, 1, 9, 9, 9], [0, 20, 20, 20, 24, 24, 24]])
+    assert per_tumor_dice_loss(only_big, seg, clipped).item() == pytest.approx(0.0, abs=1e-4)
+    logits = torch.zeros(1, 2, 16, 16, 16, requires_grad=True)
+    empty = per_tumor_dice_loss(logits, seg, torch.zeros(0, 7, dtype=torch.long))
+    empty.backward()
+    assert empty.item() == 0.0 and logits.grad is not None
+    # in the multitask loss: weighed by loss.seg_dice_per_tumor, off by default, needs the boxes
+    net = _net()
+    x, seg2, boxes2, labels = _batch()
+    out = net(x, boxes2)
+    plain = multitask_loss(out, seg2, labels)
+    weighed = multitask_loss(out, seg2, labels, LossWeights(seg_dice_per_tumor=0.5), boxes=boxes2)
+    assert "seg_dice_per_tumor" not in plain
+    assert torch.allclose(weighed["total"], plain["total"] + 0.5 * per_tumor_dice_loss(out["seg"], seg2, boxes2))
+    with pytest.raises(ValueError, match="needs the tumors' boxes"):
+        multitask_loss(out, seg2, labels, LossWeights(seg_dice_per_tumor=0.5))
+    with pytest.raises(InputError, match=r"loss\.seg_dice_per_tumor: must be >= 0"):
+        LossWeights(seg_dice_per_tumor=-1.0)
 
 
 def test_supervised_contrastive_term_by_hand():

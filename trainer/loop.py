@@ -103,7 +103,8 @@ def evaluate(engine, scans, cfg: Config, device, dtype) -> dict:
         for batch in validation_batches(scans, cfg.train, tasks):
             x, seg, boxes, labels, frame = _to(batch, device, dtype)
             out = as_float32(engine(x, boxes, frame))
-            sums = add_sums(sums, validation_sums(out, seg, labels, multitask_loss(out, seg, labels, cfg.loss), tasks))
+            terms = multitask_loss(out, seg, labels, cfg.loss, boxes=boxes)
+            sums = add_sums(sums, validation_sums(out, seg, labels, terms, tasks))
     engine.train()
     return validation_metrics(_all_reduce(sums, device), tasks)
 
@@ -283,7 +284,7 @@ def train_func(loop_config: dict) -> None:
                 g["lr"] = t.lr_at(epoch)
             x, seg, boxes, labels, frame = _to(batch, device, dtype)
             out = as_float32(engine(x, boxes, frame))
-            terms = multitask_loss(out, seg, labels, cfg.loss, bank)
+            terms = multitask_loss(out, seg, labels, cfg.loss, bank, boxes)
             engine.backward(terms["total"])
             if bank is not None:
                 bank.push(out["embedding"], labels)

@@ -2,6 +2,7 @@
 
     loss = lambda_s * CE(segmentation) + sum_p lambda_p * sum_t CE(task p, tumor t)
            [+ lambda_d * (1 - soft Dice of the tumor classes over the batch)]   (ours, off by default)
+           [+ lambda_t * mean over tumors of (1 - soft Dice in the tumor's box)] (ours, off by default)
            [+ lambda_m * supervised contrastive loss of the RoiPool vectors]  (ours, off by default)
 
 Segmentation CE is averaged over voxels; task terms are summed over tumors (as in the paper).
@@ -30,6 +31,10 @@ class LossWeights:
     # patch: CE averaged over voxels lets small tumors go unsegmented, which the detection of scans
     # without a mask pays for; Dice counts every tumor voxel as much as the whole background does
     seg_dice: float = 0.0
+    # lambda_t: a soft Dice term per tumor, each inside its own box, averaged over the batch's tumors (not in
+    # the paper; 0 = off): the batch Dice weighs a tumor by its voxels, so a small tumor the network misses
+    # costs little; here every tumor counts the same (twenty-eighth session: a lead for small metastases)
+    seg_dice_per_tumor: float = 0.0
     # the segmentation CE's weight of tumor voxels against background ones (1 = the paper's plain CE; above 1
     # a missed tumor voxel costs more: a lead for faint small tumors the detection misses, twentieth round)
     seg_tumor_weight: float = 1.0
@@ -42,6 +47,7 @@ class LossWeights:
 
     def __post_init__(self) -> None:
         weights = {"seg": self.seg, "task": self.task, "seg_dice": self.seg_dice, "metric": self.metric,
+                   "seg_dice_per_tumor": self.seg_dice_per_tumor,
                    "metric_memory": self.metric_memory, **{f"per_task.{k}": v for k, v in self.per_task.items()}}
         for key, v in weights.items():
             if v < 0:
@@ -69,6 +75,27 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     p = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
     t = (target > 0).float()
     return 1.0 - (2.0 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+def per_tumor_dice_loss(logits: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor,
+                        eps: float = 1.0) -> torch.Tensor:
+    """Mean over the tumors of 1 - soft Dice of "any tumor class" inside each tumor's box: logits (B, n_seg,
+    D, H, W), target (B, D, H, W) class indices, boxes (N, 7) (batch index, lo xyz, hi xyz; voxels, half-open,
+    clipped to the patch). Every tumor counts the same whatever its size; no tumor gives 0 (with a gradient
+    path)."""
+    p = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
+    t = (target > 0).float()
+    size = p.shape[1:]
+    per = []
+    for row in boxes.tolist():
+        b, lo = int(row[0]), [max(0, int(v)) for v in row[1:4]]
+        hi = [min(n, int(v)) for v, n in zip(row[4:7], size, strict=True)]
+        if any(h <= low for low, h in zip(lo, hi, strict=True)):
+            continue
+        box = (b, slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        pb, tb = p[box], t[box]
+        per.append(1.0 - (2.0 * (pb * tb).sum() + eps) / (pb.sum() + tb.sum() + eps))
+    return torch.stack(per).mean() if per else p.sum() * 0.0
 
 
 class EmbeddingBank:
@@ -129,11 +156,13 @@ def supervised_contrastive_loss(emb: torch.Tensor, labels: Mapping[str, torch.Te
 
 
 def multitask_loss(out: dict, seg_target: torch.Tensor, labels: Mapping[str, torch.Tensor],
-                   weights: LossWeights = LossWeights(), bank: EmbeddingBank | None = None) -> dict[str, torch.Tensor]:
+                   weights: LossWeights = LossWeights(), bank: EmbeddingBank | None = None,
+                   boxes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """-> {"seg": ..., "task/<name>": ... (unweighted), "total": weighted sum}.
 
     seg_target: (B, D, H, W) class indices; labels: {task: (N,) class index or -1}; bank: the metric
-    term's memory of past tumors (read, not updated here).
+    term's memory of past tumors (read, not updated here); boxes: the tumors' boxes (N, 7), needed by the
+    per-tumor Dice term.
     """
     class_weight = None
     if weights.seg_tumor_weight != 1:  # background 1, every tumor class seg_tumor_weight
@@ -145,6 +174,11 @@ def multitask_loss(out: dict, seg_target: torch.Tensor, labels: Mapping[str, tor
     if weights.seg_dice > 0:
         terms["seg_dice"] = soft_dice_loss(out["seg"], seg_target)
         total = total + weights.seg_dice * terms["seg_dice"]
+    if weights.seg_dice_per_tumor > 0:
+        if boxes is None:
+            raise ValueError("loss.seg_dice_per_tumor needs the tumors' boxes")
+        terms["seg_dice_per_tumor"] = per_tumor_dice_loss(out["seg"], seg_target, boxes)
+        total = total + weights.seg_dice_per_tumor * terms["seg_dice_per_tumor"]
     if weights.metric > 0:
         terms["metric"] = supervised_contrastive_loss(out["embedding"], labels, bank, weights.metric_temperature)
         total = total + weights.metric * terms["metric"]
