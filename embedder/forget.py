@@ -84,10 +84,9 @@ def forget(out_dir: str | Path, *, patient_keys: Iterable[str] = (), scan_keys: 
         cols = ["scan_key", "patient_key", "model_id", "tumor_id", "embedded_at", "source"]
         held = {f: pq.read_table(f, columns=cols) for f in files}
         # the scans removed: those asked, and every scan of the patients asked (any row of any model)
-        doomed = set(scans_asked)
+        doomed, asked = set(scans_asked), pa.array(sorted(patients), pa.string())
         for t in held.values():
-            doomed.update(pc.filter(t["scan_key"], pc.is_in(t["patient_key"], value_set=pa.array(
-                sorted(patients), pa.string()))).to_pylist())
+            doomed.update(pc.filter(t["scan_key"], pc.is_in(t["patient_key"], value_set=asked)).to_pylist())
         doomed_array = pa.array(sorted(doomed), pa.string())
         stones = _tombstones(out, held, doomed_array, now)
         records = [{"at": now.isoformat(), "patient_key": k} for k in sorted(patients)]

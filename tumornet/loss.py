@@ -72,8 +72,15 @@ def as_float32(out: dict) -> dict:
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice of "any tumor class" over the whole batch: logits (B, n_seg, D, H, W), target
     (B, D, H, W) class indices (0 = background). eps smooths a batch without tumor (-> about 0)."""
-    p = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
-    t = (target > 0).float()
+    return _dice_loss(*_tumor_maps(logits, target), eps)
+
+
+def _tumor_maps(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P(any tumor class), the target's tumor voxels as 0 / 1), both (B, D, H, W)."""
+    return 1.0 - torch.softmax(logits.float(), dim=1)[:, 0], (target > 0).float()
+
+
+def _dice_loss(p: torch.Tensor, t: torch.Tensor, eps: float) -> torch.Tensor:
     return 1.0 - (2.0 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
 
 
@@ -83,8 +90,7 @@ def per_tumor_dice_loss(logits: torch.Tensor, target: torch.Tensor, boxes: torch
     D, H, W), target (B, D, H, W) class indices, boxes (N, 7) (batch index, lo xyz, hi xyz; voxels, half-open,
     clipped to the patch). Every tumor counts the same whatever its size; no tumor gives 0 (with a gradient
     path)."""
-    p = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
-    t = (target > 0).float()
+    p, t = _tumor_maps(logits, target)
     size = p.shape[1:]
     per = []
     for row in boxes.tolist():
@@ -93,8 +99,7 @@ def per_tumor_dice_loss(logits: torch.Tensor, target: torch.Tensor, boxes: torch
         if any(h <= low for low, h in zip(lo, hi, strict=True)):
             continue
         box = (b, slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-        pb, tb = p[box], t[box]
-        per.append(1.0 - (2.0 * (pb * tb).sum() + eps) / (pb.sum() + tb.sum() + eps))
+        per.append(_dice_loss(p[box], t[box], eps))
     return torch.stack(per).mean() if per else p.sum() * 0.0
 
 
