@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.shards import info_of
 from tumornet.io import atomic_write_text
 from tumornet.keys import keyed_id
-from tumornet.labels import MISSING, LabelSchema
+from tumornet.labels import INFO_PREFIX, MISSING, LabelSchema, is_info_column
 from tumornet.manifest import read_manifest
 from tumornet.scans import load_scan
 
@@ -29,6 +30,7 @@ from . import figures
 from .detection import format_detection
 from .evaluate import ROWS, fmt_metric, load_evaluation, metric_keys, metric_label, plain
 from .knn import neighbours
+from .search import among_hits, format_among
 
 CAPTION_WIDTH = 30  # characters of a retrieval example's caption line (fontsize 7 in a column of 5)
 
@@ -70,9 +72,10 @@ def robustness_table(rob: dict) -> str:
                    for key in metric_keys(rob["tasks"])])
 
 
-def _examples(ev, manifest, secret: bytes, *, queries: int, hits: int) -> list[str]:
+def _examples(ev, manifest, secret: bytes, *, queries: int, hits: int) -> list[tuple[str, str]]:
     """Fig. 6: for one held-out tumor per type (up to `queries`), its `hits` nearest training tumors
-    from other patients, drawn from the scans (model's working grid)."""
+    from other patients, drawn from the scans (model's working grid) -> (figure URI, what the hits say:
+    search's `among these N` line, their labels and case information counted) per query."""
     meta = ev.meta
     spacing = meta["extra"].get("spacing_mm")
     schema = LabelSchema.from_dict(meta["tasks"])
@@ -88,6 +91,14 @@ def _examples(ev, manifest, secret: bytes, *, queries: int, hits: int) -> list[s
     chosen = chosen[:queries]
     nb = neighbours(ev.train, ev.test, hits, rerank=ev.rerank)
     cache: dict[str, object] = {}
+    info_cols = [c for c in ev.table.column_names if is_info_column(c)]
+    info = ev.table.select(info_cols).to_pylist() if info_cols else [{}] * ev.table.num_rows
+
+    def said(j: int) -> dict:  # a training tumor as among_hits reads a search hit
+        labels = {t: schema[t].classes[v] for t, a in ev.train.labels.items()
+                  if t in schema and (v := int(a[j])) != MISSING}
+        return {"labels": labels,
+                "info": {k.removeprefix(INFO_PREFIX): v for k, v in info_of(info[train_rows[j]]).items()}}
 
     def panel(row: int, title: str, extra: str) -> dict:
         key, tid = keys[row], tids[row]
@@ -103,11 +114,12 @@ def _examples(ev, manifest, secret: bytes, *, queries: int, hits: int) -> list[s
     out = []
     for q in chosen:
         panels = [panel(int(test_rows[q]), "query (held out)", "")]
+        found = [int(j) for j in nb[q] if j >= 0]
         for rank, j in enumerate(nb[q], start=1):
             if j >= 0:
                 d = float(np.linalg.norm(emb[train_rows[j]] - emb[test_rows[q]]))
                 panels.append(panel(int(train_rows[j]), f"#{rank}", f", d = {d:.2f}"))
-        out.append(figures.retrieval_figure(panels))
+        out.append((figures.retrieval_figure(panels), format_among(among_hits([said(j) for j in found]), len(found))))
     return out
 
 
@@ -162,8 +174,8 @@ def build_report(*, model, embeddings, manifest, secret: bytes, out_dir, evaluat
         "tsne": ("t-SNE of the held-out embeddings (Fig. 5)",
                  f'<img alt="t-SNE" src="{figures.tsne_figure(ev.test.x, ev.test.size_mm, types, type_names)}">'),
         "examples": ("Retrieval examples (Fig. 6)", "".join(
-            f'<img alt="retrieval example {i + 1}" src="{uri}">'
-            for i, uri in enumerate(_examples(ev, manifest, secret, queries=examples, hits=hits)))),
+            f'<img alt="retrieval example {i + 1}" src="{uri}"><p class="among">{html.escape(among)}</p>'
+            for i, (uri, among) in enumerate(_examples(ev, manifest, secret, queries=examples, hits=hits)))),
         "training": ("Training curves", f'<img alt="training curves" src="{figures.training_figure(records)}">'
                      if records else "<p>No metrics.jsonl beside the model.</p>"),
         "provenance": ("Provenance", _table(["", ""], [["model id", prov["model_id"]], ["run", prov["run"]],

@@ -202,6 +202,12 @@ def among_hits(hits: list[dict]) -> dict[str, dict[str, int]]:
     return {col: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for col, c in counts.items()}
 
 
+def format_among(counts: dict[str, dict[str, int]], n: int) -> str:
+    """among_hits as one line: `among these 5: tumor_type schwannoma 4, meningioma 1; outcome ...`."""
+    said = "; ".join(f"{col} " + ", ".join(f"{v} {c}" for v, c in vals.items()) for col, vals in counts.items())
+    return f"among these {n}: {said}"
+
+
 def search(model_path, emb_dir, rows: list[ManifestRow], *, k: int = 5, where=None, rerank=None,
            patient_key: str | None = None, detector=None) -> list[dict]:
     """A new scan with its tumor mask (or none: the tumors the model finds) -> one entry per tumor: its
@@ -330,9 +336,7 @@ def format_search(results: list[dict]) -> str:
             cells += [v or "?" for v in h["labels"].values()] + [h["info"].get(k, "") for k in info]
             lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         if q["hits"]:
-            said = "; ".join(f"{col} " + ", ".join(f"{v} {n}" for v, n in c.items())
-                             for col, c in q.get("among_hits", {}).items())
-            lines += ["", f"among these {len(q['hits'])}: {said}"]
+            lines += ["", format_among(q.get("among_hits", {}), len(q["hits"]))]
         lines.append("")
     return "\n".join(lines).rstrip()
 

@@ -86,9 +86,48 @@ def test_retrieval_example_captions_fit_their_column(archive, small_cohort, monk
     seen = []
     monkeypatch.setattr(rep.figures, "retrieval_figure", lambda panels: seen.append(panels) or "data:")
     ev = load_evaluation(archive / "emb", small_cohort, SECRET, archive / "model.pt", on="test")
-    assert rep._examples(ev, small_cohort, SECRET, queries=2, hits=3) == ["data:"] * len(seen)
+    assert [uri for uri, _ in rep._examples(ev, small_cohort, SECRET, queries=2, hits=3)] == ["data:"] * len(seen)
     captions = [p["caption"] for panels in seen for p in panels]
     assert len(seen) >= 1 and len(captions) >= 2
     assert all(len(line) <= rep.CAPTION_WIDTH for c in captions for line in c.splitlines()[2:])
     assert any(len(c.splitlines()) > 3 for c in captions)  # some label list was long enough to wrap
     assert not any("SYN" in c for c in captions)
+
+
+def test_retrieval_examples_count_what_the_hits_say(archive, small_cohort, monkeypatch):
+    """Under each example, search's `among these N` line: the hits' labels and case information counted
+    (a hit without the information counted as not recorded), read from the archive rows shown."""
+    import dataclasses
+
+    import numpy as np
+    import pyarrow as pa
+
+    from retrieval import report as rep
+    from retrieval.evaluate import load_evaluation
+    from retrieval.knn import neighbours
+    from retrieval.search import NOT_RECORDED
+    from tumornet.labels import MISSING
+
+    monkeypatch.setattr(rep.figures, "retrieval_figure", lambda panels: "data:")
+    ev = load_evaluation(archive / "emb", small_cohort, SECRET, archive / "model.pt", on="test")
+    n = ev.table.num_rows
+    outcome = ["local control" if i % 3 else None for i in range(n)]
+    ev = dataclasses.replace(ev, table=ev.table.append_column("info_outcome", pa.array(outcome, pa.string())))
+    got = rep._examples(ev, small_cohort, SECRET, queries=1, hits=3)
+    assert len(got) == 1
+    # the query: the first held-out tumor of the first type, as _examples chooses it
+    types = ev.test.labels["tumor_type"]
+    q = int(np.flatnonzero(types == min(set(types.tolist()) - {MISSING}))[0])
+    hits = [int(j) for j in neighbours(ev.train, ev.test, 3, rerank=ev.rerank)[q] if j >= 0]
+    rows = [int(ev.train_rows[j]) for j in hits]
+    controlled = sum(outcome[r] is not None for r in rows)
+    line = got[0][1]
+    assert line.startswith(f"among these {len(hits)}: tumor_type ")
+    names = ev.meta["tasks"]["tumor_type"]
+    for cls in {int(ev.train.labels["tumor_type"][j]) for j in hits}:
+        count = sum(int(ev.train.labels["tumor_type"][j]) == cls for j in hits)
+        assert f"{names[cls]} {count}" in line
+    parts = [p for p in ([f"local control {controlled}"] if controlled else [])
+             + ([f"{NOT_RECORDED} {len(hits) - controlled}"] if controlled < len(hits) else [])]
+    assert line.endswith("outcome " + ", ".join(sorted(parts, key=lambda p: (-int(p.rsplit(' ', 1)[1]), p))))
+    assert "SYN" not in line
