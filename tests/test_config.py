@@ -28,6 +28,9 @@ def test_site_config_trains_with_the_dice_term_the_paper_does_not():
     site, paper, demo = (load_config(CONFIGS / f"{n}.yaml") for n in ("site", "paper", "demo"))
     assert site.loss.seg_dice == 0.25 and site.loss.seg == 1.0 and site.loss.task == 0.01
     assert paper.loss.seg_dice == 0.0 and demo.loss.seg_dice == 0.0
+    # the per-tumor Dice (twenty-ninth session): the site's recipe only, never the paper's
+    assert site.loss.seg_dice_per_tumor == 0.25
+    assert paper.loss.seg_dice_per_tumor == 0.0 and demo.loss.seg_dice_per_tumor == 0.0
 
 
 @pytest.mark.parametrize("name", ["demo", "paper"])
