@@ -95,6 +95,11 @@ def info_of(row: dict) -> dict[str, str]:
     return {k: v for k, v in row.items() if k.startswith(INFO_PREFIX) and v}
 
 
+def case_info(row: dict) -> dict[str, str]:
+    """info_of by the names a search hit shows: {"outcome": ...} for info_outcome."""
+    return {k.removeprefix(INFO_PREFIX): v for k, v in info_of(row).items()}
+
+
 def write_shard(rows: list[dict], path: Path, schema: pa.Schema) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.shards import info_of
+from embedder.shards import case_info
 from tumornet.io import atomic_write_text
 from tumornet.keys import keyed_id
-from tumornet.labels import INFO_PREFIX, MISSING, LabelSchema, is_info_column
+from tumornet.labels import MISSING, LabelSchema, is_info_column
 from tumornet.manifest import read_manifest
 from tumornet.scans import load_scan
 
@@ -97,8 +97,7 @@ def _examples(ev, manifest, secret: bytes, *, queries: int, hits: int) -> list[t
     def said(j: int) -> dict:  # a training tumor as among_hits reads a search hit
         labels = {t: schema[t].classes[v] for t, a in ev.train.labels.items()
                   if t in schema and (v := int(a[j])) != MISSING}
-        return {"labels": labels,
-                "info": {k.removeprefix(INFO_PREFIX): v for k, v in info_of(info[train_rows[j]]).items()}}
+        return {"labels": labels, "info": case_info(info[train_rows[j]])}
 
     def panel(row: int, title: str, extra: str) -> dict:
         key, tid = keys[row], tids[row]

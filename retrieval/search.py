@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from embedder.embed import embed_scan, embed_settings, load_detector
-from embedder.shards import info_of, read_embeddings
+from embedder.shards import case_info, read_embeddings
 from tumornet.boxes import box_mm_extent, box_mm_to_voxels, grown_box_mm
 from tumornet.descriptor import compose, predicted_classes, recipe_of, refine_box, tumor_parts
 from tumornet.drawn import drawn_fit_of, with_drawn_size
@@ -167,7 +167,7 @@ def rank(model, archive: Archive, queries: list[dict], *, k: int, where: dict | 
                 hits.append({"distance": float(dist), "scan_key": a["scan_key"], "patient_key": a["patient_key"],
                              "tumor_id": a["tumor_id"], "size_mm": a["size_mm"],
                              "labels": _names(model.schema, a, "label"),
-                             "info": {k.removeprefix(INFO_PREFIX): v for k, v in info_of(a).items()}, "row": int(j)})
+                             "info": case_info(a), "row": int(j)})
                 if len(hits) == need:
                     break
             if len(hits) == need or want >= n:
